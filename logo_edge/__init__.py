@@ -1,0 +1,1 @@
+"""logo-edge: instance-level LoRA routing (LoGo) on llama.cpp."""

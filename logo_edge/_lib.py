@@ -1,0 +1,111 @@
+"""Bindings only: find the patched libllama, load llama_cpp against it, bind what the patch adds.
+
+`llama_cpp` picks its library when first imported, so this module sets
+LLAMA_CPP_LIB_PATH before importing it. Everything else in logo_edge imports
+`llama_cpp` through here.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+from pathlib import Path
+
+from .errors import NativeLibraryError
+
+_SUFFIX = ".dylib" if sys.platform == "darwin" else ".so"
+
+
+def _candidate_dirs() -> list[Path]:
+    env = os.environ.get("LLAMA_CPP_LIB_PATH")
+    if env:
+        return [Path(env)]
+    from .native import build  # the build module knows the cache layout
+
+    dirs = [build.lib_dir(backend) for backend in ("cpu", "cuda", "metal")]
+    native_root = build.cache_root() / "native"
+    if native_root.is_dir():  # any other build of this version (custom flags)
+        dirs += sorted(p for p in native_root.glob(f"llama-cpp-python-{build.LLAMA_CPP_PYTHON_VERSION}-*")
+                       if p not in dirs and not p.name.endswith(".tmp"))
+    return dirs
+
+
+def find_lib_dir() -> Path:
+    """Directory of the patched libllama, or NativeLibraryError saying how to build it."""
+    dirs = _candidate_dirs()
+    for d in dirs:
+        if (d / f"libllama{_SUFFIX}").exists():
+            return d
+    raise NativeLibraryError(
+        "the patched libllama was not found (looked in: " + ", ".join(map(str, dirs)) + "). "
+        "Build it once with `logo-edge build` (or `python -m logo_edge.native.build`), "
+        "or point LLAMA_CPP_LIB_PATH at a directory holding a patched libllama."
+    )
+
+
+LIB_DIR = find_lib_dir()
+os.environ["LLAMA_CPP_LIB_PATH"] = str(LIB_DIR)
+
+import llama_cpp  # noqa: E402  (must follow LLAMA_CPP_LIB_PATH)
+from llama_cpp import _internals  # noqa: E402,F401
+
+_llama = llama_cpp.llama_cpp._lib
+if not hasattr(_llama, "llama_set_eval_callback"):
+    raise NativeLibraryError(
+        f"{LIB_DIR / ('libllama' + _SUFFIX)} lacks llama_set_eval_callback: it is not the patched "
+        "build. Run `logo-edge build` and unset LLAMA_CPP_LIB_PATH, or point it at the patched build."
+    )
+
+EvalCallback = llama_cpp.ggml_backend_sched_eval_callback
+
+# void llama_set_eval_callback(struct llama_context * ctx, ggml_backend_sched_eval_callback cb, void * ud);
+llama_set_eval_callback = _llama.llama_set_eval_callback
+llama_set_eval_callback.argtypes = [ctypes.c_void_p, EvalCallback, ctypes.c_void_p]
+llama_set_eval_callback.restype = None
+
+_ggml_base = ctypes.CDLL(str(LIB_DIR / f"libggml-base{_SUFFIX}"))
+
+# void ggml_backend_tensor_get(const struct ggml_tensor * tensor, void * data, size_t offset, size_t size);
+ggml_backend_tensor_get = _ggml_base.ggml_backend_tensor_get
+ggml_backend_tensor_get.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t]
+ggml_backend_tensor_get.restype = None
+
+# int64_t ggml_nelements(const struct ggml_tensor * tensor);
+ggml_nelements = _ggml_base.ggml_nelements
+ggml_nelements.argtypes = [ctypes.c_void_p]
+ggml_nelements.restype = ctypes.c_int64
+
+# const char * ggml_get_name(const struct ggml_tensor * tensor);
+ggml_get_name = _ggml_base.ggml_get_name
+ggml_get_name.argtypes = [ctypes.c_void_p]
+ggml_get_name.restype = ctypes.c_void_p
+
+# size_t ggml_tensor_overhead(void);  == sizeof(struct ggml_object) + sizeof(struct ggml_tensor)
+ggml_tensor_overhead = _ggml_base.ggml_tensor_overhead
+ggml_tensor_overhead.argtypes = []
+ggml_tensor_overhead.restype = ctypes.c_size_t
+
+GGML_TYPE_F32 = 0
+GGML_OBJECT_SIZE = 32  # struct ggml_object { size_t offs, size; ggml_object * next; enum type; char pad[4]; }
+
+
+class GGMLTensor(ctypes.Structure):
+    """Mirror of `struct ggml_tensor` (ggml.h of the pinned tree); checked against the library in tests."""
+
+    _fields_ = [
+        ("type", ctypes.c_int),
+        ("buffer", ctypes.c_void_p),
+        ("ne", ctypes.c_int64 * 4),
+        ("nb", ctypes.c_size_t * 4),
+        ("op", ctypes.c_int),
+        ("op_params", ctypes.c_int32 * 16),
+        ("flags", ctypes.c_int32),
+        ("src", ctypes.c_void_p * 10),
+        ("view_src", ctypes.c_void_p),
+        ("view_offs", ctypes.c_size_t),
+        ("data", ctypes.c_void_p),
+        ("name", ctypes.c_char * 64),
+        ("extra", ctypes.c_void_p),
+        ("padding", ctypes.c_char * 8),
+    ]

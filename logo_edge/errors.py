@@ -1,0 +1,37 @@
+"""Typed exceptions: each names the file or value at fault and says what to change."""
+
+
+class LogoEdgeError(Exception):
+    """Base of every error logo-edge raises on purpose."""
+
+
+class NativeLibraryError(LogoEdgeError):
+    """The patched libllama is missing or is not the patched build."""
+
+
+class ModelLoadError(LogoEdgeError):
+    """The base model file could not be loaded."""
+
+
+class AdapterError(LogoEdgeError):
+    """An adapter file is missing, corrupt, or does not fit the base model."""
+
+
+class ConversionError(LogoEdgeError):
+    """A PEFT adapter or HF model could not be converted to GGUF."""
+
+
+class ContextOverflowError(LogoEdgeError):
+    """The prompt (plus the tokens to generate) does not fit in the context."""
+
+
+class DecodeError(LogoEdgeError):
+    """llama_decode returned a non-zero status."""
+
+    def __init__(self, code: int, what: str = "decode"):
+        super().__init__(f"llama_decode failed during {what} with code {code}")
+        self.code = code
+
+
+class RoutingError(LogoEdgeError):
+    """Routing settings are invalid (k < 1, unknown signal, empty pool...)."""

@@ -1,0 +1,181 @@
+"""Reading and validating GGUF files with gguf-py: the base model's shapes and LoRA adapters.
+
+Every check here runs before llama.cpp sees a file, so a bad adapter gets an
+error naming the file and the problem instead of a NULL from the C side.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from gguf import GGMLQuantizationType, GGUFReader
+from gguf.quants import dequantize
+
+from .errors import AdapterError, ModelLoadError
+
+LORA_SUFFIXES = (".lora_a", ".lora_b")
+
+
+def _open(path: Path, error: type[Exception], what: str) -> GGUFReader:
+    if not path.exists():
+        raise error(f"{what} file not found: {path}")
+    if not path.is_file():
+        raise error(f"{what} path is not a file: {path}")
+    try:
+        return GGUFReader(path)
+    except Exception as e:  # gguf-py raises ValueError/IndexError/struct errors on bad files
+        raise error(f"{path}: not a readable GGUF file (truncated or corrupt?): {type(e).__name__}: {e}") from e
+
+
+def _field(reader: GGUFReader, key: str, default=None):
+    f = reader.fields.get(key)
+    return default if f is None else f.contents()
+
+
+def tensor_array(t) -> np.ndarray:
+    """A reader tensor as float32 in numpy layout (rows = ne1, cols = ne0)."""
+    qtype = GGMLQuantizationType(int(t.tensor_type))
+    if qtype in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
+        return np.asarray(t.data, np.float32)
+    return np.asarray(dequantize(np.asarray(t.data), qtype), np.float32)
+
+
+@dataclass
+class BaseInfo:
+    """What adapters are checked against: architecture, block count, weight shapes (ne0=in, ne1=out)."""
+
+    path: Path
+    arch: str
+    n_layer: int
+    n_head: int
+    n_head_kv: int
+    shapes: dict[str, tuple[int, ...]]
+    chat_template: str | None
+
+    @classmethod
+    def read(cls, path: str | Path) -> "BaseInfo":
+        path = Path(path)
+        r = _open(path, ModelLoadError, "model")
+        arch = _field(r, "general.architecture")
+        if arch is None:
+            raise ModelLoadError(f"{path}: no general.architecture key; is this a model GGUF?")
+        if _field(r, "general.type", "model") != "model":
+            raise ModelLoadError(f"{path}: general.type is {_field(r, 'general.type')!r}, not a model "
+                                 "(did you pass an adapter as the model?)")
+        n_layer = int(_field(r, f"{arch}.block_count", 0))
+        n_head = int(_field(r, f"{arch}.attention.head_count", 0))
+        n_head_kv = int(_field(r, f"{arch}.attention.head_count_kv", n_head))
+        shapes = {t.name: tuple(int(x) for x in t.shape) for t in r.tensors}
+        return cls(path, arch, n_layer, n_head, n_head_kv, shapes, _field(r, "tokenizer.chat_template"))
+
+
+@dataclass
+class LoraFile:
+    """A validated GGUF LoRA adapter: its metadata and its tensors by base weight name."""
+
+    path: Path
+    name: str
+    alpha: float | None
+    pairs: dict[str, tuple[np.ndarray, np.ndarray]] = field(repr=False)  # base name -> (A (r,in), B (out,r))
+
+    def scale(self, base_name: str) -> float:
+        """c = alpha / r as llama.cpp applies it (1 when the file has no alpha)."""
+        r = self.pairs[base_name][0].shape[0]
+        return float(self.alpha) / r if self.alpha else 1.0
+
+    @property
+    def modules(self) -> list[str]:
+        return sorted(self.pairs)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes + b.nbytes for a, b in self.pairs.values())
+
+
+def read_lora(path: str | Path, base: BaseInfo) -> LoraFile:
+    """Read an adapter GGUF and check it against `base`; AdapterError names the file and the problem."""
+    path = Path(path)
+    r = _open(path, AdapterError, "adapter")
+    gtype, atype = _field(r, "general.type"), _field(r, "adapter.type")
+    if gtype != "adapter" or atype != "lora":
+        raise AdapterError(f"{path}: not a LoRA adapter (general.type={gtype!r}, adapter.type={atype!r}); "
+                           "convert PEFT adapters with `logo-edge convert-lora`")
+    arch = _field(r, "general.architecture")
+    if arch != base.arch:
+        raise AdapterError(f"{path}: adapter is for architecture {arch!r} but the base model "
+                           f"{base.path.name} is {base.arch!r}")
+    alpha = _field(r, "adapter.lora.alpha")
+    name = str(_field(r, "general.name", "") or "") or path.stem
+    halves: dict[str, dict[str, object]] = {}
+    for t in r.tensors:
+        stem, suffix = t.name[:-7], t.name[-7:]
+        if suffix not in LORA_SUFFIXES:
+            raise AdapterError(f"{path}: tensor {t.name!r} is not a LoRA tensor (.lora_a/.lora_b)")
+        halves.setdefault(stem, {})[suffix] = t
+    if not halves:
+        raise AdapterError(f"{path}: the adapter has no tensors")
+    pairs = {}
+    for stem, h in sorted(halves.items()):
+        if set(h) != set(LORA_SUFFIXES):
+            raise AdapterError(f"{path}: {stem} has only {sorted(h)}; both .lora_a and .lora_b are needed")
+        if stem not in base.shapes:
+            raise AdapterError(f"{path}: {stem} is not a weight of the base model {base.path.name} "
+                               f"({base.n_layer} blocks); the adapter was made for another model")
+        a, b = tensor_array(h[".lora_a"]), tensor_array(h[".lora_b"])
+        n_in, n_out = base.shapes[stem][0], base.shapes[stem][1]
+        if a.ndim != 2 or b.ndim != 2 or a.shape[1] != n_in or b.shape[0] != n_out or a.shape[0] != b.shape[1]:
+            raise AdapterError(f"{path}: {stem}: A {a.shape} and B {b.shape} do not fit the base weight "
+                               f"(in={n_in}, out={n_out}); the adapter was made for another model size")
+        if not (np.isfinite(a).all() and np.isfinite(b).all()):
+            raise AdapterError(f"{path}: {stem} holds NaN or infinite values; the adapter is corrupt")
+        pairs[stem] = (a, b)
+    return LoraFile(path, name, float(alpha) if alpha is not None else None, pairs)
+
+
+# ---- writing
+
+WRITE_TYPES = {"f32": GGMLQuantizationType.F32, "f16": GGMLQuantizationType.F16, "q8_0": GGMLQuantizationType.Q8_0}
+
+
+def write_lora(path: str | Path, arch: str, alpha: float, pairs: dict[str, tuple[np.ndarray, np.ndarray]],
+               outtype: str = "f32", name: str | None = None, extra: dict[str, str] | None = None) -> Path:
+    """Write a GGUF LoRA adapter: `pairs` maps base weight name -> (A (r, in), B (out, r)).
+
+    q8_0 needs rows divisible by the block size (32); other tensors fall back to f16, as
+    llama.cpp's converter does.
+    """
+    from gguf import GGUFWriter
+    from gguf.quants import quantize
+
+    if outtype not in WRITE_TYPES:
+        raise ValueError(f"unknown outtype {outtype!r}: choose one of {sorted(WRITE_TYPES)}")
+    path = Path(path)
+    tmp = path.with_name(path.name + ".part")
+    w = GGUFWriter(tmp, arch)
+    w.add_type("adapter")
+    w.add_string("adapter.type", "lora")
+    w.add_float32("adapter.lora.alpha", float(alpha))
+    if name:
+        w.add_name(name)
+    for k, v in (extra or {}).items():
+        w.add_string(k, v)
+    for stem in sorted(pairs):
+        for suffix, arr in zip(LORA_SUFFIXES, pairs[stem]):
+            arr = np.ascontiguousarray(arr, np.float32)
+            qtype = WRITE_TYPES[outtype]
+            if qtype == GGMLQuantizationType.Q8_0 and arr.shape[-1] % 32 != 0:
+                qtype = GGMLQuantizationType.F16
+            if qtype == GGMLQuantizationType.F32:
+                w.add_tensor(stem + suffix, arr)
+            elif qtype == GGMLQuantizationType.F16:
+                w.add_tensor(stem + suffix, arr.astype(np.float16))
+            else:
+                w.add_tensor(stem + suffix, quantize(arr, qtype), raw_dtype=qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    tmp.replace(path)
+    return path

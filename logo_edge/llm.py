@@ -1,0 +1,268 @@
+"""Objects that own llama.cpp pointers and free them: model, context, LoRA handles, the probe capture.
+
+This is the only module besides `_lib` that touches ctypes; the engine above it
+works with token lists, numpy arrays and these objects.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import _lib
+from ._lib import llama_cpp
+from .errors import AdapterError, ContextOverflowError, DecodeError, ModelLoadError
+from .gguf_files import BaseInfo
+
+_internals = _lib._internals
+llama_cpp._logger.set_verbose(False)  # llama.cpp errors only; our own checks say what is wrong
+
+# Probe targets: module -> (graph tensor of its normed input, of the residual entering that sub-block).
+# The residual entering block b is the output of block b-1 (`l_out-{b-1}`); for block 0 see _residual_src.
+PROBE_INPUTS = {
+    "attn_q": ("attn_norm", None),
+    "attn_k": ("attn_norm", None),
+    "attn_v": ("attn_norm", None),
+    "ffn_gate": ("ffn_norm", "ffn_inp"),
+    "ffn_up": ("ffn_norm", "ffn_inp"),
+}
+
+
+class Model:
+    """A base model loaded by llama.cpp plus its GGUF metadata (architecture, shapes, template)."""
+
+    def __init__(self, path: str | Path, n_gpu_layers: int = 0, verbose: bool = False):
+        self.path = Path(path)
+        self.info = BaseInfo.read(self.path)  # raises ModelLoadError naming the file
+        params = llama_cpp.llama_model_default_params()
+        params.n_gpu_layers = n_gpu_layers
+        try:
+            self._m = _internals.LlamaModel(path_model=str(self.path), params=params, verbose=verbose)
+        except ValueError as e:
+            raise ModelLoadError(f"{self.path}: llama.cpp could not load the model: {e}") from e
+        self.ptr = self._m.model
+        self.vocab = self._m.vocab
+        self.n_embd = llama_cpp.llama_model_n_embd(self.ptr)
+        self.n_layer = llama_cpp.llama_model_n_layer(self.ptr)
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
+        self.n_ctx_train = llama_cpp.llama_model_n_ctx_train(self.ptr)
+
+    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
+        return self._m.tokenize(text.encode("utf-8"), add_special, parse_special)
+
+    def token_bytes(self, token: int) -> bytes:
+        buf = ctypes.create_string_buffer(64)
+        n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
+        return buf.raw[:n]
+
+    def token_text(self, token: int) -> str:
+        """The token's text with special tokens rendered (for the chat template's BOS/EOS)."""
+        return self._m.token_to_piece(token, special=True).rstrip(b"\0").decode("utf-8", "replace")
+
+    def is_eog(self, token: int) -> bool:
+        return bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))
+
+    @property
+    def bos(self) -> int:
+        return llama_cpp.llama_vocab_bos(self.vocab)
+
+    @property
+    def eos(self) -> int:
+        return llama_cpp.llama_vocab_eos(self.vocab)
+
+    def load_lora(self, path: Path) -> "LoraHandle":
+        ptr = llama_cpp.llama_adapter_lora_init(self.ptr, str(path).encode("utf-8"))
+        if not ptr:
+            raise AdapterError(f"{path}: llama.cpp refused the adapter (see its log above)")
+        return LoraHandle(ptr, self)
+
+    def close(self) -> None:
+        self._m.close()
+
+
+class LoraHandle:
+    """An adapter loaded into llama.cpp; freed explicitly or when the model goes."""
+
+    def __init__(self, ptr, model: Model):
+        self.ptr = ptr
+        self._model = model
+
+    def free(self) -> None:
+        if self.ptr is not None and self._model._m.model is not None:
+            llama_cpp.llama_adapter_lora_free(self.ptr)
+        self.ptr = None
+
+
+@dataclass(frozen=True)
+class ContextConfig:
+    n_ctx: int = 2048
+    n_batch: int = 512
+    n_threads: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.n_ctx < 16 or self.n_batch < 1:
+            raise ValueError(f"n_ctx must be >= 16 and n_batch >= 1 (got {self.n_ctx}, {self.n_batch})")
+
+
+class Context:
+    """A llama.cpp context holding one sequence. The probe gets a context of its own, with no adapters
+    ever set, so probing never rebuilds the generation graph nor touches its KV cache."""
+
+    def __init__(self, model: Model, config: ContextConfig = ContextConfig()):
+        import os
+
+        self.model = model
+        self.config = config
+        p = llama_cpp.llama_context_default_params()
+        p.n_ctx = config.n_ctx
+        p.n_batch = config.n_batch
+        p.n_ubatch = config.n_batch
+        p.n_seq_max = 1
+        p.no_perf = True
+        threads = config.n_threads or max(1, os.cpu_count() or 1)
+        p.n_threads = threads
+        p.n_threads_batch = threads
+        try:
+            self._c = _internals.LlamaContext(model=model._m, params=p, verbose=False)
+        except ValueError as e:
+            raise ModelLoadError(f"could not create a llama.cpp context (n_ctx={config.n_ctx}): {e}") from e
+        self.ptr = self._c.ctx
+        self.memory = llama_cpp.llama_get_memory(self.ptr)
+        self.n_ctx = llama_cpp.llama_n_ctx(self.ptr)
+        self._batch = llama_cpp.llama_batch_init(config.n_batch, 0, 1)
+        self._adapters: tuple = ()
+
+    def close(self) -> None:
+        if self._batch is not None:
+            llama_cpp.llama_batch_free(self._batch)
+            self._batch = None
+        self._c.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    # ---- KV cache
+
+    def cache_len(self) -> int:
+        return int(llama_cpp.llama_memory_seq_pos_max(self.memory, 0)) + 1
+
+    def cache_truncate(self, p0: int = 0) -> None:
+        """Drop cached positions >= p0."""
+        llama_cpp.llama_memory_seq_rm(self.memory, 0, p0, -1)
+
+    # ---- adapters
+
+    def set_adapters(self, handles: list[LoraHandle], scales: list[float]) -> bool:
+        """Set the LoRA mixture; returns True if it changed (the caller must then drop caches)."""
+        key = tuple((h.ptr.value if hasattr(h.ptr, "value") else ctypes.cast(h.ptr, ctypes.c_void_p).value,
+                     float(s)) for h, s in zip(handles, scales))
+        if key == self._adapters:
+            return False
+        n = len(handles)
+        arr = (llama_cpp.llama_adapter_lora_p_ctypes * max(n, 1))(*[h.ptr for h in handles])
+        sc = (ctypes.c_float * max(n, 1))(*scales)
+        rc = llama_cpp.llama_set_adapters_lora(self.ptr, arr if n else None, n, sc if n else None)
+        if rc != 0:
+            raise AdapterError(f"llama_set_adapters_lora failed with code {rc}")
+        self._adapters = key
+        return True
+
+    # ---- decoding
+
+    def decode(self, tokens: list[int], pos0: int, what: str = "prefill") -> None:
+        """Decode `tokens` at positions pos0.., logits for the last token only."""
+        if pos0 + len(tokens) > self.n_ctx:
+            raise ContextOverflowError(
+                f"{pos0 + len(tokens)} tokens do not fit in the context of {self.n_ctx}; "
+                "shorten the prompt or create the engine with a larger n_ctx")
+        b = self._batch
+        step = self.config.n_batch
+        for start in range(0, len(tokens), step):
+            chunk = tokens[start:start + step]
+            b.n_tokens = len(chunk)
+            for j, tok in enumerate(chunk):
+                b.token[j] = tok
+                b.pos[j] = pos0 + start + j
+                b.n_seq_id[j] = 1
+                b.seq_id[j][0] = 0
+                b.logits[j] = False
+            b.logits[len(chunk) - 1] = start + step >= len(tokens)
+            rc = llama_cpp.llama_decode(self.ptr, b)
+            if rc != 0:
+                raise DecodeError(rc, what)
+
+    def logits(self) -> np.ndarray:
+        ptr = llama_cpp.llama_get_logits_ith(self.ptr, -1)
+        return np.ctypeslib.as_array(ptr, shape=(self.model.n_vocab,)).copy()
+
+
+class ProbeCapture:
+    """Arms the eval callback for one decode and copies the last token's column of one graph tensor.
+
+    The callback is set with the patch's llama_set_eval_callback only around `run`, so no Python runs
+    per graph node during generation. With `stop_early` the rest of the graph is skipped once h is read.
+    """
+
+    def __init__(self, ctx: Context, block: int, module: str, inp: str, stop_early: bool = True):
+        if module not in PROBE_INPUTS:
+            raise ValueError(f"probe target module {module!r} is not supported; choose one of "
+                             f"{sorted(PROBE_INPUTS)}")
+        if not 0 <= block < ctx.model.n_layer:
+            raise ValueError(f"target block {block} is out of range for a model with {ctx.model.n_layer} blocks")
+        if inp not in ("residual", "normed"):
+            raise ValueError(f"probe input must be 'residual' or 'normed', got {inp!r}")
+        self.ctx = ctx
+        self.stop_early = stop_early
+        normed, residual = PROBE_INPUTS[module]
+        self._via_src = False
+        if inp == "normed":
+            self.target = f"{normed}-{block}".encode()
+        elif residual is not None:
+            self.target = f"{residual}-{block}".encode()
+        elif block > 0:
+            self.target = f"l_out-{block - 1}".encode()
+        else:  # block 0: the embeddings have no stable name; read the input of attn_norm-0's RMS norm
+            self.target = f"{normed}-0".encode()
+            self._via_src = True
+        self.h: np.ndarray | None = None
+        self._cb = _lib.EvalCallback(self._callback)
+
+    def _callback(self, t, ask, _ud):
+        tensor = _lib.GGMLTensor.from_address(t)
+        if ask:
+            return tensor.name == self.target
+        if self._via_src:  # attn_norm = mul(rms_norm(x), w): x = src[0].src[0]
+            t = _lib.GGMLTensor.from_address(tensor.src[0]).src[0]
+            tensor = _lib.GGMLTensor.from_address(t)
+        if tensor.type != _lib.GGML_TYPE_F32:
+            self.h = None
+            return False
+        ne0, ne1 = tensor.ne[0], tensor.ne[1]
+        h = np.empty(ne0, np.float32)
+        _lib.ggml_backend_tensor_get(t, h.ctypes.data, tensor.nb[1] * (ne1 - 1), ne0 * 4)
+        self.h = h
+        return not self.stop_early
+
+    def run(self, tokens: list[int]) -> np.ndarray:
+        """Prefill `tokens` in the probe context, return h (n_embd,); the probe's cache is removed after."""
+        self.h = None
+        ctx = self.ctx
+        _lib.llama_set_eval_callback(ctx.ptr, self._cb, None)
+        try:
+            ctx.cache_truncate(0)
+            ctx.decode(tokens, 0, what="probe")
+        finally:
+            _lib.llama_set_eval_callback(ctx.ptr, _lib.EvalCallback(), None)
+            ctx.cache_truncate(0)
+        if self.h is None:
+            raise RuntimeError(f"the probe did not see tensor {self.target.decode()} (or it was not f32)")
+        return self.h

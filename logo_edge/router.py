@@ -1,0 +1,158 @@
+"""LoGo routing in pure numpy: adapter outputs from one hidden state, signals, top-k, weights.
+
+Nothing here needs llama.cpp; the engine hands in h (the probe's hidden state)
+and a ProbeBank of every adapter's target-module A/B.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+
+from .errors import RoutingError
+
+
+class ProbeBank:
+    """Target-module A/B of every adapter, padded to the largest rank so one einsum serves all.
+
+    Zero-padding the rank does not change o_i = c_i * B_i (A_i h).
+    """
+
+    def __init__(self, mats: Sequence[tuple[np.ndarray, np.ndarray, float]]):
+        if not mats:
+            raise RoutingError("the probe bank is empty: load at least one adapter with the target module")
+        r_max = max(a.shape[0] for a, _, _ in mats)
+        d_in = mats[0][0].shape[1]
+        d_out = mats[0][1].shape[0]
+        n = len(mats)
+        self.A = np.zeros((n, r_max, d_in), np.float32)  # (N, r, d_in)
+        self.B = np.zeros((n, d_out, r_max), np.float32)  # (N, d_out, r)
+        self.scale = np.zeros(n, np.float64)
+        for i, (a, b, c) in enumerate(mats):
+            r = a.shape[0]
+            if a.shape[1] != d_in or b.shape != (d_out, r):
+                raise RoutingError(f"probe bank entry {i}: A {a.shape} / B {b.shape} do not match "
+                                   f"d_in={d_in}, d_out={d_out}")
+            self.A[i, :r] = a
+            self.B[i, :, :r] = b
+            self.scale[i] = c
+
+    def __len__(self) -> int:
+        return self.A.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        return self.A.nbytes + self.B.nbytes
+
+    def outputs(self, h: np.ndarray) -> np.ndarray:
+        """o_i = c_i * B_i (A_i h) for every adapter; h is (d_in,), the result (N, d_out) float64."""
+        h = np.asarray(h, np.float32)
+        z = self.A @ h  # (N, r)
+        o = np.einsum("nor,nr->no", self.B, z)  # (N, d_out)
+        return o.astype(np.float64) * self.scale[:, None]
+
+
+# ---- signals: (N, d_out) adapter outputs -> (N,) scores; a registry, extend by adding an entry
+
+
+def norm_signal(o: np.ndarray) -> np.ndarray:
+    """s_i = ||o_i||_2."""
+    return np.linalg.norm(o, axis=-1)
+
+
+def entropy_signal(o: np.ndarray) -> np.ndarray:
+    """s_i = 1 / (H(softmax(o_i)) + 1e-6), H(p) = -sum p log(p + 1e-8)."""
+    z = o - o.max(axis=-1, keepdims=True)
+    p = np.exp(z)
+    p /= p.sum(axis=-1, keepdims=True)
+    ent = -(p * np.log(p + 1e-8)).sum(axis=-1)
+    return 1.0 / (ent + 1e-6)
+
+
+SIGNALS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "norm": norm_signal,
+    "entropy": entropy_signal,
+}
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    """How to rank and weight adapters: the signal and how many to keep."""
+
+    signal: str = "norm"
+    k: int = 3
+
+    def __post_init__(self) -> None:
+        if self.signal not in SIGNALS:
+            raise RoutingError(f"unknown signal {self.signal!r}: choose one of {sorted(SIGNALS)}")
+        if not isinstance(self.k, (int, np.integer)) or isinstance(self.k, bool) or self.k < 1:
+            raise RoutingError(f"k must be an integer >= 1, got {self.k!r}")
+
+
+@dataclass
+class Routing:
+    """Result of routing one request: a signal and a weight per pool adapter (weight 0 if not selected)."""
+
+    names: list[str]
+    signals: np.ndarray  # (N,) nan where the adapter could not be scored
+    weights: np.ndarray  # (N,) sums to 1 over `selected`
+    selected: list[int]  # pool indices, best first
+    excluded: dict[str, str] = field(default_factory=dict)  # name -> why it was not ranked
+
+    def mixture(self) -> list[tuple[int, float]]:
+        """(pool index, weight) of the selected adapters, best first."""
+        return [(i, float(self.weights[i])) for i in self.selected]
+
+
+def select(signals: np.ndarray, k: int, eligible: np.ndarray | None = None) -> list[int]:
+    """Indices of the top-k eligible signals, highest first; ties go to the lower index."""
+    s = np.asarray(signals, np.float64)
+    idx = np.arange(len(s)) if eligible is None else np.flatnonzero(eligible)
+    order = idx[np.argsort(-s[idx], kind="stable")]  # stable sort keeps lower index first on ties
+    return [int(i) for i in order[: min(k, len(order))]]
+
+
+def weights_for(signals: np.ndarray, selected: list[int]) -> np.ndarray:
+    """w_i = s_i / sum_S s_j on the selected set; uniform if every selected signal is 0."""
+    w = np.zeros(len(signals), np.float64)
+    if not selected:
+        return w
+    s = np.asarray(signals, np.float64)[selected]
+    total = s.sum()
+    w[selected] = s / total if total > 0 else 1.0 / len(selected)
+    return w
+
+
+def route(outputs: np.ndarray, names: Sequence[str], config: RouterConfig,
+          unprobeable: dict[str, str] | None = None) -> Routing:
+    """Rank adapters by the configured signal on their outputs (N, d_out) and weight the top-k.
+
+    Adapters named in `unprobeable` (name -> reason) have no output row; their signal is nan.
+    Non-finite outputs or signals exclude that adapter with a warning naming it.
+    """
+    unprobeable = dict(unprobeable or {})
+    names = list(names)
+    probed = [n for n in names if n not in unprobeable]
+    if len(probed) != len(outputs):
+        raise RoutingError(f"{len(outputs)} output rows for {len(probed)} probeable adapters")
+    signals = np.full(len(names), np.nan)
+    rows = [i for i, n in enumerate(names) if n not in unprobeable]
+    with np.errstate(all="ignore"):
+        signals[rows] = SIGNALS[config.signal](np.asarray(outputs, np.float64))
+    excluded = dict(unprobeable)
+    eligible = np.zeros(len(names), bool)
+    for j, i in enumerate(rows):
+        if not np.all(np.isfinite(outputs[j])) or not np.isfinite(signals[i]):
+            excluded[names[i]] = "non-finite adapter output or signal"
+            warnings.warn(f"adapter {names[i]!r}: non-finite output or signal, excluded from routing",
+                          RuntimeWarning, stacklevel=2)
+            signals[i] = np.nan
+        else:
+            eligible[i] = True
+    if not eligible.any():
+        raise RoutingError("no adapter could be scored: " + "; ".join(f"{k}: {v}" for k, v in excluded.items()))
+    selected = select(signals, config.k, eligible)
+    return Routing(names, signals, weights_for(signals, selected), selected, excluded)
