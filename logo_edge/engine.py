@@ -73,7 +73,8 @@ class Engine:
     """A base model, an adapter pool and a context; routes and generates one request at a time."""
 
     def __init__(self, model: str | Path | None = None, adapters=None, *, n_ctx: int = 2048,
-                 n_batch: int = 512, n_threads: int | None = None, n_gpu_layers: int = 0,
+                 n_batch: int = 512, n_threads: int | None = None, n_gpu_layers: int = 0, kv_type: str = "f16",
+                 flash_attn: bool | None = None,
                  target_block: int = -1, target_module: str = "attn_q", routing: RouteConfig | None = None,
                  verbose: bool = False):
         self.model = Model(model or defaults.default_model_path(), n_gpu_layers=n_gpu_layers, verbose=verbose)
@@ -81,7 +82,7 @@ class Engine:
         if adapters is not None:
             self.pool.add_many(adapters)
         self.routing = routing or RouteConfig()
-        self._cfg = ContextConfig(n_ctx, n_batch, n_threads)
+        self._cfg = ContextConfig(n_ctx, n_batch, n_threads, kv_type, flash_attn)
         self.ctx = Context(self.model, self._cfg)
         self._probe_ctx: Context | None = None
         self._cache: list[int] = []  # tokens whose K/V sit in self.ctx under its current mixture

@@ -61,6 +61,9 @@ class Model:
             n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
         return buf.raw[:n]
 
+    def detokenize(self, tokens: list[int]) -> str:
+        return b"".join(self.token_bytes(t) for t in tokens).decode("utf-8", "replace")
+
     def token_text(self, token: int) -> str:
         """The token's text with special tokens rendered (for the chat template's BOS/EOS)."""
         return self._m.token_to_piece(token, special=True).rstrip(b"\0").decode("utf-8", "replace")
@@ -99,15 +102,22 @@ class LoraHandle:
         self.ptr = None
 
 
+KV_TYPES = {"f32": 0, "f16": 1}  # GGML_TYPE_F32, GGML_TYPE_F16
+
+
 @dataclass(frozen=True)
 class ContextConfig:
     n_ctx: int = 2048
     n_batch: int = 512
     n_threads: int | None = None
+    kv_type: str = "f16"  # "f32" makes the cache exact (reference checks), at twice the memory
+    flash_attn: bool | None = None  # None = llama.cpp decides; on CPU its kernel rounds Q/K to f16
 
     def __post_init__(self) -> None:
         if self.n_ctx < 16 or self.n_batch < 1:
             raise ValueError(f"n_ctx must be >= 16 and n_batch >= 1 (got {self.n_ctx}, {self.n_batch})")
+        if self.kv_type not in KV_TYPES:
+            raise ValueError(f"kv_type must be one of {sorted(KV_TYPES)}, got {self.kv_type!r}")
 
 
 class Context:
@@ -125,6 +135,8 @@ class Context:
         p.n_ubatch = config.n_batch
         p.n_seq_max = 1
         p.no_perf = True
+        p.type_k = p.type_v = KV_TYPES[config.kv_type]
+        p.flash_attn_type = {None: -1, False: 0, True: 1}[config.flash_attn]  # auto / off / on
         threads = config.n_threads or max(1, os.cpu_count() or 1)
         p.n_threads = threads
         p.n_threads_batch = threads

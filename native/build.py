@@ -109,6 +109,21 @@ def extract_tree(sdist: Path, into: Path) -> Path:
     return into
 
 
+def source_tree() -> Path:
+    """The pristine (unpatched) llama.cpp tree of the pinned sdist, extracted once into the cache.
+
+    Its converters (convert_hf_to_gguf.py, convert_lora_to_gguf.py) are the reference ours are
+    checked against."""
+    dest = cache_root() / "src" / f"llama.cpp-{LLAMA_CPP_PYTHON_VERSION}"
+    if (dest / "CMakeLists.txt").exists():
+        return dest
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    extract_tree(fetch_sdist(), tmp)
+    tmp.rename(dest)
+    return dest
+
+
 def build(backend: str = "cpu", extra_flags: list[str] | None = None, force: bool = False,
           jobs: int | None = None) -> Path:
     """Build the patched libllama for `backend` unless cached; return the library directory."""
@@ -121,10 +136,10 @@ def build(backend: str = "cpu", extra_flags: list[str] | None = None, force: boo
             _log(f"cached: {out}")
             return out
     t0 = time.time()
-    sdist = fetch_sdist()
     work = Path(tempfile.mkdtemp(prefix="llama-build-", dir=cache_root()))
     try:
-        tree = extract_tree(sdist, work / "llama.cpp")
+        tree = work / "llama.cpp"
+        shutil.copytree(source_tree(), tree, symlinks=True)
         check_patch(tree)
         subprocess.run(["patch", "-p1", "--forward", "-s", "-i", str(PATCH)], cwd=tree, check=True)
         bdir = work / "build"
