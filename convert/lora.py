@@ -177,8 +177,11 @@ def peft_to_pairs(adapter_dir: str | Path, base: BaseSpec) -> tuple[dict[str, tu
         elif base.arch in ROPE_PERMUTED_ARCHS and hf_mod == "self_attn.k_proj":
             b = rope_permute(b, base.n_head_kv)
         pairs[stem] = (a, b)
-    first = next(iter(pairs))
-    alpha_out = scales[first] * pairs[first][0].shape[0]
+    # one alpha per file: the config's own (rsLoRA-adjusted) if some module uses it, else the commonest
+    effective = [scales[stem] * a.shape[0] for stem, (a, _) in pairs.items()]
+    wanted = [alpha_default * math.sqrt(a.shape[0]) if use_rslora else alpha_default for a, _ in pairs.values()]
+    matching = [e for e, w in zip(effective, wanted) if math.isclose(e, w, rel_tol=1e-9)]
+    alpha_out = matching[0] if matching else max(set(effective), key=effective.count)
     for stem, (a, b) in pairs.items():
         ratio = scales[stem] * a.shape[0] / alpha_out  # 1 unless rsLoRA ranks or alpha_pattern differ
         if not math.isclose(ratio, 1.0, rel_tol=1e-9):

@@ -1,0 +1,142 @@
+"""Our PEFT -> GGUF converter against llama.cpp's own convert_lora_to_gguf.py, tensor by tensor."""
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from gguf import GGUFReader
+
+from logo_edge.convert.lora import convert_lora
+from logo_edge.errors import ConversionError
+from logo_edge.gguf_files import tensor_array
+from logo_edge.native.build import source_tree
+from tiny import ADAPTERS, UNPROBEABLE
+
+pytestmark = pytest.mark.slow
+
+
+def llama_cpp_convert(peft_dir, hf_dir, out, outtype):
+    script = source_tree() / "convert_lora_to_gguf.py"
+    res = subprocess.run([sys.executable, str(script), "--base", str(hf_dir), "--outfile", str(out),
+                          "--outtype", outtype, str(peft_dir)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    return out
+
+
+def read(path):
+    r = GGUFReader(path)
+    meta = {k: r.fields[k].contents() for k in ("general.type", "general.architecture", "adapter.type",
+                                                 "adapter.lora.alpha")}
+    return meta, {t.name: (int(t.tensor_type), tensor_array(t)) for t in r.tensors}
+
+
+CASES = [(n, "f32") for n in list(ADAPTERS) + list(UNPROBEABLE)] + [
+    (n, t) for n in ("all7_r4", "rs_r16") for t in ("f16", "q8_0")]
+
+
+@pytest.mark.parametrize(("name", "outtype"), CASES)
+def test_matches_llama_cpp_converter(tiny, tmp_path, name, outtype):
+    ours = convert_lora(tiny / "peft" / name, tiny / "hf", tmp_path / "ours.gguf", outtype)
+    ref = llama_cpp_convert(tiny / "peft" / name, tiny / "hf", tmp_path / "ref.gguf", outtype)
+    m_ours, t_ours = read(ours)
+    m_ref, t_ref = read(ref)
+    assert {k: m_ours[k] for k in ("general.type", "general.architecture", "adapter.type")} == \
+           {k: m_ref[k] for k in ("general.type", "general.architecture", "adapter.type")}
+    assert sorted(t_ours) == sorted(t_ref)
+    cfg = json.loads((tiny / "peft" / name / "adapter_config.json").read_text())
+    alpha, r = cfg["lora_alpha"], cfg["r"]
+    # llama.cpp's converter writes lora_alpha unchanged: it ignores rsLoRA and alpha_pattern
+    expected_alpha = alpha * math.sqrt(r) if cfg.get("use_rslora") else alpha
+    assert m_ours["adapter.lora.alpha"] == pytest.approx(expected_alpha, rel=1e-6)
+    assert m_ref["adapter.lora.alpha"] == pytest.approx(alpha)
+    for key, (qtype, ref_arr) in t_ref.items():
+        our_type, our_arr = t_ours[key]
+        assert our_type == qtype, key
+        factor = 1.0
+        for mod, pat_alpha in (cfg.get("alpha_pattern") or {}).items():
+            if f".{ {'up_proj': 'ffn_up'}.get(mod, mod)}." in key and key.endswith("lora_b"):
+                factor = pat_alpha / alpha  # ours folds alpha_pattern into B
+        np.testing.assert_allclose(our_arr, ref_arr * factor, rtol=1e-6 if outtype == "f32" else 1e-2,
+                                   atol=0 if outtype == "f32" else 1e-3 * np.abs(ref_arr).max(), err_msg=key)
+
+
+def _copy_adapter(tiny, tmp_path, name="qv_r8"):
+    d = tmp_path / name
+    shutil.copytree(tiny / "peft" / name, d)
+    return d
+
+
+def _rewrite_tensors(d, fn):
+    from safetensors.numpy import load_file, save_file
+
+    w = load_file(d / "adapter_model.safetensors")
+    save_file(fn(w), d / "adapter_model.safetensors")
+
+
+def test_error_missing_files(tiny, tmp_path):
+    with pytest.raises(ConversionError, match="adapter_config.json: not found"):
+        convert_lora(tmp_path, tiny / "hf", tmp_path / "o.gguf")
+    d = _copy_adapter(tiny, tmp_path)
+    (d / "adapter_model.safetensors").unlink()
+    with pytest.raises(ConversionError, match="adapter_model.safetensors: adapter weights not found"):
+        convert_lora(d, tiny / "hf", tmp_path / "o.gguf")
+
+
+def test_error_corrupt_weights(tiny, tmp_path):
+    d = _copy_adapter(tiny, tmp_path)
+    raw = (d / "adapter_model.safetensors").read_bytes()
+    (d / "adapter_model.safetensors").write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(ConversionError, match="truncated"):
+        convert_lora(d, tiny / "hf", tmp_path / "o.gguf")
+    (d / "adapter_model.safetensors").write_bytes(b"garbage!" * 4)
+    with pytest.raises(ConversionError, match="not a safetensors file"):
+        convert_lora(d, tiny / "hf", tmp_path / "o.gguf")
+
+
+def test_error_embeddings_and_lm_head(tiny, tmp_path):
+    d = _copy_adapter(tiny, tmp_path)
+    _rewrite_tensors(d, lambda w: {**w, "base_model.model.lm_head.lora_A.weight": np.zeros((8, 64), np.float32)})
+    with pytest.raises(ConversionError, match="embeddings or lm_head"):
+        convert_lora(d, tiny / "hf", tmp_path / "o.gguf")
+
+
+def test_error_other_architecture(tiny, tmp_path):
+    d = _copy_adapter(tiny, tmp_path)
+    _rewrite_tensors(d, lambda w: {k.replace("self_attn.q_proj", "attn.c_attn"): v for k, v in w.items()})
+    with pytest.raises(ConversionError, match="not a LoRA on a supported module"):
+        convert_lora(d, tiny / "hf", tmp_path / "o.gguf")
+
+
+def test_error_shapes_do_not_fit(tiny, tmp_path):
+    d = _copy_adapter(tiny, tmp_path)
+    _rewrite_tensors(d, lambda w: {k: (np.zeros((v.shape[0], 32), np.float32) if "lora_A" in k else v)
+                                   for k, v in w.items()})
+    with pytest.raises(ConversionError, match="do not fit the base weight"):
+        convert_lora(d, tiny / "hf", tmp_path / "o.gguf")
+    d = _copy_adapter(tiny, tmp_path, "all7_r4")
+    _rewrite_tensors(d, lambda w: {k.replace("layers.3.", "layers.9."): v for k, v in w.items()})
+    with pytest.raises(ConversionError, match="layer 9 does not exist"):
+        convert_lora(d, tiny / "hf", tmp_path / "o.gguf")
+
+
+def test_error_dora_and_unsupported_base(tiny, tmp_path):
+    d = _copy_adapter(tiny, tmp_path)
+    cfg = json.loads((d / "adapter_config.json").read_text())
+    (d / "adapter_config.json").write_text(json.dumps({**cfg, "use_dora": True}))
+    with pytest.raises(ConversionError, match="use_dora"):
+        convert_lora(d, tiny / "hf", tmp_path / "o.gguf")
+    base = tmp_path / "gpt2"
+    base.mkdir()
+    (base / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"]}))
+    with pytest.raises(ConversionError, match="GPT2LMHeadModel.*not supported"):
+        convert_lora(tiny / "peft" / "qv_r8", base, tmp_path / "o.gguf")
+
+
+def test_base_given_as_gguf_equals_hf_dir(tiny, tmp_path):
+    a = convert_lora(tiny / "peft" / "rs_r16", tiny / "hf", tmp_path / "a.gguf")
+    b = convert_lora(tiny / "peft" / "rs_r16", tiny / "tiny-f32.gguf", tmp_path / "b.gguf")
+    assert a.read_bytes() == b.read_bytes()
