@@ -1,0 +1,189 @@
+"""Engine behaviour on the tiny model: bad input, caching, streaming, sampling, fusion, the record."""
+
+import shutil
+
+import numpy as np
+import pytest
+
+from logo_edge.engine import Engine, SamplingConfig
+from logo_edge.errors import AdapterError, ContextOverflowError, ModelLoadError, RoutingError
+from logo_edge.gguf_files import BaseInfo, read_lora, write_lora
+
+pytestmark = pytest.mark.slow
+
+
+def still_usable(eng, n_adapters):
+    assert len(eng.pool) == n_adapters
+    rec = eng.route("still working?")
+    assert rec.selected
+    out = eng.create_completion("still working?", max_tokens=4)
+    assert out["usage"]["completion_tokens"] >= 1
+
+
+@pytest.fixture
+def pairs(tiny):
+    return read_lora(tiny / "gguf" / "qv_r8.gguf", BaseInfo.read(tiny / "tiny-f32.gguf")).pairs
+
+
+def test_bad_adapters_give_clear_errors_and_leave_the_pool_usable(tiny, tiny_engine, tmp_path, pairs):
+    eng, n = tiny_engine, len(tiny_engine.pool)
+    write_lora(tmp_path / "qwen.gguf", "qwen2", 16, pairs)
+    small = {k: (a[:, :32], b[:32]) for k, (a, b) in pairs.items()}
+    write_lora(tmp_path / "small.gguf", "llama", 16, small)
+    nan = {k: (a, b.copy()) for k, (a, b) in pairs.items()}
+    next(iter(nan.values()))[1][0, 0] = np.nan
+    write_lora(tmp_path / "nan.gguf", "llama", 16, nan)
+    raw = (tiny / "gguf" / "qv_r8.gguf").read_bytes()
+    (tmp_path / "trunc.gguf").write_bytes(raw[: len(raw) // 3])
+    (tmp_path / "junk.gguf").write_bytes(b"\x00junk" * 100)
+    cases = [
+        (tmp_path / "qwen.gguf", "architecture 'qwen2' but the base model"),
+        (tmp_path / "small.gguf", "another model size"),
+        (tmp_path / "nan.gguf", "NaN or infinite"),
+        (tmp_path / "trunc.gguf", "truncated or corrupt"),
+        (tmp_path / "junk.gguf", "truncated or corrupt"),
+        (tmp_path / "missing.gguf", "adapter file not found"),
+        (tiny / "tiny-f32.gguf", "not a LoRA adapter"),
+    ]
+    for path, msg in cases:
+        with pytest.raises(AdapterError, match=msg) as e:
+            eng.pool.add(path)
+        assert str(path) in str(e.value)
+        still_usable(eng, n)
+    with pytest.raises(AdapterError, match="already in the pool"):
+        eng.pool.add(tiny / "gguf" / "qv_r8.gguf")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(AdapterError, match="no \\*.gguf adapters"):
+        eng.pool.add_many(tmp_path / "empty")
+    still_usable(eng, n)
+
+
+def test_bad_model_files(tmp_path, tiny):
+    with pytest.raises(ModelLoadError, match="model file not found"):
+        Engine(tmp_path / "nope.gguf")
+    (tmp_path / "bad.gguf").write_bytes(b"GGUF" + b"\xff" * 64)
+    with pytest.raises(ModelLoadError, match="truncated or corrupt"):
+        Engine(tmp_path / "bad.gguf")
+    with pytest.raises(ModelLoadError, match="not a model"):
+        Engine(tiny / "gguf" / "qv_r8.gguf")
+
+
+def test_prompt_longer_than_context(tiny_engine):
+    long = "word " * 600  # > n_ctx=512 tokens
+    with pytest.raises(ContextOverflowError, match="context holds 512"):
+        tiny_engine.create_completion(long, max_tokens=4)
+    with pytest.raises(ContextOverflowError):
+        tiny_engine.route(long)
+    still_usable(tiny_engine, len(tiny_engine.pool))
+
+
+def test_routing_settings_errors(tiny_engine):
+    with pytest.raises(RoutingError, match="k must be an integer >= 1"):
+        tiny_engine.route("hi", k=0)
+    with pytest.raises(RoutingError, match="probe_input"):
+        tiny_engine.route("hi", probe_input="middle")
+    with pytest.raises(AdapterError, match="no adapter named 'nope'.*have: all7_r4, "):
+        tiny_engine.create_completion("hi", adapters={"nope": 1.0})
+    with pytest.raises(RoutingError, match="finite"):
+        tiny_engine.create_completion("hi", adapters={"qv_r8": float("nan")})
+    still_usable(tiny_engine, len(tiny_engine.pool))
+
+
+def test_record_has_every_adapter_settings_and_timings(tiny_engine):
+    out = tiny_engine.create_chat_completion([{"role": "user", "content": "Hello!"}], max_tokens=8, k=2)
+    rec = out["routing"]
+    assert out["object"] == "chat.completion" and out["choices"][0]["message"]["role"] == "assistant"
+    assert [a["name"] for a in rec["adapters"]] == tiny_engine.pool.names
+    assert sum(a["weight"] for a in rec["adapters"]) == pytest.approx(1.0)
+    assert sum(a["rank"] is not None for a in rec["adapters"]) == 2
+    assert rec["settings"] == dict(signal="norm", k=2, k_used=2, target_block=3, target_module="attn_q",
+                                   probe_input="residual", merge="mixture")
+    t = rec["timings"]
+    assert t["probe_s"] > 0 and t["prefill_s"] > 0 and t["decode_s"] > 0 and t["prompt_tokens"] > 5
+
+
+def test_stream_equals_non_stream_and_stop_strings(tiny_engine):
+    full = tiny_engine.create_completion("Tell me a story", max_tokens=24)["choices"][0]["text"]
+    chunks = list(tiny_engine.create_completion("Tell me a story", max_tokens=24, stream=True))
+    assert "".join(c["choices"][0]["text"] for c in chunks) == full
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length" and "routing" in chunks[-1]
+    stop = full[len(full) // 2: len(full) // 2 + 3]
+    cut = tiny_engine.create_completion("Tell me a story", max_tokens=24, stop=[stop])
+    assert cut["choices"][0]["text"] == full[: full.index(stop)]
+    assert cut["choices"][0]["finish_reason"] == "stop"
+
+
+def test_seeded_sampling_is_reproducible(tiny_engine):
+    kw = dict(max_tokens=16, temperature=0.9, top_p=0.9, seed=7)
+    a = tiny_engine.create_completion("Sample me", **kw)["choices"][0]["text"]
+    b = tiny_engine.create_completion("Sample me", **kw)["choices"][0]["text"]
+    c = tiny_engine.create_completion("Sample me", **{**kw, "seed": 8})["choices"][0]["text"]
+    assert a == b and a != c
+
+
+def test_kv_cache_reused_only_under_the_same_mixture(tiny_engine):
+    eng = tiny_engine
+    mix = {"qv_r8": 0.7, "rs_r16": 0.3}
+    first = eng.create_completion("The history of the city", adapters=mix, max_tokens=8)
+    prompt2 = "The history of the city" + first["choices"][0]["text"] + " and then"
+    warm = eng.create_completion(prompt2, adapters=mix, max_tokens=8)
+    assert warm["routing"]["timings"]["cached_tokens"] > 5
+    eng.ctx.cache_truncate(0)
+    eng._cache = []
+    cold = eng.create_completion(prompt2, adapters=mix, max_tokens=8)
+    assert cold["routing"]["timings"]["cached_tokens"] == 0
+    assert warm["choices"][0]["text"] == cold["choices"][0]["text"]
+    other = eng.create_completion(prompt2, adapters={"qv_r8": 0.5, "rs_r16": 0.5}, max_tokens=8)
+    assert other["routing"]["timings"]["cached_tokens"] == 0  # another mixture never reuses the cache
+
+
+def test_probe_leaves_the_generation_cache_alone(tiny_engine):
+    eng = tiny_engine
+    out1 = eng.create_completion("Probe isolation", adapters="base", max_tokens=6)
+    eng.route("a completely different prompt that is probed")
+    out2 = eng.create_completion("Probe isolation", adapters="base", max_tokens=6)
+    assert out2["routing"]["timings"]["cached_tokens"] > 0
+    assert out1["choices"][0]["text"] == out2["choices"][0]["text"]
+
+
+def test_fusion_equals_the_averaged_adapter(tiny, tmp_path, pairs):
+    write_lora(tmp_path / "p1.gguf", "llama", 16, pairs)
+    write_lora(tmp_path / "p2.gguf", "llama", 16, {k: (a * 0.5, b * 3.0) for k, (a, b) in pairs.items()})
+    w1, w2 = 0.25, 0.75
+    avg = {k: (w1 * a + w2 * a * 0.5, w1 * b + w2 * b * 3.0) for k, (a, b) in pairs.items()}
+    write_lora(tmp_path / "avg.gguf", "llama", 16, avg)
+    kw = dict(max_tokens=12)
+    with Engine(tiny / "tiny-f32.gguf", [tmp_path / f for f in ("p1.gguf", "p2.gguf", "avg.gguf")],
+                n_ctx=128, kv_type="f32", flash_attn=False) as eng:
+        fused = eng.create_completion("Fusion test", adapters={"p1": w1, "p2": w2}, merge="fusion", **kw)
+        ref = eng.create_completion("Fusion test", adapters={"avg": 1.0}, **kw)
+        mixed = eng.create_completion("Fusion test", adapters={"p1": w1, "p2": w2}, **kw)
+        assert fused["choices"][0]["text"] == ref["choices"][0]["text"]
+        assert mixed["choices"][0]["text"] != ref["choices"][0]["text"]  # mixture != parameter averaging
+        eng.pool.add(tiny / "gguf" / "all7_r4.gguf")
+        with pytest.raises(AdapterError, match="fusion needs the same modules"):
+            eng.create_completion("x", adapters={"p1": 0.5, "all7_r4": 0.5}, merge="fusion", max_tokens=2)
+        assert eng.create_completion("x", adapters={"p1": 1.0}, max_tokens=2)["usage"]["completion_tokens"]
+
+
+def test_unprobeable_adapter_reported_at_load_and_usable_by_name(tiny, tiny_engine):
+    assert "v_only" in tiny_engine.pool.unprobeable
+    rec = tiny_engine.route("any prompt", k=10)
+    v = next(a for a in rec.adapters if a.name == "v_only")
+    assert v.signal is None and v.weight == 0 and "attn_q" in v.note
+    out = tiny_engine.create_completion("any prompt", adapters=["v_only"], max_tokens=3)
+    assert out["routing"]["mode"] == "manual"
+
+
+def test_base_mode_and_empty_pool(tiny):
+    with Engine(tiny / "tiny-f32.gguf", n_ctx=128) as eng:
+        with pytest.raises(RoutingError, match="pool is empty"):
+            eng.route("hi")
+        out = eng.create_completion("hi", adapters="base", max_tokens=3)
+        assert out["routing"]["mode"] == "base"
+
+
+def test_directory_and_name_from_metadata(tiny, tmp_path):
+    shutil.copy(tiny / "gguf" / "qv_r8.gguf", tmp_path / "renamed-file.gguf")
+    with Engine(tiny / "tiny-f32.gguf", tmp_path, n_ctx=128) as eng:
+        assert eng.pool.names == ["qv_r8"]  # general.name wins over the file stem

@@ -1,0 +1,117 @@
+"""Router edge cases (SPEC §1) and the vectorized router against a plain-loop reference. No llama.cpp."""
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from logo_edge.errors import RoutingError
+from logo_edge.router import ProbeBank, RouterConfig, route, select, weights_for
+
+
+def loop_signal(o, signal):
+    if signal == "norm":
+        return math.sqrt(sum(float(x) ** 2 for x in o))
+    m = max(o)
+    e = [math.exp(float(x) - m) for x in o]
+    z = sum(e)
+    return 1.0 / (-sum(v / z * math.log(v / z + 1e-8) for v in e) + 1e-6)
+
+
+def loop_route(outputs, k, signal):
+    s = [loop_signal(o, signal) for o in outputs]
+    order = sorted(range(len(s)), key=lambda i: (-s[i], i))[: min(k, len(s))]
+    tot = sum(s[i] for i in order)
+    w = [0.0] * len(s)
+    for i in order:
+        w[i] = s[i] / tot if tot > 0 else 1 / len(order)
+    return s, order, w
+
+
+finite = st.floats(-50, 50, allow_nan=False, width=32)
+
+
+@settings(max_examples=150, deadline=None)
+@given(outputs=arrays(np.float64, st.tuples(st.integers(1, 12), st.integers(1, 16)), elements=finite),
+       k=st.integers(1, 15), signal=st.sampled_from(["norm", "entropy"]))
+def test_route_equals_plain_loop(outputs, k, signal):
+    names = [f"a{i}" for i in range(len(outputs))]
+    r = route(outputs, names, RouterConfig(signal, k))
+    s, order, w = loop_route(outputs, k, signal)
+    np.testing.assert_allclose(r.signals, s, rtol=1e-9, atol=1e-12)
+    # near-ties may order differently under rounding; compare the chosen signal values instead
+    assert [round(s[i], 6) for i in r.selected] == [round(s[i], 6) for i in order]
+    assert len(r.selected) == min(k, len(outputs))
+    assert r.weights.sum() == pytest.approx(1.0)
+    assert all(r.weights[i] == 0 for i in range(len(outputs)) if i not in r.selected)
+
+
+@settings(max_examples=50, deadline=None)
+@given(n=st.integers(1, 6), d_in=st.integers(1, 8), d_out=st.integers(1, 8), seed=st.integers(0, 10_000))
+def test_probe_bank_equals_per_adapter_product(n, d_in, d_out, seed):
+    rng = np.random.default_rng(seed)
+    mats = [(rng.normal(size=(r, d_in)), rng.normal(size=(d_out, r)), float(rng.uniform(0.1, 4)))
+            for r in rng.integers(1, 9, size=n)]
+    h = rng.normal(size=d_in)
+    got = ProbeBank(mats).outputs(h)
+    want = np.stack([c * (b @ (a @ h)) for a, b, c in mats])
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_k_larger_than_pool_means_all():
+    r = route(np.eye(3), ["a", "b", "c"], RouterConfig("norm", 10))
+    assert sorted(r.selected) == [0, 1, 2]
+
+
+@pytest.mark.parametrize("k", [0, -1, 1.5, True])
+def test_k_below_one_is_an_error(k):
+    with pytest.raises(RoutingError, match="k must be an integer >= 1"):
+        RouterConfig("norm", k)
+
+
+def test_unknown_signal():
+    with pytest.raises(RoutingError, match="unknown signal 'cosine'"):
+        RouterConfig("cosine", 3)
+
+
+def test_ties_go_to_lower_index():
+    assert select(np.array([1.0, 2.0, 2.0, 2.0, 0.5]), 2) == [1, 2]
+    r = route(np.array([[1.0], [3.0], [3.0]]), ["a", "b", "c"], RouterConfig("norm", 1))
+    assert r.selected == [1]
+
+
+def test_all_zero_signals_give_uniform_weights():
+    w = weights_for(np.zeros(4), [2, 0, 3])
+    np.testing.assert_allclose(w, [1 / 3, 0, 1 / 3, 1 / 3])
+    r = route(np.zeros((3, 5)), ["a", "b", "c"], RouterConfig("norm", 2))
+    np.testing.assert_allclose(r.weights[r.selected], [0.5, 0.5])
+
+
+def test_non_finite_output_is_excluded_with_warning_naming_it():
+    out = np.array([[1.0, 2.0], [np.nan, 1.0], [5.0, np.inf], [0.5, 0.5]])
+    with pytest.warns(RuntimeWarning, match="'bad_nan'") as rec:
+        r = route(out, ["ok1", "bad_nan", "bad_inf", "ok2"], RouterConfig("norm", 4))
+    assert any("'bad_inf'" in str(w.message) for w in rec)
+    assert r.selected == [0, 3]
+    assert set(r.excluded) == {"bad_nan", "bad_inf"}
+    assert r.weights[1] == r.weights[2] == 0
+
+
+def test_entropy_overflow_is_finite():
+    # huge logits: softmax must not overflow
+    r = route(np.array([[1e6, 0.0, -1e6], [1.0, 1.0, 1.0]]), ["peaked", "flat"], RouterConfig("entropy", 1))
+    assert r.selected == [0] and np.isfinite(r.signals).all()
+
+
+def test_unprobeable_adapters_are_reported_not_ranked():
+    r = route(np.array([[1.0], [2.0]]), ["a", "noq", "b"], RouterConfig("norm", 3), {"noq": "no attn_q"})
+    assert r.selected == [2, 0]
+    assert np.isnan(r.signals[1]) and r.excluded["noq"] == "no attn_q"
+
+
+def test_every_adapter_unusable_is_an_error():
+    with pytest.raises(RoutingError, match="no adapter could be scored"):
+        route(np.array([[np.nan]]), ["a"], RouterConfig("norm", 1))
