@@ -119,6 +119,7 @@ def source_tree() -> Path:
         return dest
     tmp = dest.with_name(dest.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
     extract_tree(fetch_sdist(), tmp)
     tmp.rename(dest)
     return dest
@@ -136,6 +137,7 @@ def build(backend: str = "cpu", extra_flags: list[str] | None = None, force: boo
             _log(f"cached: {out}")
             return out
     t0 = time.time()
+    cache_root().mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="llama-build-", dir=cache_root()))
     try:
         tree = work / "llama.cpp"
