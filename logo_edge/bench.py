@@ -60,6 +60,18 @@ def _prompt_of(n_tokens: int, seed: int) -> str:
     return "Summarize: " + " ".join(rng.choice(words, size=max(1, n_tokens - 4)))
 
 
+def add_args(p) -> None:
+    """The `logo-edge bench` arguments (the CLI calls this)."""
+    p.add_argument("--model")
+    p.add_argument("--adapters", nargs="+")
+    p.add_argument("-k", type=int, default=3)
+    p.add_argument("--prompt-tokens", type=int, nargs="+", default=[64, 256])
+    p.add_argument("--gen-tokens", type=int, nargs="+", default=[32, 128])
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int)
+    p.add_argument("--quick", action="store_true", help="one short configuration (for tests)")
+
+
 def run_bench(args) -> int:
     from ._lib import llama_cpp
     from .engine import Engine

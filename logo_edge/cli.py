@@ -231,14 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_build)
 
     p = sub.add_parser("bench", help="speed and memory, side by side in one run")
-    p.add_argument("--model")
-    p.add_argument("--adapters", nargs="+")
-    p.add_argument("-k", type=int, default=3)
-    p.add_argument("--prompt-tokens", type=int, nargs="+", default=[64, 256])
-    p.add_argument("--gen-tokens", type=int, nargs="+", default=[32, 128])
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--threads", type=int)
-    p.add_argument("--quick", action="store_true", help="one short configuration (for tests)")
+    from .bench import add_args as add_bench_args
+
+    add_bench_args(p)
     p.set_defaults(fn=cmd_bench)
     return ap
 

