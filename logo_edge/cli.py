@@ -14,9 +14,11 @@ def _engine(args):
     from .engine import Engine, RouteConfig
 
     adapters = args.adapters if args.adapters is not None else defaults.default_pool()
-    routing = RouteConfig(signal=args.signal, k=args.k, probe_input=args.probe_input, merge=args.merge)
+    routing = RouteConfig(signal=args.signal, k=args.k, probe_input=args.probe_input, merge=args.merge,
+                          calibration=args.calibration)
     return Engine(args.model, adapters, n_ctx=args.n_ctx, n_threads=args.threads, n_gpu_layers=args.gpu_layers,
-                  target_block=args.target_block, target_module=args.target_module, routing=routing)
+                  target_block=args.target_block, target_module=args.target_module, routing=routing,
+                  max_loaded_mb=args.max_loaded_mb)
 
 
 def _adapters_choice(args):
@@ -154,7 +156,14 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--signal", default="norm", choices=["norm", "entropy"])
     p.add_argument("-k", type=int, default=3, help="adapters to mix (default 3)")
     p.add_argument("--probe-input", default="residual", choices=["residual", "normed"])
-    p.add_argument("--merge", default="mixture", choices=["mixture", "fusion"])
+    p.add_argument("--merge", default="mixture", choices=["mixture", "packed", "fusion"],
+                   help="mixture: per-adapter scales (the paper's); packed: the same sum as one adapter "
+                        "(fewer graph nodes); fusion: parameter averaging")
+    p.add_argument("--calibration", default="raw", choices=["raw", "ratio", "zscore"],
+                   help="raw: the paper's signal; ratio / zscore: relative to each adapter's signal on "
+                        "generic prompts (for pools of mixed recipes)")
+    p.add_argument("--max-loaded-mb", type=float, default=1024,
+                   help="memory budget for full adapters loaded into llama.cpp (LRU beyond it)")
     p.add_argument("--target-block", type=int, default=-1, help="block to probe (default: the last)")
     p.add_argument("--target-module", default="attn_q")
     p.add_argument("--n-ctx", type=int, default=2048)

@@ -28,7 +28,14 @@ from .record import AdapterScore, RoutingRecord, Timings
 from .router import RouterConfig, Routing, route
 
 PROBE_INPUTS = ("residual", "normed")
-MERGES = ("mixture", "fusion")
+# mixture: each selected adapter set with scale w_i (the paper's); packed: the same sum built as one
+# adapter of rank sum(r_i) with B_i scaled by w_i c_i (exact, fewer graph nodes); fusion: parameter
+# averaging A = sum w_i A_i, B = sum w_i B_i (not the same function; for comparison).
+MERGES = ("mixture", "packed", "fusion")
+# exact: the prompt is prefilled again under the mixture (SPEC §1.6). probe-cache (approximate, opt-in):
+# the probe runs in the generation context and its base-model K/V of the prompt are kept; only the last
+# prompt token is decoded again under the mixture, saving the second prefill.
+PREFILLS = ("exact", "probe-cache")
 
 
 @dataclass(frozen=True)
@@ -39,13 +46,17 @@ class RouteConfig:
     k: int = 3
     probe_input: str = "residual"
     merge: str = "mixture"
+    calibration: str = "raw"
+    prefill: str = "exact"
 
     def __post_init__(self) -> None:
-        RouterConfig(self.signal, self.k)  # validates signal and k
+        RouterConfig(self.signal, self.k, self.calibration)  # validates signal, k and calibration
         if self.probe_input not in PROBE_INPUTS:
             raise RoutingError(f"probe_input must be one of {PROBE_INPUTS}, got {self.probe_input!r}")
         if self.merge not in MERGES:
             raise RoutingError(f"merge must be one of {MERGES}, got {self.merge!r}")
+        if self.prefill not in PREFILLS:
+            raise RoutingError(f"prefill must be one of {PREFILLS}, got {self.prefill!r}")
 
 
 @dataclass(frozen=True)
@@ -64,6 +75,8 @@ class SamplingConfig:
             raise ValueError(f"temperature must be >= 0 and top_p in (0, 1] (got {self.temperature}, {self.top_p})")
 
 
+Step = tuple[str, str | None, RoutingRecord]  # (text piece, finish reason or None, record)
+
 # Which adapters to use for a request: "auto" routes; "base" uses none; a mapping name -> weight
 # or a list of names (equal weights) fixes them by hand.
 AdapterChoice = str | Mapping[str, float] | Sequence[str] | None
@@ -76,21 +89,25 @@ class Engine:
                  n_batch: int = 512, n_threads: int | None = None, n_gpu_layers: int = 0, kv_type: str = "f16",
                  flash_attn: bool | None = None,
                  target_block: int = -1, target_module: str = "attn_q", routing: RouteConfig | None = None,
-                 verbose: bool = False):
+                 max_loaded_mb: float = 1024, verbose: bool = False):
         self.model = Model(model or defaults.default_model_path(), n_gpu_layers=n_gpu_layers, verbose=verbose)
-        self.pool = AdapterPool(self.model, target_block, target_module)
-        if adapters is not None:
-            self.pool.add_many(adapters)
         self.routing = routing or RouteConfig()
         self._cfg = ContextConfig(n_ctx, n_batch, n_threads, kv_type, flash_attn)
-        self.ctx = Context(self.model, self._cfg)
         self._probe_ctx: Context | None = None
+        self.pool = AdapterPool(self.model, target_block, target_module, max_loaded_mb)
+        if self.routing.calibration != "raw":  # calibrate adapters as they enter the pool
+            self.calibrate(self.routing.probe_input)
+        if adapters is not None:
+            self.pool.add_many(adapters)
+        self.ctx = Context(self.model, self._cfg)
         self._cache: list[int] = []  # tokens whose K/V sit in self.ctx under its current mixture
-        self._fused: dict[tuple, LoraHandle] = {}
+        self._cache_approx = False  # True when those K/V came from the base model (probe-cache mode)
+        self._active: set[int] = set()  # pool indices set in self.ctx
+        self._merged: dict[tuple, LoraHandle] = {}  # packed / fused adapters built for recent mixtures
         self._tmp = tempfile.TemporaryDirectory(prefix="logo-edge-")
 
     def close(self) -> None:
-        for h in self._fused.values():
+        for h in self._merged.values():
             h.free()
         self.pool.close()
         if self._probe_ctx is not None:
@@ -145,9 +162,36 @@ class Engine:
         cap = ProbeCapture(self._probe_ctx, block, module or self.pool.target_module, probe_input)
         return cap.run(tokens)
 
+    def _probe_in_place(self, tokens: list[int], probe_input: str) -> np.ndarray:
+        """probe-cache mode: probe in the generation context and keep the base K/V of tokens[:-1]."""
+        self.ctx.set_adapters([], [])
+        cap = ProbeCapture(self.ctx, self.pool.target_block, self.pool.target_module, probe_input,
+                           stop_early=False)
+        self._cache = []
+        h = cap.run(tokens, keep_cache=True)
+        self.ctx.cache_truncate(len(tokens) - 1)  # the last token is decoded again under the mixture
+        self._cache, self._cache_approx = list(tokens[:-1]), True
+        return h
+
+    def calibrate(self, probe_input: str = "residual") -> None:
+        """Give the pool the calibration prompts' states for `probe_input` (cached on disk per model)."""
+        from .calibration import calibration_states
+
+        if probe_input in self.pool.calibrated_inputs:
+            return
+
+        def probe_prompt(text: str) -> np.ndarray:
+            prompt = self.format_chat([{"role": "user", "content": text}]) if self.model.info.chat_template \
+                else text
+            return self.probe(self.tokenize(prompt), probe_input)
+
+        states = calibration_states(self.model.path, self.pool.target_block, self.pool.target_module,
+                                    probe_input, probe_prompt)
+        self.pool.set_calibration_states(probe_input, states)
+
     def route(self, prompt: str | list[int] | list[dict], **overrides) -> RoutingRecord:
         """Route a prompt (text, tokens, or chat messages) without generating."""
-        cfg = replace(self.routing, **overrides)
+        cfg = replace(replace(self.routing, **overrides), prefill="exact")  # routing alone never prefills
         tokens = self.tokenize(self.format_chat(prompt) if _is_messages(prompt) else prompt)
         self._check_fits(tokens)
         return self._route(tokens, cfg)[1]
@@ -156,18 +200,25 @@ class Engine:
         if len(self.pool) == 0:
             raise RoutingError("the adapter pool is empty: load adapters to route among, or use adapters='base'")
         t0 = time.perf_counter()
-        h = self.probe(tokens, cfg.probe_input)
+        if cfg.prefill == "probe-cache":
+            h = self._probe_in_place(tokens, cfg.probe_input)
+        else:
+            h = self.probe(tokens, cfg.probe_input)
         t1 = time.perf_counter()
+        if cfg.calibration != "raw":
+            self.calibrate(cfg.probe_input)
         outputs = self.pool.bank.outputs(h)  # (N_probed, d_out)
-        routing = route(outputs, self.pool.names, RouterConfig(cfg.signal, cfg.k), self.pool.unprobeable)
+        stats = self.pool.stats(cfg.probe_input, cfg.signal) if cfg.calibration != "raw" else None
+        routing = route(outputs, self.pool.names, RouterConfig(cfg.signal, cfg.k, cfg.calibration),
+                        self.pool.unprobeable, stats)
         t2 = time.perf_counter()
         rank = {i: r + 1 for r, i in enumerate(routing.selected)}
-        scores = [AdapterScore(n, None if np.isnan(routing.signals[i]) else float(routing.signals[i]),
-                               float(routing.weights[i]), rank.get(i), routing.excluded.get(n))
+        scores = [AdapterScore(n, _finite(routing.signals[i]), float(routing.weights[i]), rank.get(i),
+                               routing.excluded.get(n), _finite(routing.scores[i]))
                   for i, n in enumerate(routing.names)]
-        settings = dict(signal=cfg.signal, k=cfg.k, k_used=len(routing.selected),
+        settings = dict(signal=cfg.signal, k=cfg.k, k_used=len(routing.selected), calibration=cfg.calibration,
                         target_block=self.pool.target_block, target_module=self.pool.target_module,
-                        probe_input=cfg.probe_input, merge=cfg.merge)
+                        probe_input=cfg.probe_input, merge=cfg.merge, prefill=cfg.prefill)
         rec = RoutingRecord("routed", settings, scores, Timings(probe_s=t1 - t0, route_s=t2 - t1,
                                                                prompt_tokens=len(tokens)))
         return routing, rec
@@ -196,34 +247,36 @@ class Engine:
                         target_module=self.pool.target_module)
         return idx, weights, RoutingRecord(mode, settings, scores, Timings(prompt_tokens=len(tokens)))
 
-    def _apply(self, idx: list[int], weights: list[float], merge: str) -> None:
-        if merge == "fusion" and len(idx) > 1:
-            handles, scales = [self._fuse(idx, weights)], [1.0]
+    def _apply(self, idx: list[int], weights: list[float], merge: str, keep_cache: bool = False) -> None:
+        if merge in ("packed", "fusion") and len(idx) > 1:
+            handles, scales = [self._merged_handle(idx, weights, merge)], [1.0]
+            active: set[int] = set()
         else:
-            handles, scales = [self.pool.handle(i) for i in idx], list(weights)
-        if self.ctx.set_adapters(handles, scales):
+            pinned = self._active | set(idx)  # adapters set in the context are never freed under it
+            handles, scales = [self.pool.handle(i, pinned) for i in idx], list(weights)
+            active = set(idx)
+        if self.ctx.set_adapters(handles, scales) and not keep_cache:
             self._cache = []  # never reuse K/V computed under another mixture
+        self._active = active
+        self.pool.trim(active)
 
-    def _fuse(self, idx: list[int], weights: list[float]) -> LoraHandle:
-        """Parameter averaging: A = sum w_i A_i, B = sum w_i B_i (same modules, ranks and alpha)."""
-        key = tuple(zip(idx, np.round(weights, 6)))
-        if key in self._fused:
-            return self._fused[key]
+    def _merged_handle(self, idx: list[int], weights: list[float], merge: str) -> LoraHandle:
+        """A packed or fused adapter for this mixture, built once and kept for a few mixtures."""
+        key = (merge, *zip(idx, np.round(weights, 6)))
+        if key in self._merged:
+            return self._merged[key]
         loras = [read_lora(self.pool.adapters[i].path, self.model.info) for i in idx]
-        first = loras[0]
-        for lo in loras[1:]:
-            if lo.modules != first.modules or lo.alpha != first.alpha or any(
-                    lo.pairs[m][0].shape != first.pairs[m][0].shape for m in first.modules):
-                raise AdapterError(f"fusion needs the same modules, ranks and alpha: {first.name} and "
-                                   f"{lo.name} differ; use merge='mixture'")
-        pairs = {m: (sum(w * lo.pairs[m][0] for w, lo in zip(weights, loras)),
-                     sum(w * lo.pairs[m][1] for w, lo in zip(weights, loras))) for m in first.modules}
-        path = Path(self._tmp.name) / f"fused-{len(self._fused)}.gguf"
-        write_lora(path, self.model.info.arch, first.alpha or first.pairs[first.modules[0]][0].shape[0], pairs)
-        if len(self._fused) >= 8:  # keep a few fused adapters; drop the oldest
-            self._fused.pop(next(iter(self._fused))).free()
-        self._fused[key] = self.model.load_lora(path)
-        return self._fused[key]
+        alpha, pairs = (_pack if merge == "packed" else _fuse)(loras, weights)
+        path = Path(self._tmp.name) / f"{merge}-{uuid.uuid4().hex[:8]}.gguf"
+        write_lora(path, self.model.info.arch, alpha, pairs, "f32")
+        handle = self.model.load_lora(path)
+        path.unlink()
+        current = self.ctx._adapters[0][0] if len(self.ctx._adapters) == 1 else None
+        for old in [k for k in self._merged if k != key][: max(0, len(self._merged) - 7)]:
+            if _ptr(self._merged[old]) != current:  # keep a few; never the one set in the context
+                self._merged.pop(old).free()
+        self._merged[key] = handle
+        return handle
 
     # ---- generation
 
@@ -255,22 +308,24 @@ class Engine:
         return smp
 
     def stream(self, prompt: str | list[int], adapters: AdapterChoice = "auto",
-               sampling: SamplingConfig = SamplingConfig(), **route_overrides) -> Iterator[tuple[str, str | None, RoutingRecord]]:
+               sampling: SamplingConfig = SamplingConfig(), **route_overrides) -> Iterator[Step]:
         """The step generator every API is built on: yields (text piece, finish reason or None, record)."""
         cfg = replace(self.routing, **route_overrides)
         tokens = self.tokenize(prompt)
         self._check_fits(tokens)
+        if self._cache_approx and cfg.prefill == "exact":  # never let base K/V into an exact answer
+            self._cache, self._cache_approx = [], False
         idx, weights, rec = self._plan(tokens, adapters, cfg)
         tm = rec.timings
         try:
-            self._apply(idx, weights, cfg.merge)
+            self._apply(idx, weights, cfg.merge, keep_cache=rec.settings.get("prefill") == "probe-cache")
             t0 = time.perf_counter()
             tm.cached_tokens = self._prefill(tokens)
             tm.prefill_s = time.perf_counter() - t0
             yield from self._decode(sampling, rec)
         except Exception:
             self.ctx.cache_truncate(0)  # leave the engine usable after any failure
-            self._cache = []
+            self._cache, self._cache_approx = [], False
             raise
 
     def _decode(self, s: SamplingConfig, rec: RoutingRecord) -> Iterator[tuple[str, str | None, RoutingRecord]]:
@@ -330,6 +385,42 @@ class Engine:
 
 
 # ---- helpers
+
+
+def _finite(x) -> float | None:
+    return None if x is None or not np.isfinite(x) else float(x)
+
+
+def _ptr(handle: LoraHandle) -> int | None:
+    import ctypes
+
+    return ctypes.cast(handle.ptr, ctypes.c_void_p).value
+
+
+def _pack(loras, weights) -> tuple[float, dict]:
+    """One adapter computing sum_i w_i c_i B_i A_i x on every module: A stacked, B scaled and joined.
+
+    alpha 0 makes llama.cpp apply the tensors as they are (scale = the user scale, 1)."""
+    pairs = {}
+    for m in sorted({m for lo in loras for m in lo.pairs}):
+        have = [(lo, w) for lo, w in zip(loras, weights) if m in lo.pairs]
+        a = np.concatenate([lo.pairs[m][0] for lo, _ in have], axis=0)  # (sum r, d_in)
+        b = np.concatenate([np.float32(w * lo.scale(m)) * lo.pairs[m][1] for lo, w in have], axis=1)  # (d_out, sum r)
+        pairs[m] = (a, b)
+    return 0.0, pairs
+
+
+def _fuse(loras, weights) -> tuple[float, dict]:
+    """Parameter averaging: A = sum w_i A_i, B = sum w_i B_i (same modules, ranks and alpha)."""
+    first = loras[0]
+    for lo in loras[1:]:
+        if lo.modules != first.modules or lo.alpha != first.alpha or any(
+                lo.pairs[m][0].shape != first.pairs[m][0].shape for m in first.modules):
+            raise AdapterError(f"fusion needs the same modules, ranks and alpha: {first.name} and "
+                               f"{lo.name} differ; use merge='mixture'")
+    pairs = {m: (sum(w * lo.pairs[m][0] for w, lo in zip(weights, loras)),
+                 sum(w * lo.pairs[m][1] for w, lo in zip(weights, loras))) for m in first.modules}
+    return first.alpha or first.pairs[first.modules[0]][0].shape[0], pairs
 
 
 def _is_messages(prompt) -> bool:

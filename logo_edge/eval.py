@@ -18,10 +18,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .router import RouterConfig, route
+from .errors import AdapterError
+from .router import CALIBRATIONS, RouterConfig, route
 from .tasks import POOL_TASKS, TASKS, UNSEEN_TASKS, Example, score, splits
 
 LOGO_GRID = [(s, k) for s in ("norm", "entropy") for k in (1, 3, 5)]
+SIGNAL_NAMES = ("norm", "entropy")
 
 
 @dataclass
@@ -62,6 +64,20 @@ class Evaluator:
                 self.pools[s.label] = p
         self.default = (default_signal, default_k)
         self.names = eng.pool.names
+        for s in settings:  # calibration statistics where the probe bank is the engine's pool
+            if self.pools[s.label] is eng.pool:
+                eng.calibrate(s.probe_input)
+
+    def calibrations(self, label: str) -> list[str]:
+        """Signal modes available for a probe setting (calibrated ones need the engine's pool)."""
+        return list(CALIBRATIONS) if self.pools[label] is self.eng.pool else ["raw"]
+
+    def route(self, outputs, label: str, signal: str, k: int, calibration: str = "raw"):
+        pool = self.pools[label]
+        stats = None
+        if calibration != "raw":
+            stats = pool.stats(next(s.probe_input for s in self.settings if s.label == label), signal)
+        return route(outputs, pool.names, RouterConfig(signal, k, calibration), pool.unprobeable, stats)
 
     def routing(self, tokens: list[int]) -> dict[str, np.ndarray]:
         """Adapter outputs under every probe setting, one probe each."""
@@ -83,20 +99,22 @@ class Evaluator:
         for sig, k in LOGO_GRID:
             m[f"LoGo-{sig} k={k}"] = self._mix(outputs[main], main, sig, k)
         sig, k = self.default
+        for cal in self.calibrations(main)[1:]:
+            for kk in sorted({1, k}):
+                m[f"LoGo-{sig} k={kk} [{cal}]"] = self._mix(outputs[main], main, sig, kk, cal)
         for s in self.settings[1:]:
             m[f"LoGo-{sig} k={k} [{s.label}]"] = self._mix(outputs[s.label], s.label, sig, k)
         return m
 
-    def _mix(self, outputs, label, signal, k) -> dict[str, float]:
-        pool = self.pools[label]
-        r = route(outputs, pool.names, RouterConfig(signal, k), pool.unprobeable)
-        return {pool.names[i]: w for i, w in r.mixture()}
+    def _mix(self, outputs, label, signal, k, calibration="raw") -> dict[str, float]:
+        r = self.route(outputs, label, signal, k, calibration)
+        return {self.pools[label].names[i]: w for i, w in r.mixture()}
 
-    def generate(self, ex: Example, mixture, merge: str = "mixture") -> tuple[str, float]:
+    def generate(self, ex: Example, mixture, merge: str = "mixture", **route) -> tuple[str, float]:
         task = TASKS[ex.task]
         t0 = time.perf_counter()
         out = self.eng.create_chat_completion([{"role": "user", "content": ex.prompt}], adapters=mixture,
-                                              max_tokens=task.max_tokens, merge=merge)
+                                              max_tokens=task.max_tokens, merge=merge, **route)
         return out["choices"][0]["message"]["content"], time.perf_counter() - t0
 
 
@@ -125,22 +143,32 @@ def run_eval(eng, n_per_task: int, out_dir: Path, quick: bool = False, tasks: li
         probe_s = (time.perf_counter() - tp) / len(settings)
         for s in settings:
             pool = ev.pools[s.label]
-            for sig in ("norm", "entropy"):
-                r = route(outputs[s.label], pool.names, RouterConfig(sig, len(pool.names)), pool.unprobeable)
-                st.signals.setdefault((f"{sig}, {s.label}", task.name), []).append(r.signals)
-                if in_pool:
-                    own = pool.names.index(task.name)
-                    rank = r.selected.index(own) if own in r.selected else len(pool.names)
-                    st.hits.setdefault((sig, s.label, task.name), []).append((rank == 0, rank < 3))
-        if quick:
-            continue
+            for sig in SIGNAL_NAMES:
+                for cal in ev.calibrations(s.label):
+                    r = ev.route(outputs[s.label], s.label, sig, len(pool.names), cal)
+                    if cal == "raw":
+                        st.signals.setdefault((f"{sig}, {s.label}", task.name), []).append(r.signals)
+                    if in_pool:
+                        own = pool.names.index(task.name)
+                        rank = r.selected.index(own) if own in r.selected else len(pool.names)
+                        st.hits.setdefault((f"{sig} [{cal}]", s.label, task.name), []).append((rank == 0, rank < 3))
         done: dict[tuple, tuple[str, float]] = {}
-        for method, mix in ev.methods(ex, outputs, rng, in_pool).items():
+        methods = ev.methods(ex, outputs, rng, in_pool)
+        if quick:  # the pipeline end to end on a few methods
+            methods = {m: v for m, v in methods.items() if m in ("base", "oracle", "LoGo-norm k=3")}
+        if not quick:  # the approximate mode: the probe's base K/V kept for the prompt
+            sig, k = ev.default
+            methods[f"LoGo-{sig} k={k} [probe-cache]"] = methods[f"LoGo-{sig} k={k}"]
+        for method, mix in methods.items():
             key = ("base",) if mix == "base" else tuple(sorted((a, round(w, 6)) for a, w in mix.items()))
+            if method.endswith("[probe-cache]"):
+                key = ("probe-cache",)
+                done[key] = ev.generate(ex, "auto", signal=sig, k=k, prefill="probe-cache",
+                                       probe_input=settings[0].probe_input, calibration="raw")
             if key not in done:
                 done[key] = ev.generate(ex, mix)
             pred, secs = done[key]
-            routed = method.startswith("LoGo")
+            routed = method.startswith("LoGo") and not method.endswith("[probe-cache]")  # that one timed whole
             st.rows.append(dict(idx=i, task=task.name, group="in-pool" if in_pool else "unseen", method=method,
                                 score=score(task, pred, ex.refs), seconds=secs + (probe_s if routed else 0.0),
                                 adapters=";".join(f"{a}:{w:.3f}" for a, w in mix.items()) if mix != "base" else "",
@@ -165,7 +193,11 @@ def _fusion_pass(ev, st: EvalState, data) -> None:
     for r in [r for r in st.rows if r["method"] == best]:
         mix = {a.split(":")[0]: float(a.split(":")[1]) for a in r["adapters"].split(";")}
         task, ex = data[r["idx"]]
-        pred, secs = ev.generate(ex, mix, merge="fusion")
+        try:
+            pred, secs = ev.generate(ex, mix, merge="fusion")
+        except AdapterError as e:  # pools of mixed recipes cannot be averaged
+            print(f"[eval] fusion skipped: {e}", file=sys.stderr)
+            return
         st.rows.append({**r, "method": f"{best} (fusion)", "score": score(task, pred, ex.refs),
                         "seconds": secs, "pred": pred.strip()[:200]})
 
@@ -210,8 +242,8 @@ def _write(st: EvalState, out: Path, ev, chosen, n, elapsed, quick) -> dict:
                                   for m in ms}
     if st.hits:
         md.append("## In-pool routing hit rate (own adapter ranked first / within top 3)\n")
-        md.append("| signal | probe | top-1 | top-3 |\n|---|---|---|---|")
-        for sig in ("norm", "entropy"):
+        md.append("| signal [calibration] | probe | top-1 | top-3 |\n|---|---|---|---|")
+        for sig in dict.fromkeys(g for g, _, _ in st.hits):
             for s in ev.settings:
                 v = [h for (g, lab, _), hs in st.hits.items() if g == sig and lab == s.label for h in hs]
                 if v:

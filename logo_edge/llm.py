@@ -264,17 +264,23 @@ class ProbeCapture:
         self.h = h
         return not self.stop_early
 
-    def run(self, tokens: list[int]) -> np.ndarray:
-        """Prefill `tokens` in the probe context, return h (n_embd,); the probe's cache is removed after."""
+    def run(self, tokens: list[int], keep_cache: bool = False) -> np.ndarray:
+        """Prefill `tokens` in the context, return h (n_embd,). The cache is removed after unless
+        `keep_cache` (then the whole graph must run: construct with stop_early=False)."""
+        if keep_cache and self.stop_early:
+            raise ValueError("keep_cache needs stop_early=False: an early stop leaves the cache incomplete")
         self.h = None
         ctx = self.ctx
         _lib.llama_set_eval_callback(ctx.ptr, self._cb, None)
+        ok = False
         try:
             ctx.cache_truncate(0)
             ctx.decode(tokens, 0, what="probe")
+            ok = True
         finally:
             _lib.llama_set_eval_callback(ctx.ptr, _lib.EvalCallback(), None)
-            ctx.cache_truncate(0)
+            if not (keep_cache and ok):
+                ctx.cache_truncate(0)
         if self.h is None:
             raise RuntimeError(f"the probe did not see tensor {self.target.decode()} (or it was not f32)")
         return self.h

@@ -1,18 +1,22 @@
-"""The adapter pool: validated GGUF LoRAs, their probe bank, and their llama.cpp handles.
+"""The adapter pool: validated GGUF LoRAs, their probe bank, calibration and llama.cpp handles.
 
-Only the target module's A/B of each adapter stay in memory (the probe bank);
-the full adapter is loaded into llama.cpp when a mixture first needs it.
+Only the target module's A/B of each adapter stay in memory (the probe bank) with its
+calibration statistics; the full adapter is loaded into llama.cpp when a mixture needs it and
+kept in an LRU under a memory budget, so memory does not grow with the pool.
 """
 
 from __future__ import annotations
 
+import time
 import warnings
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
 import numpy as np
 
+from .calibration import Stats, adapter_stats
 from .errors import AdapterError
 from .gguf_files import read_lora
 from .llm import PROBE_INPUTS, LoraHandle, Model
@@ -30,6 +34,9 @@ class PoolAdapter:
     probe: tuple[np.ndarray, np.ndarray, float] | None = field(repr=False)
     unprobeable_reason: str | None = None
     handle: LoraHandle | None = field(default=None, repr=False)
+    nbytes: int = 0  # size of the full adapter's tensors (what loading it into llama.cpp costs)
+    stats: dict[str, Stats] = field(default_factory=dict, repr=False)  # probe input -> signal stats
+    calibrate_s: float = 0.0  # time spent computing `stats` (the matrix products)
 
     @property
     def rank(self) -> int | None:
@@ -39,7 +46,8 @@ class PoolAdapter:
 class AdapterPool:
     """Adapters checked against one base model, probed at one target block and module."""
 
-    def __init__(self, model: Model, target_block: int = -1, target_module: str = "attn_q"):
+    def __init__(self, model: Model, target_block: int = -1, target_module: str = "attn_q",
+                 max_loaded_mb: float = 1024):
         if target_module not in PROBE_INPUTS:
             raise AdapterError(f"target module {target_module!r} cannot be probed; choose one of "
                                f"{sorted(PROBE_INPUTS)}")
@@ -53,6 +61,9 @@ class AdapterPool:
         self.target_tensor = f"blk.{block}.{target_module}.weight"
         self.adapters: list[PoolAdapter] = []
         self._bank: ProbeBank | None = None
+        self._states: dict[str, np.ndarray] = {}  # probe input -> calibration states (n_prompts, d_in)
+        self.max_loaded_bytes = int(max_loaded_mb * 2**20)
+        self._loaded: OrderedDict[int, None] = OrderedDict()  # indices with a llama.cpp handle, LRU first
 
     # ---- loading
 
@@ -71,7 +82,10 @@ class AdapterPool:
             reason = f"no LoRA on {self.target_tensor} (the probe target); it has {len(lora.pairs)} other tensors"
             warnings.warn(f"adapter {name!r} ({lora.path.name}) cannot be probed: {reason}; it will not be "
                           "routed to, but can still be used by name", UserWarning, stacklevel=2)
-        adapter = PoolAdapter(name, lora.path, lora.modules, lora.alpha, probe, reason)
+        adapter = PoolAdapter(name, lora.path, lora.modules, lora.alpha, probe, reason,
+                              nbytes=lora.path.stat().st_size)
+        for probe_input, states in self._states.items():
+            self._calibrate(adapter, probe_input, states)
         self.adapters.append(adapter)
         self._bank = None
         return adapter
@@ -114,17 +128,68 @@ class AdapterPool:
             self._bank = ProbeBank([a.probe for a in self.adapters if a.probe is not None])
         return self._bank
 
-    # ---- llama.cpp handles
+    # ---- calibration
 
-    def handle(self, i: int) -> LoraHandle:
-        """The adapter's llama.cpp handle, loading the full adapter on first use."""
+    @property
+    def calibrated_inputs(self) -> list[str]:
+        return list(self._states)
+
+    def set_calibration_states(self, probe_input: str, states: np.ndarray) -> None:
+        """Give the pool the calibration prompts' states for a probe input; every adapter is calibrated."""
+        self._states[probe_input] = np.asarray(states, np.float32)
+        for a in self.adapters:
+            self._calibrate(a, probe_input, self._states[probe_input])
+
+    @staticmethod
+    def _calibrate(adapter: PoolAdapter, probe_input: str, states: np.ndarray) -> None:
+        if adapter.probe is None:
+            return
+        t0 = time.perf_counter()
+        adapter.stats[probe_input] = adapter_stats(*adapter.probe, states)
+        adapter.calibrate_s = time.perf_counter() - t0
+
+    def stats(self, probe_input: str, signal: str) -> tuple[np.ndarray, np.ndarray]:
+        """(mean, sd) of `signal` per probe-bank row; AdapterError if the pool is not calibrated."""
+        if probe_input not in self._states:
+            raise AdapterError(f"the pool has no calibration for probe input {probe_input!r}")
+        rows = [a.stats[probe_input][signal] for a in self.adapters if a.probe is not None]
+        mean, sd = np.array(rows, np.float64).T
+        return mean, sd
+
+    # ---- llama.cpp handles, in an LRU under a memory budget
+
+    def handle(self, i: int, pinned: set[int] = frozenset()) -> LoraHandle:
+        """The adapter's llama.cpp handle, loading the full adapter on first use.
+
+        Loading may evict least recently used adapters over the budget, never `pinned` ones
+        (those set in a context) nor `i` itself.
+        """
         a = self.adapters[i]
         if a.handle is None:
             a.handle = self.model.load_lora(a.path)
+        self._loaded[i] = None
+        self._loaded.move_to_end(i)
+        self.trim(pinned | {i})
         return a.handle
+
+    @property
+    def loaded_bytes(self) -> int:
+        return sum(self.adapters[i].nbytes for i in self._loaded)
+
+    def trim(self, pinned: set[int] = frozenset()) -> None:
+        """Free least recently used adapters until the loaded ones fit the budget (pinned ones stay)."""
+        for i in list(self._loaded):
+            if self.loaded_bytes <= self.max_loaded_bytes:
+                break
+            if i in pinned:
+                continue
+            self.adapters[i].handle.free()
+            self.adapters[i].handle = None
+            del self._loaded[i]
 
     def close(self) -> None:
         for a in self.adapters:
             if a.handle is not None:
                 a.handle.free()
                 a.handle = None
+        self._loaded.clear()

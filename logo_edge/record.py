@@ -14,6 +14,7 @@ class AdapterScore:
     weight: float  # 0 when not selected
     rank: int | None = None  # position in the selection, 1 = best; None if not selected
     note: str | None = None
+    score: float | None = None  # the calibrated score the selection used (the raw signal when uncalibrated)
 
 
 @dataclass
@@ -57,8 +58,16 @@ class RoutingRecord:
         """Every adapter's signal and weight, selected first, for the CLI."""
         rows = self.selected + [a for a in self.adapters if a.rank is None]
         width = max([len(a.name) for a in rows] + [7])
-        out = [f"{'adapter':<{width}}  {'signal':>10}  {'weight':>6}  note"]
+        calibrated = self.settings.get("calibration", "raw") != "raw"
+        head = f"{'adapter':<{width}}  {'raw signal':>10}"
+        head += f"  {self.settings['calibration']:>10}" if calibrated else ""
+        out = [head + f"  {'weight':>6}  note"]
         for a in rows:
-            sig = "-" if a.signal is None or not np.isfinite(a.signal) else f"{a.signal:10.4g}"
-            out.append(f"{a.name:<{width}}  {sig:>10}  {a.weight:6.3f}  {a.note or ''}".rstrip())
+            line = f"{a.name:<{width}}  {_num(a.signal):>10}"
+            line += f"  {_num(a.score):>10}" if calibrated else ""
+            out.append(f"{line}  {a.weight:6.3f}  {a.note or ''}".rstrip())
         return "\n".join(out)
+
+
+def _num(x: float | None) -> str:
+    return "-" if x is None or not np.isfinite(x) else f"{x:10.4g}"

@@ -78,18 +78,55 @@ SIGNALS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
 }
 
 
+# ---- calibration: raw signal -> comparable score, and the positive weight of each selected score.
+# `mean`/`sd` are each adapter's signal statistics over generic calibration prompts (logo_edge.calibration).
+
+
+def _raw(s, mean, sd):
+    return s
+
+
+def _ratio(s, mean, sd):
+    return s / mean  # "how much more than usual"; positive, so it also weights
+
+
+def _zscore(s, mean, sd):
+    return (s - mean) / sd
+
+
+def _proportional(scores: np.ndarray) -> np.ndarray:
+    total = scores.sum()
+    return scores / total if total > 0 else np.full(len(scores), 1.0 / len(scores))
+
+
+def _softmax(scores: np.ndarray) -> np.ndarray:
+    e = np.exp(scores - scores.max())
+    return e / e.sum()
+
+
+# mode -> (score from raw signal and stats, weights of the selected scores)
+CALIBRATIONS: dict[str, tuple[Callable, Callable[[np.ndarray], np.ndarray]]] = {
+    "raw": (_raw, _proportional),  # the paper's, exactly
+    "ratio": (_ratio, _proportional),
+    "zscore": (_zscore, _softmax),  # z can be negative: weights are a softmax over the selected
+}
+
+
 @dataclass(frozen=True)
 class RouterConfig:
-    """How to rank and weight adapters: the signal and how many to keep."""
+    """How to rank and weight adapters: the signal, how many to keep, and how signals are calibrated."""
 
     signal: str = "norm"
     k: int = 3
+    calibration: str = "raw"
 
     def __post_init__(self) -> None:
         if self.signal not in SIGNALS:
             raise RoutingError(f"unknown signal {self.signal!r}: choose one of {sorted(SIGNALS)}")
         if not isinstance(self.k, (int, np.integer)) or isinstance(self.k, bool) or self.k < 1:
             raise RoutingError(f"k must be an integer >= 1, got {self.k!r}")
+        if self.calibration not in CALIBRATIONS:
+            raise RoutingError(f"unknown calibration {self.calibration!r}: choose one of {list(CALIBRATIONS)}")
 
 
 @dataclass
@@ -97,10 +134,11 @@ class Routing:
     """Result of routing one request: a signal and a weight per pool adapter (weight 0 if not selected)."""
 
     names: list[str]
-    signals: np.ndarray  # (N,) nan where the adapter could not be scored
+    signals: np.ndarray  # (N,) raw signal; nan where the adapter could not be scored
     weights: np.ndarray  # (N,) sums to 1 over `selected`
     selected: list[int]  # pool indices, best first
     excluded: dict[str, str] = field(default_factory=dict)  # name -> why it was not ranked
+    scores: np.ndarray | None = None  # (N,) calibrated score the selection used (= signals when raw)
 
     def mixture(self) -> list[tuple[int, float]]:
         """(pool index, weight) of the selected adapters, best first."""
@@ -115,44 +153,50 @@ def select(signals: np.ndarray, k: int, eligible: np.ndarray | None = None) -> l
     return [int(i) for i in order[: min(k, len(order))]]
 
 
-def weights_for(signals: np.ndarray, selected: list[int]) -> np.ndarray:
-    """w_i = s_i / sum_S s_j on the selected set; uniform if every selected signal is 0."""
+def weights_for(signals: np.ndarray, selected: list[int], rule=_proportional) -> np.ndarray:
+    """w_i = s_i / sum_S s_j on the selected set (uniform if every selected signal is 0), or `rule`'s."""
     w = np.zeros(len(signals), np.float64)
-    if not selected:
-        return w
-    s = np.asarray(signals, np.float64)[selected]
-    total = s.sum()
-    w[selected] = s / total if total > 0 else 1.0 / len(selected)
+    if selected:
+        w[selected] = rule(np.asarray(signals, np.float64)[selected])
     return w
 
 
 def route(outputs: np.ndarray, names: Sequence[str], config: RouterConfig,
-          unprobeable: dict[str, str] | None = None) -> Routing:
+          unprobeable: dict[str, str] | None = None,
+          stats: tuple[np.ndarray, np.ndarray] | None = None) -> Routing:
     """Rank adapters by the configured signal on their outputs (N, d_out) and weight the top-k.
 
     Adapters named in `unprobeable` (name -> reason) have no output row; their signal is nan.
-    Non-finite outputs or signals exclude that adapter with a warning naming it.
+    Non-finite outputs or scores exclude that adapter with a warning naming it. Calibrated modes
+    need `stats`: (mean, sd) of the configured signal per output row, over the calibration prompts.
     """
     unprobeable = dict(unprobeable or {})
     names = list(names)
     probed = [n for n in names if n not in unprobeable]
     if len(probed) != len(outputs):
         raise RoutingError(f"{len(outputs)} output rows for {len(probed)} probeable adapters")
-    signals = np.full(len(names), np.nan)
+    to_score, rule = CALIBRATIONS[config.calibration]
+    if config.calibration != "raw" and (stats is None or len(stats[0]) != len(outputs)):
+        raise RoutingError(f"calibration {config.calibration!r} needs the adapters' calibration statistics")
     rows = [i for i, n in enumerate(names) if n not in unprobeable]
+    signals = np.full(len(names), np.nan)
+    scores = np.full(len(names), np.nan)
     with np.errstate(all="ignore"):
-        signals[rows] = SIGNALS[config.signal](np.asarray(outputs, np.float64))
+        raw = SIGNALS[config.signal](np.asarray(outputs, np.float64))  # (N_probed,)
+        mean, sd = stats if stats is not None else (np.ones(len(raw)), np.ones(len(raw)))
+        signals[rows] = raw
+        scores[rows] = to_score(raw, np.asarray(mean, np.float64), np.asarray(sd, np.float64))
     excluded = dict(unprobeable)
     eligible = np.zeros(len(names), bool)
     for j, i in enumerate(rows):
-        if not np.all(np.isfinite(outputs[j])) or not np.isfinite(signals[i]):
+        if not np.all(np.isfinite(outputs[j])) or not np.isfinite(signals[i]) or not np.isfinite(scores[i]):
             excluded[names[i]] = "non-finite adapter output or signal"
             warnings.warn(f"adapter {names[i]!r}: non-finite output or signal, excluded from routing",
                           RuntimeWarning, stacklevel=2)
-            signals[i] = np.nan
+            signals[i] = scores[i] = np.nan
         else:
             eligible[i] = True
     if not eligible.any():
         raise RoutingError("no adapter could be scored: " + "; ".join(f"{k}: {v}" for k, v in excluded.items()))
-    selected = select(signals, config.k, eligible)
-    return Routing(names, signals, weights_for(signals, selected), selected, excluded)
+    selected = select(scores, config.k, eligible)
+    return Routing(names, signals, weights_for(scores, selected, rule), selected, excluded, scores)

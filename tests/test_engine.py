@@ -5,7 +5,7 @@ import shutil
 import numpy as np
 import pytest
 
-from logo_edge.engine import Engine, SamplingConfig
+from logo_edge.engine import Engine
 from logo_edge.errors import AdapterError, ContextOverflowError, ModelLoadError, RoutingError
 from logo_edge.gguf_files import BaseInfo, read_lora, write_lora
 
@@ -96,7 +96,8 @@ def test_record_has_every_adapter_settings_and_timings(tiny_engine):
     assert [a["name"] for a in rec["adapters"]] == tiny_engine.pool.names
     assert sum(a["weight"] for a in rec["adapters"]) == pytest.approx(1.0)
     assert sum(a["rank"] is not None for a in rec["adapters"]) == 2
-    assert rec["settings"] == dict(signal="norm", k=2, k_used=2, target_block=3, target_module="attn_q",
+    assert rec["settings"] == dict(signal="norm", k=2, k_used=2, calibration="raw", target_block=3,
+                                   target_module="attn_q",
                                    probe_input="residual", merge="mixture")
     t = rec["timings"]
     assert t["probe_s"] > 0 and t["prefill_s"] > 0 and t["decode_s"] > 0 and t["prompt_tokens"] > 5
@@ -187,3 +188,25 @@ def test_directory_and_name_from_metadata(tiny, tmp_path):
     shutil.copy(tiny / "gguf" / "qv_r8.gguf", tmp_path / "renamed-file.gguf")
     with Engine(tiny / "tiny-f32.gguf", tmp_path, n_ctx=128) as eng:
         assert eng.pool.names == ["qv_r8"]  # general.name wins over the file stem
+
+
+def test_loaded_adapters_stay_within_the_budget_and_never_under_the_context(tiny):
+    sizes = {p.stem: p.stat().st_size for p in (tiny / "gguf").glob("*.gguf")}
+    budget_mb = 1.5 * max(sizes.values()) / 2**20  # room for about one adapter
+    with pytest.warns(UserWarning, match="v_only"):
+        eng = Engine(tiny / "tiny-f32.gguf", tiny / "gguf", n_ctx=256, kv_type="f32", flash_attn=False,
+                     max_loaded_mb=budget_mb)
+    with pytest.warns(UserWarning, match="v_only"):
+        ref = Engine(tiny / "tiny-f32.gguf", tiny / "gguf", n_ctx=256, kv_type="f32", flash_attn=False)
+    try:
+        for mix in ({"qv_r8": 1.0}, {"all7_r4": 0.5, "rs_r16": 0.5}, {"qkd_r2": 1.0}, {"qv_r8": 0.3, "qkd_r2": 0.7}):
+            got = eng.create_completion("Budget check", adapters=mix, max_tokens=8)["choices"][0]["text"]
+            want = ref.create_completion("Budget check", adapters=mix, max_tokens=8)["choices"][0]["text"]
+            assert got == want
+            loaded = {eng.pool.adapters[i].name for i in eng.pool._loaded}
+            assert set(mix) <= loaded  # the adapters set in the context stay loaded, even over budget
+            assert eng.pool.loaded_bytes <= max(eng.pool.max_loaded_bytes, sum(sizes[n] for n in mix))
+        assert eng.pool.adapters[eng.pool.index("all7_r4")].handle is None  # evicted once unused
+    finally:
+        eng.close()
+        ref.close()

@@ -124,7 +124,7 @@ def test_routed_greedy_generation_matches_peft(tiny, tiny_engine, signal):
     assert out["choices"][0]["text"] == tiny_engine.model.detokenize(ref)
 
 
-def _engine_tokens(eng, prompt, weights, n):
+def _engine_tokens(eng, prompt, weights, n, merge="mixture"):
     """Greedy token ids from the engine under a fixed mixture (ids, not text, to avoid re-tokenizing)."""
     from logo_edge.engine import SamplingConfig
 
@@ -137,19 +137,33 @@ def _engine_tokens(eng, prompt, weights, n):
 
     eng.model.token_bytes = spy
     try:
-        for _ in eng.stream(prompt, weights, SamplingConfig(max_tokens=n)):
+        for _ in eng.stream(prompt, weights, SamplingConfig(max_tokens=n), merge=merge):
             pass
     finally:
         del eng.model.token_bytes
     return toks
 
 
-def test_manual_mixture_all_modules_matches_peft(tiny, tiny_engine):
-    # every adapter, including the unprobeable one and the rsLoRA / alpha_pattern ones
+@pytest.mark.parametrize("merge", ["mixture", "packed"])
+def test_manual_mixture_all_modules_matches_peft(tiny, tiny_engine, merge):
+    # every adapter, including the unprobeable one and the rsLoRA / alpha_pattern ones; "packed" builds
+    # them as one adapter of rank 4+16+8+8 with B scaled by w_i c_i and must give the same tokens
     weights = {"all7_r4": 0.5, "rs_r16": 0.3, "pattern_r8": 0.15, "v_only": 0.05}
     prompt = "In 1492 Columbus sailed"
     ref = greedy(peft_mixture_model(tiny, weights), tiny_engine.tokenize(prompt), 16)
-    assert _engine_tokens(tiny_engine, prompt, weights, 16) == ref
+    assert _engine_tokens(tiny_engine, prompt, weights, 16, merge) == ref
+
+
+def test_packed_logits_equal_mixture_logits(tiny, tiny_engine):
+    from logo_edge.engine import SamplingConfig
+
+    weights = {"qv_r8": 0.6, "qkd_r2": 0.25, "rs_r16": 0.15}
+    toks = tiny_engine.tokenize("Packed or not, the same function")
+    logits = {}
+    for merge in ("mixture", "packed"):
+        list(tiny_engine.stream(toks, weights, SamplingConfig(max_tokens=1), merge=merge))
+        logits[merge] = tiny_engine.ctx.logits()
+    np.testing.assert_allclose(logits["packed"], logits["mixture"], rtol=1e-4, atol=1e-4)
 
 
 def test_single_adapter_weight_one_equals_plain_lora(tiny, tiny_engine):
@@ -179,3 +193,28 @@ def test_zero_b_adapter_gives_base_logits_exactly(tiny, tmp_path):
         eng._cache = []
         list(eng.stream(toks, {"zero": 1.0}, SamplingConfig(max_tokens=1)))
         np.testing.assert_array_equal(eng.ctx.logits(), base_logits)
+
+
+def test_probe_cache_mode_equals_peft_with_a_base_prompt_cache(tiny, tiny_engine):
+    """The approximate mode's exact meaning: prompt K/V from the base model (the probe's), the last prompt
+    token and every generated token under the mixture. PEFT reproduces that with past_key_values."""
+    prompt = "A different way to answer quickly"
+    out = tiny_engine.create_completion(prompt, max_tokens=12, k=3, prefill="probe-cache")
+    rec = out["routing"]
+    assert rec["settings"]["prefill"] == "probe-cache" and rec["timings"]["cached_tokens"] > 0
+    weights = {a["name"]: a["weight"] for a in rec["adapters"] if a["rank"] is not None}
+    tokens = tiny_engine.tokenize(prompt)
+    model = peft_mixture_model(tiny, weights)
+    with torch.no_grad():
+        with model.disable_adapter():
+            past = model(torch.tensor([tokens[:-1]]), use_cache=True).past_key_values
+        ids, nxt = [], tokens[-1]
+        for _ in range(12):
+            o = model(torch.tensor([[nxt]]), past_key_values=past, use_cache=True)
+            past, nxt = o.past_key_values, int(torch.argmax(o.logits[0, -1]))
+            ids.append(nxt)
+    assert out["choices"][0]["text"] == tiny_engine.model.detokenize(ids)
+    # an exact request right after never reuses the base-model K/V
+    exact = tiny_engine.create_completion(prompt, max_tokens=12, adapters=weights)
+    assert exact["routing"]["timings"]["cached_tokens"] == 0
+    assert exact["choices"][0]["text"] == tiny_engine.model.detokenize(greedy(model, tokens, 12))

@@ -1,0 +1,123 @@
+"""Calibrated signals (ratio, zscore): statistics against plain loops and a PyTorch reference, the
+disk cache of calibration states, and the property that motivates them (invariance to update size)."""
+
+import math
+
+import numpy as np
+import pytest
+
+from logo_edge.calibration import adapter_stats, calibration_prompts
+from logo_edge.errors import RoutingError
+from logo_edge.router import RouterConfig, route
+
+
+def loop_norm(o):
+    return math.sqrt(sum(float(x) ** 2 for x in o))
+
+
+def test_adapter_stats_equal_a_plain_loop():
+    rng = np.random.default_rng(0)
+    a, b, c = rng.normal(size=(4, 6)), rng.normal(size=(5, 4)), 0.7
+    states = rng.normal(size=(9, 6))
+    stats = adapter_stats(a, b, c, states)
+    sig = [loop_norm(c * (b @ (a @ h))) for h in states]
+    mean = sum(sig) / len(sig)
+    sd = math.sqrt(sum((s - mean) ** 2 for s in sig) / len(sig))
+    assert stats["norm"] == pytest.approx((mean, sd), rel=1e-9)
+    assert set(stats) == {"norm", "entropy"} and stats["entropy"][0] > 0
+
+
+@pytest.mark.parametrize("mode", ["ratio", "zscore"])
+def test_calibrated_routing_equals_a_plain_loop(mode):
+    rng = np.random.default_rng(1)
+    outputs = rng.normal(size=(6, 8)) * rng.uniform(0.1, 10, size=(6, 1))
+    mean, sd = rng.uniform(0.5, 5, 6), rng.uniform(0.1, 2, 6)
+    r = route(outputs, list("abcdef"), RouterConfig("norm", 3, mode), stats=(mean, sd))
+    s = [loop_norm(o) for o in outputs]
+    score = [s[i] / mean[i] if mode == "ratio" else (s[i] - mean[i]) / sd[i] for i in range(6)]
+    top = sorted(range(6), key=lambda i: (-score[i], i))[:3]
+    assert r.selected == top
+    np.testing.assert_allclose(r.signals, s)  # the raw signal is still reported
+    np.testing.assert_allclose(r.scores, score)
+    if mode == "ratio":
+        want = [score[i] / sum(score[j] for j in top) for i in top]
+    else:
+        e = [math.exp(score[i] - max(score[j] for j in top)) for i in top]
+        want = [x / sum(e) for x in e]
+    np.testing.assert_allclose(r.weights[top], want)
+    assert r.weights.sum() == pytest.approx(1.0) and (r.weights >= 0).all()
+
+
+def test_calibrated_mode_without_statistics_is_an_error():
+    with pytest.raises(RoutingError, match="needs the adapters' calibration statistics"):
+        route(np.ones((2, 3)), ["a", "b"], RouterConfig("norm", 1, "ratio"))
+    with pytest.raises(RoutingError, match="unknown calibration 'minmax'"):
+        RouterConfig("norm", 1, "minmax")
+
+
+def test_calibrated_scores_ignore_update_size():
+    """An adapter scaled by 10 has 10x the raw signal; its calibrated scores are unchanged."""
+    rng = np.random.default_rng(2)
+    a, b = rng.normal(size=(4, 6)), rng.normal(size=(5, 4))
+    states, h = rng.normal(size=(20, 6)), rng.normal(size=6)
+    outputs = np.stack([b @ (a @ h), 10 * b @ (a @ h)])
+    st = [adapter_stats(a, b, c, states)["norm"] for c in (1.0, 10.0)]
+    mean, sd = np.array(st).T
+    raw = route(outputs, ["small", "big"], RouterConfig("norm", 1))
+    assert raw.selected == [1]
+    for mode in ("ratio", "zscore"):
+        r = route(outputs, ["small", "big"], RouterConfig("norm", 2, mode), stats=(mean, sd))
+        assert r.scores[0] == pytest.approx(r.scores[1], rel=1e-9)
+
+
+def test_calibration_prompts_are_generic_and_many():
+    prompts = calibration_prompts()
+    assert 30 <= len(prompts) <= 80 and len(set(prompts)) == len(prompts)
+
+
+@pytest.mark.slow
+def test_engine_calibration_matches_pytorch(tiny, hf_tiny, monkeypatch, tmp_path):
+    """Statistics from the cached llama.cpp states equal transformers hidden states + PEFT A/B."""
+    from logo_edge.engine import Engine, RouteConfig
+    from test_reference import peft_probe_mats, reference_h
+    from tiny import ADAPTERS, N_LAYER
+
+    monkeypatch.setenv("LOGO_EDGE_CACHE", str(tmp_path))  # a fresh states cache
+    with pytest.warns(UserWarning, match="v_only"):
+        eng = Engine(tiny / "tiny-f32.gguf", tiny / "gguf", n_ctx=256, kv_type="f32", flash_attn=False,
+                     routing=RouteConfig(calibration="ratio", probe_input="normed"))
+    try:
+        assert eng.pool.calibrated_inputs == ["normed"]
+        toks = [eng.tokenize(eng.format_chat([{"role": "user", "content": p}])) for p in calibration_prompts()]
+        hs = [reference_h(hf_tiny, t, N_LAYER - 1, "normed") for t in toks]
+        for name in ADAPTERS:
+            a, b, c = peft_probe_mats(tiny, name, N_LAYER - 1)
+            sig = np.array([np.linalg.norm(c * (b @ (a @ h))) for h in hs])
+            got = eng.pool.adapters[eng.pool.index(name)].stats["normed"]["norm"]
+            assert got == pytest.approx((sig.mean(), sig.std()), rel=1e-4), name
+        rec = eng.route("What is the capital of Peru?")
+        assert rec.settings["calibration"] == "ratio"
+        for s in rec.adapters:
+            if s.signal is not None:
+                mean = eng.pool.adapters[eng.pool.index(s.name)].stats["normed"]["norm"][0]
+                assert s.score == pytest.approx(s.signal / mean, rel=1e-9)
+        # a second engine reads the cached states instead of probing again
+        files = list((tmp_path / "calibration").glob("*.npy"))
+        assert len(files) == 1
+        monkeypatch.setattr(Engine, "probe", lambda *a, **k: (_ for _ in ()).throw(AssertionError("probed")))
+        with pytest.warns(UserWarning, match="v_only"):
+            eng2 = Engine(tiny / "tiny-f32.gguf", tiny / "gguf", n_ctx=256,
+                          routing=RouteConfig(calibration="zscore", probe_input="normed"))
+        assert eng2.pool.adapters[0].stats == eng.pool.adapters[0].stats
+        eng2.close()
+        files[0].write_bytes(b"not a numpy file")  # a corrupt cache is recomputed, not trusted
+        monkeypatch.undo()
+        monkeypatch.setenv("LOGO_EDGE_CACHE", str(tmp_path))
+        with pytest.warns(UserWarning, match="v_only"):
+            eng3 = Engine(tiny / "tiny-f32.gguf", tiny / "gguf", n_ctx=256, kv_type="f32", flash_attn=False,
+                          routing=RouteConfig(calibration="zscore", probe_input="normed"))
+        assert eng3.pool.adapters[0].stats["normed"]["norm"] == pytest.approx(
+            eng.pool.adapters[0].stats["normed"]["norm"], rel=1e-4)
+        eng3.close()
+    finally:
+        eng.close()
