@@ -144,7 +144,7 @@ def cmd_eval(args) -> int:
     from .eval import run_eval
 
     with _engine(args) as eng:
-        summary = run_eval(eng, args.n, Path(args.out), quick=args.quick, tasks=args.tasks)
+        summary = run_eval(eng, args.n, Path(args.out), quick=args.quick, tasks=args.tasks, n_route=args.n_route)
     print(_json.dumps(summary, indent=1))
     print(f"report: {Path(args.out) / 'report.md'}")
     return 0
@@ -213,7 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="LoGo vs base/oracle/uniform/random on held-out BIG-bench tasks")
     _add_engine_args(p)
-    p.add_argument("--n", type=int, default=12, help="test examples per task (default 12)")
+    p.add_argument("--n", type=int, default=10, help="test examples per task generated (default 10)")
+    p.add_argument("--n-route", type=int, default=40, help="test examples per task for routing hit rates "
+                   "and signals (probe only; default 40)")
     p.add_argument("--out", default="eval-out")
     p.add_argument("--tasks", nargs="+", help="only these tasks (default: every pool task + the unseen ones)")
     p.add_argument("--quick", action="store_true", help="routing only (hit rates and signals), no generation")

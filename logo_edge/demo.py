@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+# Mixed requests, written for the demo in the styles of the shipped pool's tasks (none is a test example).
 DEMO_PROMPTS = [
-    "Classify the sentiment of this review: 'The battery died after two days and support never answered.'",
-    "Claim: The Eiffel Tower is in Berlin. Evidence: The Eiffel Tower is a landmark in Paris. "
-    "Does the evidence support or refute the claim?",
-    "Sam has 3 boxes with 4 apples each and eats 2 apples. How many apples are left?",
-    "Write an SQL query that lists the names of all singers older than 30 from the table singer.",
+    "Is the opinion in this sentence positive, negative, neutral or ambivalent?\n\nThe battery died after two "
+    "days and support never answered.\n\nOptions: positive, negative, neutral, ambivalent",
+    "Compute the answer. Reply with the number only.\n\nWhat is 482 plus 317?",
+    "Write a SQL query that answers the question on a database with the given columns.\n\nHow many singers "
+    "are older than 30? | concert_singer | singer : singer_id, name, country, age",
+    "Describe the restaurant in one sentence from its attributes.\n\nname: The Olive Tree, eatType: "
+    "restaurant, food: Italian, priceRange: moderate, area: city centre, familyFriendly: yes",
+    "Which language is this sentence in? Answer with one of the options.\n\nDer Hund schläft im Garten.\n\n"
+    "Options: German, Dutch, Swedish, Danish",
     "Is the following statement true or false? not ( True and False ) or False",
 ]
 

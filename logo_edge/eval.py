@@ -119,8 +119,11 @@ class Evaluator:
 
 
 def run_eval(eng, n_per_task: int, out_dir: Path, quick: bool = False, tasks: list[str] | None = None,
-             seed: int = 0) -> dict:
-    """Evaluate; returns a summary dict (also written as report.md / results.csv / heatmap.png)."""
+             seed: int = 0, n_route: int = 0) -> dict:
+    """Evaluate; returns a summary dict (also written as report.md / results.csv / heatmap.png).
+
+    Generation runs on the first `n_per_task` test examples of each task; routing statistics (hit rates,
+    signals) on the first max(n_per_task, n_route), since a probe costs far less than a generation."""
     out_dir.mkdir(parents=True, exist_ok=True)
     mid = eng.model.n_layer // 2
     settings = [ProbeSetting("residual, last block", "residual", -1),
@@ -130,11 +133,11 @@ def run_eval(eng, n_per_task: int, out_dir: Path, quick: bool = False, tasks: li
     ev = Evaluator(eng, settings)
     pool_names = set(ev.names)
     chosen = [TASKS[t] for t in tasks] if tasks else [t for t in POOL_TASKS if t.name in pool_names] + UNSEEN_TASKS
-    data = [(t, ex) for t in chosen for ex in splits(t)["test"][:n_per_task]]
+    data = [(t, j, ex) for t in chosen for j, ex in enumerate(splits(t)["test"][:max(n_per_task, n_route)])]
     st = EvalState()
     rng = random.Random(seed)
     t0 = time.time()
-    for i, (task, ex) in enumerate(data):
+    for i, (task, j, ex) in enumerate(data):
         _progress(i, len(data), t0, f"{task.name}")
         in_pool = task.name in pool_names
         tokens = eng.tokenize(eng.format_chat([{"role": "user", "content": ex.prompt}]))
@@ -152,6 +155,8 @@ def run_eval(eng, n_per_task: int, out_dir: Path, quick: bool = False, tasks: li
                         own = pool.names.index(task.name)
                         rank = r.selected.index(own) if own in r.selected else len(pool.names)
                         st.hits.setdefault((f"{sig} [{cal}]", s.label, task.name), []).append((rank == 0, rank < 3))
+        if j >= n_per_task:
+            continue
         done: dict[tuple, tuple[str, float]] = {}
         methods = ev.methods(ex, outputs, rng, in_pool)
         if quick:  # the pipeline end to end on a few methods
@@ -177,7 +182,7 @@ def run_eval(eng, n_per_task: int, out_dir: Path, quick: bool = False, tasks: li
     print(file=sys.stderr)
     if not quick:
         _fusion_pass(ev, st, data)
-    return _write(st, out_dir, ev, chosen, n_per_task, time.time() - t0, quick)
+    return _write(st, out_dir, ev, chosen, n_per_task, time.time() - t0, quick, n_route)
 
 
 def _fusion_pass(ev, st: EvalState, data) -> None:
@@ -192,7 +197,7 @@ def _fusion_pass(ev, st: EvalState, data) -> None:
     print(f"[eval] fusion pass for {best}", file=sys.stderr)
     for r in [r for r in st.rows if r["method"] == best]:
         mix = {a.split(":")[0]: float(a.split(":")[1]) for a in r["adapters"].split(";")}
-        task, ex = data[r["idx"]]
+        task, _, ex = data[r["idx"]]
         try:
             pred, secs = ev.generate(ex, mix, merge="fusion")
         except AdapterError as e:  # pools of mixed recipes cannot be averaged
@@ -218,10 +223,11 @@ def _table(rows: list[dict], tasks: list[str], methods: list[str]) -> str:
     return "\n".join(lines)
 
 
-def _write(st: EvalState, out: Path, ev, chosen, n, elapsed, quick) -> dict:
+def _write(st: EvalState, out: Path, ev, chosen, n, elapsed, quick, n_route) -> dict:
     summary: dict = {"hit_rates": {}, "n_per_task": n, "elapsed_s": round(elapsed)}
     md = [f"# logo-edge evaluation\n\n{n} held-out test examples per task (the first {n} of each task's "
-          f"fixed test split), greedy decoding, pool of {len(ev.names)} adapters. Metrics: exact match "
+          f"fixed test split; routing hit rates and signals on the first {max(n, n_route)}), greedy decoding, "
+          f"pool of {len(ev.names)} adapters ({', '.join(ev.names)}). Metrics: exact match "
           "(normalized) for classification and short answers, ROUGE-L F1 for generation (qasc, sql, e2e, "
           f"wikidata, word_sorting). Total time {elapsed / 60:.1f} min.\n"]
     if st.rows:

@@ -29,7 +29,7 @@ class ProbeBank:
         d_out = mats[0][1].shape[0]
         n = len(mats)
         self.A = np.zeros((n, r_max, d_in), np.float32)  # (N, r, d_in)
-        self.B = np.zeros((n, d_out, r_max), np.float32)  # (N, d_out, r)
+        self.Bt = np.zeros((n, r_max, d_out), np.float32)  # (N, r, d_out): B transposed, rows contiguous
         self.scale = np.zeros(n, np.float64)
         for i, (a, b, c) in enumerate(mats):
             r = a.shape[0]
@@ -37,7 +37,7 @@ class ProbeBank:
                 raise RoutingError(f"probe bank entry {i}: A {a.shape} / B {b.shape} do not match "
                                    f"d_in={d_in}, d_out={d_out}")
             self.A[i, :r] = a
-            self.B[i, :, :r] = b
+            self.Bt[i, :r] = b.T
             self.scale[i] = c
 
     def __len__(self) -> int:
@@ -45,13 +45,16 @@ class ProbeBank:
 
     @property
     def nbytes(self) -> int:
-        return self.A.nbytes + self.B.nbytes
+        return self.A.nbytes + self.Bt.nbytes
 
     def outputs(self, h: np.ndarray) -> np.ndarray:
         """o_i = c_i * B_i (A_i h) for every adapter; h is (d_in,), the result (N, d_out) float64."""
+        n, r_max, d_in = self.A.shape
         h = np.asarray(h, np.float32)
-        z = self.A @ h  # (N, r)
-        o = np.einsum("nor,nr->no", self.B, z)  # (N, d_out)
+        z = (self.A.reshape(n * r_max, d_in) @ h).reshape(n, r_max)  # (N, r): one matrix-vector product
+        o = z[:, 0, None] * self.Bt[:, 0]  # (N, d_out), accumulated over the rank: r_max wide vector ops
+        for j in range(1, r_max):
+            o += z[:, j, None] * self.Bt[:, j]
         return o.astype(np.float64) * self.scale[:, None]
 
 
@@ -188,14 +191,14 @@ def route(outputs: np.ndarray, names: Sequence[str], config: RouterConfig,
         scores[rows] = to_score(raw, np.asarray(mean, np.float64), np.asarray(sd, np.float64))
     excluded = dict(unprobeable)
     eligible = np.zeros(len(names), bool)
-    for j, i in enumerate(rows):
-        if not np.all(np.isfinite(outputs[j])) or not np.isfinite(signals[i]) or not np.isfinite(scores[i]):
-            excluded[names[i]] = "non-finite adapter output or signal"
-            warnings.warn(f"adapter {names[i]!r}: non-finite output or signal, excluded from routing",
-                          RuntimeWarning, stacklevel=2)
-            signals[i] = scores[i] = np.nan
-        else:
-            eligible[i] = True
+    rows = np.asarray(rows, int)
+    ok = np.isfinite(outputs).all(axis=1) & np.isfinite(signals[rows]) & np.isfinite(scores[rows])  # (N_probed,)
+    eligible[rows[ok]] = True
+    for i in rows[~ok]:  # rare: name each excluded adapter
+        excluded[names[i]] = "non-finite adapter output or signal"
+        warnings.warn(f"adapter {names[i]!r}: non-finite output or signal, excluded from routing",
+                      RuntimeWarning, stacklevel=2)
+        signals[i] = scores[i] = np.nan
     if not eligible.any():
         raise RoutingError("no adapter could be scored: " + "; ".join(f"{k}: {v}" for k, v in excluded.items()))
     selected = select(scores, config.k, eligible)

@@ -1,0 +1,92 @@
+"""`logo-edge bench` and its PyTorch/PEFT reference row (logo_edge/bench_torch.py)."""
+
+import math
+import re
+
+import numpy as np
+import pytest
+
+NUM = r"(-?[0-9.]+|nan|inf)"
+
+
+def _numbers(line: str) -> list[float]:
+    return [float(x) for x in re.findall(r"(?<![\w.])-?\d+\.?\d*", line)]
+
+
+def test_gguf_to_peft_round_trips_through_the_converter(tmp_path):
+    """GGUF -> PEFT (ours, inverse RoPE permutation) -> GGUF (the project's converter) gives the same tensors."""
+    pytest.importorskip("safetensors")
+    from logo_edge.bench_torch import gguf_to_peft
+    from logo_edge.convert.lora import BaseSpec, peft_to_pairs
+    from logo_edge.defaults import default_model_path
+    from logo_edge.errors import ModelLoadError
+    from logo_edge.gguf_files import BaseInfo, write_lora
+
+    try:
+        model = default_model_path()
+    except ModelLoadError as e:
+        pytest.skip(str(e))
+    info = BaseInfo.read(model)
+    rng = np.random.default_rng(0)
+    pairs = {}
+    for stem, r in (("blk.0.attn_q.weight", 8), ("blk.3.attn_k.weight", 8), ("blk.3.attn_v.weight", 4),
+                    ("blk.29.ffn_down.weight", 16)):  # ranks differ per module: rank_pattern
+        n_in, n_out = info.shapes[stem][:2]
+        pairs[stem] = (rng.standard_normal((r, n_in), np.float32), rng.standard_normal((n_out, r), np.float32))
+    src = write_lora(tmp_path / "a.gguf", info.arch, 12.0, pairs, "f32", name="a")
+    name, d = gguf_to_peft(src, info, tmp_path / "peft")
+    back, alpha = peft_to_pairs(d, BaseSpec.load(model))
+    assert name == "a" and sorted(back) == sorted(pairs)
+    for stem, (a, b) in pairs.items():
+        c_ours = 12.0 / a.shape[0]
+        c_back = alpha / back[stem][0].shape[0]
+        np.testing.assert_array_equal(back[stem][0], a)
+        np.testing.assert_allclose(back[stem][1] * c_back, b * c_ours, rtol=1e-6)
+
+
+@pytest.mark.slow
+def test_torch_reference_routes_and_generates_like_the_engine(tiny, tiny_engine, tmp_path):
+    """The bench's PyTorch/PEFT row on the tiny model: same top-k, weights and greedy tokens as logo-edge."""
+    from logo_edge.bench_torch import build_reference
+
+    paths = [a.path for a in tiny_engine.pool.adapters]  # the pool's order (ties go to the lower index)
+    ref = build_reference(tiny / "hf", tiny / "tiny-f32.gguf", paths, 3, tmp_path)
+    assert ref.names == tiny_engine.pool.names
+    for prompt in ["The quick brown fox jumps over the lazy dog.", "SELECT name FROM users WHERE age > 30;"]:
+        tokens = tiny_engine.tokenize(prompt)
+        out = tiny_engine.create_completion(tokens, max_tokens=12)
+        sel = sorted((a for a in out["routing"]["adapters"] if a["rank"] is not None), key=lambda a: a["rank"])
+        got = ref.request(tokens, 12)
+        assert got["tokens"], "the tiny model stopped at once: the generation check would be empty"
+        assert got["names"] == [a["name"] for a in sel]
+        assert got["weights"] == pytest.approx([a["weight"] for a in sel], rel=1e-4)
+        assert tiny_engine.model.detokenize(got["tokens"]) == out["choices"][0]["text"]
+
+
+@pytest.mark.slow
+def test_quick_bench_prints_every_row_with_finite_numbers(capsys):
+    from logo_edge.cli import main
+
+    # one thread: a smoke test that stays quick on a loaded machine, where spinning llama.cpp threads starve
+    assert main(["bench", "--quick", "--threads", "1"]) == 0
+    check_quick_output(capsys.readouterr().out)
+
+
+def check_quick_output(out: str) -> None:
+    """Rows 1-3 with seven finite positive numbers, the ratio line, memory, both sweeps, the targets."""
+    for label in ("1  llama.cpp base model", "2  llama.cpp + k adapters by hand", "3  logo-edge routed, exact"):
+        line = next(ln for ln in out.splitlines() if ln.startswith(label))
+        nums = _numbers(line[len(label):])
+        assert len(nums) == 7, line  # TTFT, tok/s, total, tokens, and three ratios to row 1
+        assert all(math.isfinite(x) and x > 0 for x in nums), line
+    assert re.search(r"^1  llama.cpp base model .* 1\.000 +1\.000 +1\.000$", out, re.M)
+    ratio = re.search(r"decode tok/s, logo-edge routed / llama-cpp-python same adapters: " + NUM, out)
+    assert ratio and math.isfinite(float(ratio.group(1))) and float(ratio.group(1)) > 0
+    assert re.search(r"^5  PyTorch/PEFT LoGo .*skipped \(--quick\)", out, re.M)
+    assert re.search(r"^4  approximate mode", out, re.M)
+    peaks = [float(m) for m in re.findall(r"^[1-4][ b] .* ([0-9.]+) MB", out, re.M)]
+    assert len(peaks) >= 3 and all(p > 10 for p in peaks)
+    sweep = re.search(r"^ +10 +([0-9.]+) +([0-9.]+) +([0-9.]+) +([0-9.]+)", out, re.M)  # N = 10
+    assert sweep and all(float(x) > 0 for x in sweep.groups())
+    assert re.search(r"^ +3 +[0-9.]+ +[0-9.]+", out, re.M)  # k = 3 in the k sweep
+    assert re.search(r"routed decode tok/s / same adapters by hand +[0-9.]+ +>= 0.97 +(PASS|FAIL)", out)
