@@ -25,7 +25,7 @@ from .gguf_files import read_lora, write_lora
 from .llm import Context, ContextConfig, LoraHandle, Model, ProbeCapture
 from .pool import AdapterPool
 from .record import AdapterScore, RoutingRecord, Timings
-from .router import RouterConfig, Routing, route
+from .router import RouterConfig, Routing, route, route_signals
 
 PROBE_INPUTS = ("residual", "normed")
 # mixture: each selected adapter set with scale w_i (the paper's); packed: the same sum built as one
@@ -207,10 +207,14 @@ class Engine:
         t1 = time.perf_counter()
         if cfg.calibration != "raw":
             self.calibrate(cfg.probe_input)
-        outputs = self.pool.bank.outputs(h)  # (N_probed, d_out)
+        bank = self.pool.bank
         stats = self.pool.stats(cfg.probe_input, cfg.signal) if cfg.calibration != "raw" else None
-        routing = route(outputs, self.pool.names, RouterConfig(cfg.signal, cfg.k, cfg.calibration),
-                        self.pool.unprobeable, stats)
+        rcfg = RouterConfig(cfg.signal, cfg.k, cfg.calibration)
+        if cfg.signal == "norm":  # no need to form the (N, d_out) outputs
+            with np.errstate(all="ignore"):
+                routing = route_signals(bank.norms(h), self.pool.names, rcfg, self.pool.unprobeable, stats)
+        else:
+            routing = route(bank.outputs(h), self.pool.names, rcfg, self.pool.unprobeable, stats)
         t2 = time.perf_counter()
         rank = {i: r + 1 for r, i in enumerate(routing.selected)}
         scores = [AdapterScore(n, _finite(routing.signals[i]), float(routing.weights[i]), rank.get(i),

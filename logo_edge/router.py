@@ -39,21 +39,31 @@ class ProbeBank:
             self.A[i, :r] = a
             self.Bt[i, :r] = b.T
             self.scale[i] = c
+        # ||c B z||^2 = c^2 z^T (B^T B) z: the norm signal needs only these r x r Gram matrices
+        self.gram = np.einsum("nro,nso->nrs", self.Bt, self.Bt, dtype=np.float64)  # (N, r, r)
 
     def __len__(self) -> int:
         return self.A.shape[0]
 
     @property
     def nbytes(self) -> int:
-        return self.A.nbytes + self.Bt.nbytes
+        return self.A.nbytes + self.Bt.nbytes + self.gram.nbytes
+
+    def _z(self, h: np.ndarray) -> np.ndarray:
+        n, r_max, d_in = self.A.shape
+        return (self.A.reshape(n * r_max, d_in) @ np.asarray(h, np.float32)).reshape(n, r_max)  # (N, r)
+
+    def norms(self, h: np.ndarray) -> np.ndarray:
+        """||o_i||_2 for every adapter without forming o: O(N r^2) after A h instead of O(N r d_out)."""
+        z = self._z(h).astype(np.float64)
+        sq = np.einsum("nr,nrs,ns->n", z, self.gram, z)  # (N,)
+        return np.abs(self.scale) * np.sqrt(np.maximum(sq, 0.0))
 
     def outputs(self, h: np.ndarray) -> np.ndarray:
         """o_i = c_i * B_i (A_i h) for every adapter; h is (d_in,), the result (N, d_out) float64."""
-        n, r_max, d_in = self.A.shape
-        h = np.asarray(h, np.float32)
-        z = (self.A.reshape(n * r_max, d_in) @ h).reshape(n, r_max)  # (N, r): one matrix-vector product
+        z = self._z(h)  # (N, r): one matrix-vector product
         o = z[:, 0, None] * self.Bt[:, 0]  # (N, d_out), accumulated over the rank: r_max wide vector ops
-        for j in range(1, r_max):
+        for j in range(1, z.shape[1]):
             o += z[:, j, None] * self.Bt[:, j]
         return o.astype(np.float64) * self.scale[:, None]
 
@@ -173,31 +183,40 @@ def route(outputs: np.ndarray, names: Sequence[str], config: RouterConfig,
     Non-finite outputs or scores exclude that adapter with a warning naming it. Calibrated modes
     need `stats`: (mean, sd) of the configured signal per output row, over the calibration prompts.
     """
+    outputs = np.asarray(outputs, np.float64)
+    with np.errstate(all="ignore"):
+        raw = SIGNALS[config.signal](outputs)  # (N_probed,)
+    raw[~np.isfinite(outputs).all(axis=1)] = np.nan
+    return route_signals(raw, names, config, unprobeable, stats)
+
+
+def route_signals(raw: np.ndarray, names: Sequence[str], config: RouterConfig,
+                  unprobeable: dict[str, str] | None = None,
+                  stats: tuple[np.ndarray, np.ndarray] | None = None) -> Routing:
+    """`route` from raw signals already computed, one per probeable adapter (nan = not usable)."""
     unprobeable = dict(unprobeable or {})
     names = list(names)
-    probed = [n for n in names if n not in unprobeable]
-    if len(probed) != len(outputs):
-        raise RoutingError(f"{len(outputs)} output rows for {len(probed)} probeable adapters")
+    rows = np.array([i for i, n in enumerate(names) if n not in unprobeable], int)
+    if len(rows) != len(raw):
+        raise RoutingError(f"{len(raw)} signals for {len(rows)} probeable adapters")
     to_score, rule = CALIBRATIONS[config.calibration]
-    if config.calibration != "raw" and (stats is None or len(stats[0]) != len(outputs)):
+    if config.calibration != "raw" and (stats is None or len(stats[0]) != len(raw)):
         raise RoutingError(f"calibration {config.calibration!r} needs the adapters' calibration statistics")
-    rows = [i for i, n in enumerate(names) if n not in unprobeable]
     signals = np.full(len(names), np.nan)
     scores = np.full(len(names), np.nan)
     with np.errstate(all="ignore"):
-        raw = SIGNALS[config.signal](np.asarray(outputs, np.float64))  # (N_probed,)
         mean, sd = stats if stats is not None else (np.ones(len(raw)), np.ones(len(raw)))
         signals[rows] = raw
-        scores[rows] = to_score(raw, np.asarray(mean, np.float64), np.asarray(sd, np.float64))
+        scores[rows] = to_score(np.asarray(raw, np.float64), np.asarray(mean, np.float64),
+                                np.asarray(sd, np.float64))
     excluded = dict(unprobeable)
     eligible = np.zeros(len(names), bool)
-    rows = np.asarray(rows, int)
-    ok = np.isfinite(outputs).all(axis=1) & np.isfinite(signals[rows]) & np.isfinite(scores[rows])  # (N_probed,)
+    ok = np.isfinite(signals[rows]) & np.isfinite(scores[rows])  # (N_probed,)
     eligible[rows[ok]] = True
     for i in rows[~ok]:  # rare: name each excluded adapter
         excluded[names[i]] = "non-finite adapter output or signal"
         warnings.warn(f"adapter {names[i]!r}: non-finite output or signal, excluded from routing",
-                      RuntimeWarning, stacklevel=2)
+                      RuntimeWarning, stacklevel=3)
         signals[i] = scores[i] = np.nan
     if not eligible.any():
         raise RoutingError("no adapter could be scored: " + "; ".join(f"{k}: {v}" for k, v in excluded.items()))
