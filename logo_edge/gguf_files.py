@@ -79,6 +79,7 @@ class LoraFile:
     name: str
     alpha: float | None
     pairs: dict[str, tuple[np.ndarray, np.ndarray]] = field(repr=False)  # base name -> (A (r,in), B (out,r))
+    stems: list[str] = field(default_factory=list)  # every adapted base weight (pairs may hold fewer)
 
     def scale(self, base_name: str) -> float:
         """c = alpha / r as llama.cpp applies it (1 when the file has no alpha)."""
@@ -94,8 +95,20 @@ class LoraFile:
         return sum(a.nbytes + b.nbytes for a, b in self.pairs.values())
 
 
-def read_lora(path: str | Path, base: BaseInfo) -> LoraFile:
-    """Read an adapter GGUF and check it against `base`; AdapterError names the file and the problem."""
+def _finite(t) -> bool:
+    """Whether a reader tensor holds only finite values (f32/f16 checked on the raw data, no conversion)."""
+    qtype = GGMLQuantizationType(int(t.tensor_type))
+    if qtype in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
+        return bool(np.isfinite(t.data).all())
+    return bool(np.isfinite(tensor_array(t)).all())
+
+
+def read_lora(path: str | Path, base: BaseInfo, only: str | None = None) -> LoraFile:
+    """Read an adapter GGUF and check it against `base`; AdapterError names the file and the problem.
+
+    Every tensor is validated (shapes, finiteness); with `only`, just that base weight's pair is
+    converted to float32 and kept in `pairs` (the pool needs the probe target alone), and `stems`
+    still lists every adapted weight."""
     path = Path(path)
     r = _open(path, AdapterError, "adapter")
     gtype, atype = _field(r, "general.type"), _field(r, "adapter.type")
@@ -123,15 +136,18 @@ def read_lora(path: str | Path, base: BaseInfo) -> LoraFile:
         if stem not in base.shapes:
             raise AdapterError(f"{path}: {stem} is not a weight of the base model {base.path.name} "
                                f"({base.n_layer} blocks); the adapter was made for another model")
-        a, b = tensor_array(h[".lora_a"]), tensor_array(h[".lora_b"])
+        # numpy layout (rows = ne1, cols = ne0) from the metadata, without reading the data
+        a_shape, b_shape = (tuple(int(x) for x in reversed(h[sfx].shape)) for sfx in LORA_SUFFIXES)
         n_in, n_out = base.shapes[stem][0], base.shapes[stem][1]
-        if a.ndim != 2 or b.ndim != 2 or a.shape[1] != n_in or b.shape[0] != n_out or a.shape[0] != b.shape[1]:
-            raise AdapterError(f"{path}: {stem}: A {a.shape} and B {b.shape} do not fit the base weight "
+        if len(a_shape) != 2 or len(b_shape) != 2 or a_shape[1] != n_in or b_shape[0] != n_out \
+                or a_shape[0] != b_shape[1]:
+            raise AdapterError(f"{path}: {stem}: A {a_shape} and B {b_shape} do not fit the base weight "
                                f"(in={n_in}, out={n_out}); the adapter was made for another model size")
-        if not (np.isfinite(a).all() and np.isfinite(b).all()):
+        if not (_finite(h[".lora_a"]) and _finite(h[".lora_b"])):
             raise AdapterError(f"{path}: {stem} holds NaN or infinite values; the adapter is corrupt")
-        pairs[stem] = (a, b)
-    return LoraFile(path, name, float(alpha) if alpha is not None else None, pairs)
+        if only is None or stem == only:
+            pairs[stem] = (tensor_array(h[".lora_a"]), tensor_array(h[".lora_b"]))
+    return LoraFile(path, name, float(alpha) if alpha is not None else None, pairs, sorted(halves))
 
 
 # ---- writing

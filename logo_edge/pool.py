@@ -69,7 +69,7 @@ class AdapterPool:
 
     def add(self, path: str | Path, name: str | None = None) -> PoolAdapter:
         """Validate one GGUF LoRA against the base and add it; AdapterError leaves the pool unchanged."""
-        lora = read_lora(path, self.model.info)
+        lora = read_lora(path, self.model.info, only=self.target_tensor)  # validates all, keeps the target
         name = name or lora.name
         if any(a.name == name for a in self.adapters):
             raise AdapterError(f"{lora.path}: an adapter named {name!r} is already in the pool; "
@@ -79,10 +79,10 @@ class AdapterPool:
             a, b = lora.pairs[self.target_tensor]
             probe = (a.copy(), b.copy(), lora.scale(self.target_tensor))
         else:
-            reason = f"no LoRA on {self.target_tensor} (the probe target); it has {len(lora.pairs)} other tensors"
+            reason = f"no LoRA on {self.target_tensor} (the probe target); it has {len(lora.stems)} other tensors"
             warnings.warn(f"adapter {name!r} ({lora.path.name}) cannot be probed: {reason}; it will not be "
                           "routed to, but can still be used by name", UserWarning, stacklevel=2)
-        adapter = PoolAdapter(name, lora.path, lora.modules, lora.alpha, probe, reason,
+        adapter = PoolAdapter(name, lora.path, lora.stems, lora.alpha, probe, reason,
                               nbytes=lora.path.stat().st_size)
         for probe_input, states in self._states.items():
             self._calibrate(adapter, probe_input, states)
