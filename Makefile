@@ -28,7 +28,8 @@ demo: setup
 	$(VENV)/bin/logo-edge demo
 
 test: setup
-	$(PY) -m pytest -q -ra
+	$(PY) -m ruff check logo_edge convert native tests models
+	$(PY) -m pytest -q -ra --durations=15
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"

@@ -133,7 +133,10 @@ def run_eval(eng, n_per_task: int, out_dir: Path, quick: bool = False, tasks: li
     ev = Evaluator(eng, settings)
     pool_names = set(ev.names)
     chosen = [TASKS[t] for t in tasks] if tasks else [t for t in POOL_TASKS if t.name in pool_names] + UNSEEN_TASKS
-    data = [(t, j, ex) for t in chosen for j, ex in enumerate(splits(t)["test"][:max(n_per_task, n_route)])]
+    def n_of(t):  # hit rates need the extra probed examples only where the task has its own adapter
+        return max(n_per_task, n_route) if t.name in pool_names else n_per_task
+
+    data = [(t, j, ex) for t in chosen for j, ex in enumerate(splits(t)["test"][:n_of(t)])]
     st = EvalState()
     rng = random.Random(seed)
     t0 = time.time()
@@ -226,7 +229,8 @@ def _table(rows: list[dict], tasks: list[str], methods: list[str]) -> str:
 def _write(st: EvalState, out: Path, ev, chosen, n, elapsed, quick, n_route) -> dict:
     summary: dict = {"hit_rates": {}, "n_per_task": n, "elapsed_s": round(elapsed)}
     md = [f"# logo-edge evaluation\n\n{n} held-out test examples per task (the first {n} of each task's "
-          f"fixed test split; routing hit rates and signals on the first {max(n, n_route)}), greedy decoding, "
+          f"fixed test split; in-pool routing hit rates and signals on the first {max(n, n_route)}), greedy "
+          f"decoding, "
           f"pool of {len(ev.names)} adapters ({', '.join(ev.names)}). Metrics: exact match "
           "(normalized) for classification and short answers, ROUGE-L F1 for generation (qasc, sql, e2e, "
           f"wikidata, word_sorting). Total time {elapsed / 60:.1f} min.\n"]

@@ -8,10 +8,10 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def smol_pool(tmp_path_factory):
-    from logo_edge.bench import _random_pool
+    from logo_edge.bench import random_pool
     from logo_edge.defaults import default_model_path
 
-    return _random_pool(default_model_path(), 4, 8, tmp_path_factory.mktemp("pool"))
+    return random_pool(default_model_path(), 4)
 
 
 def test_default_model_base_generation_equals_llama_cpp_python(smol_pool):
