@@ -94,6 +94,7 @@ class Engine:
         self.routing = routing or RouteConfig()
         self._cfg = ContextConfig(n_ctx, n_batch, n_threads, kv_type, flash_attn)
         self._probe_ctx: Context | None = None
+        self._probe_cache: tuple[list[int], int] = ([], 0)  # tokens in the probe context, blocks complete
         self.pool = AdapterPool(self.model, target_block, target_module, max_loaded_mb)
         if self.routing.calibration != "raw":  # calibrate adapters as they enter the pool
             self.calibrate(self.routing.probe_input)
@@ -160,7 +161,14 @@ class Engine:
             self._probe_ctx = Context(self.model, self._cfg)
         block = self.pool.target_block if block is None else block
         cap = ProbeCapture(self._probe_ctx, block, module or self.pool.target_module, probe_input)
-        return cap.run(tokens)
+        # the probe context keeps its cache: complete below `block`, so a later probe at the same or a
+        # lower block reuses the common prefix (a chat's earlier turns, the system prompt)
+        cached, depth = self._probe_cache
+        n_keep = _common_prefix(cached, tokens) if block <= depth else 0
+        self._probe_cache = ([], 0)
+        h = cap.run(tokens, keep_cache=True, n_keep=n_keep)
+        self._probe_cache = (list(tokens), min(block, depth) if n_keep else block)
+        return h
 
     def _probe_in_place(self, tokens: list[int], probe_input: str) -> np.ndarray:
         """probe-cache mode: probe in the generation context and keep the base K/V of tokens[:-1]."""
@@ -286,12 +294,7 @@ class Engine:
 
     def _prefill(self, tokens: list[int]) -> int:
         """Bring the KV cache to `tokens` reusing the common prefix; returns how many were reused."""
-        n_keep = 0
-        for a, b in zip(self._cache, tokens):
-            if a != b:
-                break
-            n_keep += 1
-        n_keep = min(n_keep, len(tokens) - 1)  # the last prompt token must be decoded for its logits
+        n_keep = min(_common_prefix(self._cache, tokens), len(tokens) - 1)  # the last prompt token must be decoded for its logits
         self.ctx.cache_truncate(n_keep)
         self._cache = self._cache[:n_keep]
         self.ctx.decode(tokens[n_keep:], n_keep)
@@ -389,6 +392,15 @@ class Engine:
 
 
 # ---- helpers
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def _finite(x) -> float | None:

@@ -264,18 +264,20 @@ class ProbeCapture:
         self.h = h
         return not self.stop_early
 
-    def run(self, tokens: list[int], keep_cache: bool = False) -> np.ndarray:
-        """Prefill `tokens` in the context, return h (n_embd,). The cache is removed after unless
-        `keep_cache` (then the whole graph must run: construct with stop_early=False)."""
-        if keep_cache and self.stop_early:
-            raise ValueError("keep_cache needs stop_early=False: an early stop leaves the cache incomplete")
+    def run(self, tokens: list[int], keep_cache: bool = False, n_keep: int = 0) -> np.ndarray:
+        """Prefill `tokens` in the context, return h (n_embd,).
+
+        The cache is removed after unless `keep_cache`. With stop_early, a kept cache is complete only
+        below the target block, which is all a later probe at the same (or a lower) block reads; then
+        `n_keep` cached leading tokens can be reused instead of decoded again."""
         self.h = None
         ctx = self.ctx
         _lib.llama_set_eval_callback(ctx.ptr, self._cb, None)
         ok = False
         try:
-            ctx.cache_truncate(0)
-            ctx.decode(tokens, 0, what="probe")
+            n_keep = min(n_keep, len(tokens) - 1)  # the last token must be decoded: h is read there
+            ctx.cache_truncate(n_keep)
+            ctx.decode(tokens[n_keep:], n_keep, what="probe")
             ok = True
         finally:
             _lib.llama_set_eval_callback(ctx.ptr, _lib.EvalCallback(), None)

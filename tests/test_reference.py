@@ -218,3 +218,29 @@ def test_probe_cache_mode_equals_peft_with_a_base_prompt_cache(tiny, tiny_engine
     exact = tiny_engine.create_completion(prompt, max_tokens=12, adapters=weights)
     assert exact["routing"]["timings"]["cached_tokens"] == 0
     assert exact["choices"][0]["text"] == tiny_engine.model.detokenize(greedy(model, tokens, 12))
+
+
+def test_probe_reuses_its_cache_only_where_it_is_complete(tiny, tiny_engine, hf_tiny):
+    """Probes at the last block, then a lower block, then the last again, on prompts sharing a prefix:
+    every h equals transformers' (a reused prefix is complete below the block it was probed at)."""
+    from logo_edge.llm import Context
+
+    eng = tiny_engine
+    base = eng.tokenize("A shared beginning of a conversation, then")
+    decoded = []
+    orig = Context.decode
+
+    def spy(self, toks, pos0, what="prefill"):
+        decoded.append(len(toks))
+        return orig(self, toks, pos0, what)
+
+    Context.decode = spy
+    try:
+        for block, extra in [(N_LAYER - 1, " one"), (1, " two"), (N_LAYER - 1, " three"), (N_LAYER - 1, " four")]:
+            tokens = base + eng.tokenize(extra)[1:]
+            h = eng.probe(tokens, "residual", block=block)
+            np.testing.assert_allclose(h, reference_h(hf_tiny, tokens, block, "residual"), rtol=1e-4, atol=1e-4)
+    finally:
+        Context.decode = orig
+    n = len(tokens)
+    assert decoded[2] == n and decoded[3] < n  # no reuse over a shallower cache; reuse at the same block
