@@ -294,7 +294,7 @@ class Engine:
 
     def _prefill(self, tokens: list[int]) -> int:
         """Bring the KV cache to `tokens` reusing the common prefix; returns how many were reused."""
-        n_keep = min(_common_prefix(self._cache, tokens), len(tokens) - 1)  # the last prompt token must be decoded for its logits
+        n_keep = min(_common_prefix(self._cache, tokens), len(tokens) - 1)  # the last one gives the logits
         self.ctx.cache_truncate(n_keep)
         self._cache = self._cache[:n_keep]
         self.ctx.decode(tokens[n_keep:], n_keep)
