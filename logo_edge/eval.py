@@ -99,9 +99,9 @@ class Evaluator:
         for sig, k in LOGO_GRID:
             m[f"LoGo-{sig} k={k}"] = self._mix(outputs[main], main, sig, k)
         sig, k = self.default
-        for cal in self.calibrations(main)[1:]:
-            for kk in sorted({1, k}):
-                m[f"LoGo-{sig} k={kk} [{cal}]"] = self._mix(outputs[main], main, sig, kk, cal)
+        for cal in self.calibrations(main)[1:]:  # calibrated signals: both signals at k, top-1 by norm
+            for ss, kk in [(s2, k) for s2 in SIGNAL_NAMES] + [("norm", 1)]:
+                m[f"LoGo-{ss} k={kk} [{cal}]"] = self._mix(outputs[main], main, ss, kk, cal)
         for s in self.settings[1:]:
             m[f"LoGo-{sig} k={k} [{s.label}]"] = self._mix(outputs[s.label], s.label, sig, k)
         return m
@@ -190,7 +190,8 @@ def run_eval(eng, n_per_task: int, out_dir: Path, quick: bool = False, tasks: li
 
 def _fusion_pass(ev, st: EvalState, data) -> None:
     """Fusion vs mixture for the best LoGo setting on the main probe."""
-    logo = [r for r in st.rows if r["method"].startswith("LoGo") and "[" not in r["method"]]
+    logo = [r for r in st.rows if r["method"].startswith("LoGo") and ("[" not in r["method"] or any(
+        f"[{c}]" in r["method"] for c in CALIBRATIONS))]
     if not logo:
         return
     means = {}
