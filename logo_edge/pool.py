@@ -91,17 +91,19 @@ class AdapterPool:
         return adapter
 
     def add_many(self, sources: Iterable[str | Path] | str | Path) -> list[PoolAdapter]:
-        """Add a directory of *.gguf adapters (sorted by name) or a list of files."""
+        """Add a directory of *.gguf adapters (sorted by name), a file, or a list of either."""
         if isinstance(sources, (str, Path)):
-            src = Path(sources)
+            sources = [sources]
+        files: list[Path] = []
+        for src in map(Path, sources):
             if src.is_dir():
-                files = sorted(src.glob("*.gguf"))
-                if not files:
+                found = sorted(src.glob("*.gguf"))
+                if not found:
                     raise AdapterError(f"{src}: no *.gguf adapters in this directory")
-                sources = files
+                files += found
             else:
-                sources = [src]
-        return [self.add(p) for p in sources]
+                files.append(src)
+        return [self.add(p) for p in files]
 
     # ---- views
 

@@ -44,16 +44,16 @@ POOLS: dict[str, dict[str, Recipe]] = {
                                      "intent", "addition", "wikidata")},
     # adapters "from different people": rank 4-32, alpha, rsLoRA, q,v only ... all seven modules, steps
     "mixed": {
-        "sentiment": Recipe(r=4, lora_alpha=8, target_modules=("q_proj", "v_proj"), steps=50, lr=3e-3),
-        "factcheck": Recipe(r=16, lora_alpha=16, target_modules=tuple(ALL7), steps=40, lr=1e-3),
-        "mathqa": Recipe(r=8, lora_alpha=32, target_modules=("q_proj", "o_proj"), use_rslora=True, steps=50,
+        "sentiment": Recipe(r=4, lora_alpha=8, target_modules=("q_proj", "v_proj"), steps=40, lr=3e-3),
+        "factcheck": Recipe(r=16, lora_alpha=16, target_modules=tuple(ALL7), steps=30, lr=1e-3),
+        "mathqa": Recipe(r=8, lora_alpha=32, target_modules=("q_proj", "o_proj"), use_rslora=True, steps=40,
                          lr=1e-3),
-        "qasc": Recipe(r=32, lora_alpha=32, target_modules=tuple(ATTN), steps=30, lr=1e-3),
+        "qasc": Recipe(r=32, lora_alpha=32, target_modules=tuple(ATTN), steps=24, lr=1e-3),
         "sql": Recipe(r=8, lora_alpha=8, target_modules=("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"),
-                      steps=60, lr=3e-3),
-        "intent": Recipe(r=4, lora_alpha=16, target_modules=("q_proj", "v_proj", "down_proj"), steps=40),
-        "addition": Recipe(r=16, lora_alpha=64, target_modules=tuple(ALL7), use_rslora=True, steps=50, lr=5e-4),
-        "wikidata": Recipe(r=8, lora_alpha=16, target_modules=("q_proj", "v_proj"), steps=80),
+                      steps=50, lr=3e-3),
+        "intent": Recipe(r=4, lora_alpha=16, target_modules=("q_proj", "v_proj", "down_proj"), steps=30),
+        "addition": Recipe(r=16, lora_alpha=64, target_modules=tuple(ALL7), use_rslora=True, steps=40, lr=5e-4),
+        "wikidata": Recipe(r=8, lora_alpha=16, target_modules=("q_proj", "v_proj"), steps=60),
     },
 }
 POOL_DIRS = {"uniform": HERE / "pool", "mixed": HERE / "pool-mixed"}
