@@ -144,6 +144,13 @@ def cmd_eval(args) -> int:
     from .eval import run_eval
 
     with _engine(args) as eng:
+        if args.alone:
+            from .eval import score_alone
+
+            src = [Path(a) for a in (args.adapters or [])]
+            manifest = src[0] / "manifest.json" if len(src) == 1 and src[0].is_dir() else None
+            print(_json.dumps(score_alone(eng, args.n, Path(args.out), manifest), indent=1))
+            return 0
         summary = run_eval(eng, args.n, Path(args.out), quick=args.quick, tasks=args.tasks, n_route=args.n_route)
     print(_json.dumps(summary, indent=1))
     print(f"report: {Path(args.out) / 'report.md'}")
@@ -225,7 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "and signals (probe only; default 40)")
     p.add_argument("--out", default="eval-out")
     p.add_argument("--tasks", nargs="+", help="only these tasks (default: every pool task + the unseen ones)")
-    p.add_argument("--quick", action="store_true", help="routing only (hit rates and signals), no generation")
+    p.add_argument("--quick", action="store_true", help="a few methods only (base, oracle, LoGo-norm k=3)")
+    p.add_argument("--alone", action="store_true", help="each adapter alone vs base on its own task (writes "
+                   "alone.md, and the scores into the pool's manifest.json)")
     p.set_defaults(fn=cmd_eval)
 
     p = sub.add_parser("convert-lora", help="PEFT LoRA dir -> GGUF adapter")

@@ -296,3 +296,38 @@ def _heatmap(st: EvalState, ev, chosen, out: Path) -> None:
     fig.tight_layout()
     fig.savefig(out / "heatmap.png", dpi=110)
     plt.close(fig)
+
+
+def score_alone(eng, n_per_task: int, out_dir: Path, manifest: Path | None = None) -> dict:
+    """Every adapter alone (weight 1) against the base model on its own task's held-out test examples.
+
+    Writes alone.md; with `manifest` (a pool's manifest.json) records score_alone / score_base there."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ev = Evaluator(eng, [])
+    res: dict[str, dict] = {}
+    names = [n for n in eng.pool.names if n in TASKS]
+    t0 = time.time()
+    for i, name in enumerate(names):
+        task, scores = TASKS[name], {"alone": [], "base": []}
+        for ex in splits(task)["test"][:n_per_task]:
+            _progress(i, len(names), t0, name)
+            for method, mix in (("alone", {name: 1.0}), ("base", "base")):
+                scores[method].append(score(task, ev.generate(ex, mix)[0], ex.refs))
+        res[name] = {m: round(float(np.mean(v)), 4) for m, v in scores.items()} | {"n_test": n_per_task,
+                                                                                  "metric": task.metric}
+    print(file=sys.stderr)
+    md = [f"# Each adapter alone vs the base model on its own task\n\n{n_per_task} held-out test examples per "
+          "task (the first of its fixed test split), greedy.\n", "| adapter | metric | alone | base | beats base |",
+          "|---|---|---|---|---|"]
+    md += [f"| {n} | {r['metric']} | {100 * r['alone']:.1f} | {100 * r['base']:.1f} | "
+           f"{'yes' if r['alone'] > r['base'] else '**no**'} |" for n, r in res.items()]
+    (out_dir / "alone.md").write_text("\n".join(md) + "\n")
+    if manifest is not None and manifest.exists():
+        import json
+
+        m = json.loads(manifest.read_text())
+        for n, r in res.items():
+            m["adapters"].setdefault(n, {}).update(score_alone=r["alone"], score_base=r["base"],
+                                                   score_n_test=n_per_task, score_metric=r["metric"])
+        manifest.write_text(json.dumps(m, indent=1, sort_keys=True))
+    return res
