@@ -181,6 +181,7 @@ class Sel:
     names: list[str]
     paths: list[str]
     weights: list[float]
+    raw: tuple[list[str], list[float]] = ((), ())  # the paper's raw-norm choice, what row 5 must reproduce
 
 
 class RowRunner:
@@ -201,9 +202,10 @@ class RowRunner:
 
     def select(self, tokens: list[int]) -> Sel:
         rec = self.eng.route(tokens)
+        raw = self.eng.route(tokens, signal="norm", calibration="raw", probe_input="residual")
         pool = self.eng.pool
         return Sel([a.name for a in rec.selected], [str(pool.adapters[pool.index(a.name)].path) for a in rec.selected],
-                   [a.weight for a in rec.selected])
+                   [a.weight for a in rec.selected], ([a.name for a in raw.selected], [a.weight for a in raw.selected]))
 
     def run(self, row: str, tokens: list[int], gen: int, sel: Sel | None = None) -> Sample:
         if row == "base":
@@ -212,6 +214,7 @@ class RowRunner:
             return self._llama(tokens, gen, [self._lora(p) for p in sel.paths], sel.weights)
         self.eng.ctx.cache_truncate(0)  # a full prefill every time, as the plain rows do
         self.eng._cache = []
+        self.eng._probe_cache = ([], 0)  # and a full probe: a new prompt shares no prefix with the last one
         return timed(self.eng.create_completion(tokens, max_tokens=gen, stream=True, merge=MERGE_OF[row],
                                                 prefill=PREFILL_OF.get(row, "exact")))
 
@@ -408,7 +411,7 @@ def _torch_row(args, model_path, common, plans, repeats, meds) -> tuple[str | No
     if model_path != defaults.default_model_path():
         return "skipped: the PyTorch reference loads the default model only (its HF weights)", None
     cases = [{"p": c[0], "g": c[1], "prompts": [t for t, _ in plans[c]],
-              "expected": [[s.names, s.weights] for _, s in plans[c]]} for c in plans]
+              "expected": [list(s.raw) for _, s in plans[c]]} for c in plans]
     _log("row 5: PyTorch/PEFT reference in a subprocess")
     out = call_worker("logo_edge.bench_torch", {**common, "cases": cases, "repeats": repeats}, timeout=1800)
     if "skipped" in out or "error" in out:

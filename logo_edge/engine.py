@@ -46,7 +46,7 @@ class RouteConfig:
     k: int = 3
     probe_input: str = "residual"
     merge: str = "mixture"
-    calibration: str = "raw"
+    calibration: str = "zscore"  # chosen by the evaluation (models/eval/README.md); "raw" is the paper's
     prefill: str = "exact"
 
     def __post_init__(self) -> None:

@@ -65,7 +65,7 @@ def test_signals_match_pytorch(tiny, hf_tiny, probe_input, signal, block):
     try:
         for prompt in PROMPTS:
             tokens = eng.tokenize(prompt)
-            rec = eng.route(tokens, signal=signal, k=3, probe_input=probe_input)
+            rec = eng.route(tokens, signal=signal, k=3, probe_input=probe_input, calibration="raw")
             h = reference_h(hf_tiny, tokens, block, probe_input)
             ref = {}
             for name in ADAPTERS:
