@@ -212,9 +212,7 @@ class RowRunner:
             return self._llama(tokens, gen, [], [])
         if row == "manual":
             return self._llama(tokens, gen, [self._lora(p) for p in sel.paths], sel.weights)
-        self.eng.ctx.cache_truncate(0)  # a full prefill every time, as the plain rows do
-        self.eng._cache = []
-        self.eng._probe_cache = ([], 0)  # and a full probe: a new prompt shares no prefix with the last one
+        self.eng.forget_prompts()  # a full probe and prefill every time, as for a new prompt
         return timed(self.eng.create_completion(tokens, max_tokens=gen, stream=True, merge=MERGE_OF[row],
                                                 prefill=PREFILL_OF.get(row, "exact")))
 
@@ -324,6 +322,7 @@ def _pool_worker(spec: dict) -> dict:
 
 def _route_times(eng, tokens) -> tuple[float, float, float]:
     """(probe, route, routing = whole eng.route() minus the probe) in s; with no pool, the probe alone."""
+    eng.forget_prompts()  # every routed request is a new prompt
     t = time.perf_counter()
     if len(eng.pool) == 0:
         eng.probe(tokens)
@@ -486,8 +485,7 @@ def _sweep_k(model_path, ks, threads, repeats, gen) -> dict:
         for rep in range(repeats + 1):
             for merge, k in configs:
                 adapters = "base" if k == 0 else {n: 1.0 / k for n in eng.pool.names[:k]}
-                eng.ctx.cache_truncate(0)
-                eng._cache = []
+                eng.forget_prompts()
                 s = timed(eng.create_completion(tokens, adapters=adapters, max_tokens=gen, stream=True,
                                                 merge="mixture" if k == 0 else merge))
                 if rep:

@@ -95,6 +95,7 @@ class Engine:
         self._cfg = ContextConfig(n_ctx, n_batch, n_threads, kv_type, flash_attn)
         self._probe_ctx: Context | None = None
         self._probe_cache: tuple[list[int], int] = ([], 0)  # tokens in the probe context, blocks complete
+        self._probe_memo: dict[tuple, np.ndarray] = {}  # recent probes' h by (tokens, block, module, input)
         self.pool = AdapterPool(self.model, target_block, target_module, max_loaded_mb)
         if self.routing.calibration != "raw":  # calibrate adapters as they enter the pool
             self.calibrate(self.routing.probe_input)
@@ -116,6 +117,15 @@ class Engine:
         self.ctx.close()
         self.model.close()
         self._tmp.cleanup()
+
+    def forget_prompts(self) -> None:
+        """Drop every cached prompt (generation K/V, the probe's K/V and its recent results), so the next
+        request is computed from scratch (benchmarks; bit-exact reruns: reusing a cached prefix can
+        change the logits' low-order bits, as in llama.cpp)."""
+        self.ctx.cache_truncate(0)
+        self._cache, self._cache_approx = [], False
+        self._probe_cache = ([], 0)
+        self._probe_memo.clear()
 
     def __enter__(self) -> "Engine":
         return self
@@ -160,7 +170,11 @@ class Engine:
         if self._probe_ctx is None:
             self._probe_ctx = Context(self.model, self._cfg)
         block = self.pool.target_block if block is None else block
-        cap = ProbeCapture(self._probe_ctx, block, module or self.pool.target_module, probe_input)
+        module = module or self.pool.target_module
+        key = (tuple(tokens), block, module, probe_input)
+        if key in self._probe_memo:  # the same request routes the same way, bit for bit
+            return self._probe_memo[key]
+        cap = ProbeCapture(self._probe_ctx, block, module, probe_input)
         # the probe context keeps its cache: complete below `block`, so a later probe at the same or a
         # lower block reuses the common prefix (a chat's earlier turns, the system prompt)
         cached, depth = self._probe_cache
@@ -168,6 +182,9 @@ class Engine:
         self._probe_cache = ([], 0)
         h = cap.run(tokens, keep_cache=True, n_keep=n_keep)
         self._probe_cache = (list(tokens), min(block, depth) if n_keep else block)
+        if len(self._probe_memo) >= 16:
+            self._probe_memo.pop(next(iter(self._probe_memo)))
+        self._probe_memo[key] = h
         return h
 
     def _probe_in_place(self, tokens: list[int], probe_input: str) -> np.ndarray:

@@ -54,7 +54,7 @@ def test_torch_reference_routes_and_generates_like_the_engine(tiny, tiny_engine,
     assert ref.names == tiny_engine.pool.names
     for prompt in ["The quick brown fox jumps over the lazy dog.", "SELECT name FROM users WHERE age > 30;"]:
         tokens = tiny_engine.tokenize(prompt)
-        out = tiny_engine.create_completion(tokens, max_tokens=12)
+        out = tiny_engine.create_completion(tokens, max_tokens=12, calibration="raw")  # the paper's routing
         sel = sorted((a for a in out["routing"]["adapters"] if a["rank"] is not None), key=lambda a: a["rank"])
         got = ref.request(tokens, 12)
         assert got["tokens"], "the tiny model stopped at once: the generation check would be empty"
@@ -83,7 +83,7 @@ def check_quick_output(out: str) -> None:
     ratio = re.search(r"decode tok/s, logo-edge routed / llama-cpp-python same adapters: " + NUM, out)
     assert ratio and math.isfinite(float(ratio.group(1))) and float(ratio.group(1)) > 0
     assert re.search(r"^5  PyTorch/PEFT LoGo .*skipped \(--quick\)", out, re.M)
-    assert re.search(r"^4  approximate mode", out, re.M)
+    assert re.search(r"^4  logo-edge probe-cache \(approximate\) +" + NUM, out, re.M)
     peaks = [float(m) for m in re.findall(r"^[1-4][ b] .* ([0-9.]+) MB", out, re.M)]
     assert len(peaks) >= 3 and all(p > 10 for p in peaks)
     sweep = re.search(r"^ +10 +([0-9.]+) +([0-9.]+) +([0-9.]+) +([0-9.]+)", out, re.M)  # N = 10

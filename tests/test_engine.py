@@ -116,7 +116,9 @@ def test_stream_equals_non_stream_and_stop_strings(tiny_engine):
 
 def test_seeded_sampling_is_reproducible(tiny_engine):
     kw = dict(max_tokens=16, temperature=0.9, top_p=0.9, seed=7)
+    tiny_engine.forget_prompts()  # a cached prefix may change the logits' low bits, hence a draw
     a = tiny_engine.create_completion("Sample me", **kw)["choices"][0]["text"]
+    tiny_engine.forget_prompts()
     b = tiny_engine.create_completion("Sample me", **kw)["choices"][0]["text"]
     c = tiny_engine.create_completion("Sample me", **{**kw, "seed": 8})["choices"][0]["text"]
     assert a == b and a != c
