@@ -300,9 +300,9 @@ class Engine:
         write_lora(path, self.model.info.arch, alpha, pairs, "f32")
         handle = self.model.load_lora(path)
         path.unlink()
-        current = self.ctx._adapters[0][0] if len(self.ctx._adapters) == 1 else None
+        in_use = self.ctx.adapter_keys
         for old in [k for k in self._merged if k != key][: max(0, len(self._merged) - 7)]:
-            if _ptr(self._merged[old]) != current:  # keep a few; never the one set in the context
+            if self._merged[old].key not in in_use:  # keep a few; never one set in the context
                 self._merged.pop(old).free()
         self._merged[key] = handle
         return handle
@@ -423,11 +423,6 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 def _finite(x) -> float | None:
     return None if x is None or not np.isfinite(x) else float(x)
 
-
-def _ptr(handle: LoraHandle) -> int | None:
-    import ctypes
-
-    return ctypes.cast(handle.ptr, ctypes.c_void_p).value
 
 
 def _pack(loras, weights) -> tuple[float, dict]:

@@ -96,6 +96,11 @@ class LoraHandle:
         self.ptr = ptr
         self._model = model
 
+    @property
+    def key(self) -> int | None:
+        """The adapter's address: what identifies it in a context's mixture."""
+        return self.ptr.value if hasattr(self.ptr, "value") else ctypes.cast(self.ptr, ctypes.c_void_p).value
+
     def free(self) -> None:
         if self.ptr is not None and self._model._m.model is not None:
             llama_cpp.llama_adapter_lora_free(self.ptr)
@@ -175,8 +180,7 @@ class Context:
 
     def set_adapters(self, handles: list[LoraHandle], scales: list[float]) -> bool:
         """Set the LoRA mixture; returns True if it changed (the caller must then drop caches)."""
-        key = tuple((h.ptr.value if hasattr(h.ptr, "value") else ctypes.cast(h.ptr, ctypes.c_void_p).value,
-                     float(s)) for h, s in zip(handles, scales))
+        key = tuple((h.key, float(s)) for h, s in zip(handles, scales))
         if key == self._adapters:
             return False
         n = len(handles)
@@ -187,6 +191,11 @@ class Context:
             raise AdapterError(f"llama_set_adapters_lora failed with code {rc}")
         self._adapters = key
         return True
+
+    @property
+    def adapter_keys(self) -> set[int]:
+        """Keys (LoraHandle.key) of the adapters set in this context."""
+        return {k for k, _ in self._adapters}
 
     # ---- decoding
 

@@ -62,6 +62,7 @@ class AdapterPool:
         self.adapters: list[PoolAdapter] = []
         self._bank: ProbeBank | None = None
         self._states: dict[str, np.ndarray] = {}  # probe input -> calibration states (n_prompts, d_in)
+        self._stats: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}  # stats() per bank, cached
         self.max_loaded_bytes = int(max_loaded_mb * 2**20)
         self._loaded: OrderedDict[int, None] = OrderedDict()  # indices with a llama.cpp handle, LRU first
 
@@ -88,6 +89,7 @@ class AdapterPool:
             self._calibrate(adapter, probe_input, states)
         self.adapters.append(adapter)
         self._bank = None
+        self._stats.clear()
         return adapter
 
     def add_many(self, sources: Iterable[str | Path] | str | Path) -> list[PoolAdapter]:
@@ -139,6 +141,7 @@ class AdapterPool:
     def set_calibration_states(self, probe_input: str, states: np.ndarray) -> None:
         """Give the pool the calibration prompts' states for a probe input; every adapter is calibrated."""
         self._states[probe_input] = np.asarray(states, np.float32)
+        self._stats.clear()
         for a in self.adapters:
             self._calibrate(a, probe_input, self._states[probe_input])
 
@@ -154,9 +157,11 @@ class AdapterPool:
         """(mean, sd) of `signal` per probe-bank row; AdapterError if the pool is not calibrated."""
         if probe_input not in self._states:
             raise AdapterError(f"the pool has no calibration for probe input {probe_input!r}")
-        rows = [a.stats[probe_input][signal] for a in self.adapters if a.probe is not None]
-        mean, sd = np.array(rows, np.float64).T
-        return mean, sd
+        key = (probe_input, signal)
+        if key not in self._stats:  # built once per pool change, not per request
+            rows = [a.stats[probe_input][signal] for a in self.adapters if a.probe is not None]
+            self._stats[key] = tuple(np.array(rows, np.float64).T)
+        return self._stats[key]
 
     # ---- llama.cpp handles, in an LRU under a memory budget
 

@@ -51,14 +51,15 @@ def test_route_equals_plain_loop(outputs, k, signal):
 
 @settings(max_examples=50, deadline=None, derandomize=True)
 @given(n=st.integers(1, 6), d_in=st.integers(1, 8), d_out=st.integers(1, 8), seed=st.integers(0, 10_000))
-def test_probe_bank_equals_per_adapter_product(n, d_in, d_out, seed):
+def test_probe_bank_equals_per_adapter_products(n, d_in, d_out, seed):
+    """Outputs, and norms from the Gram matrices, against each adapter's own c * B (A h)."""
     rng = np.random.default_rng(seed)
     mats = [(rng.normal(size=(r, d_in)), rng.normal(size=(d_out, r)), float(rng.uniform(0.1, 4)))
             for r in rng.integers(1, 9, size=n)]
-    h = rng.normal(size=d_in)
-    got = ProbeBank(mats).outputs(h)
+    bank, h = ProbeBank(mats), rng.normal(size=d_in)
     want = np.stack([c * (b @ (a @ h)) for a, b, c in mats])
-    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(bank.outputs(h), want, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(bank.norms(h), np.linalg.norm(want, axis=1), rtol=1e-4, atol=1e-5)
 
 
 def test_k_larger_than_pool_means_all():
@@ -116,13 +117,3 @@ def test_every_adapter_unusable_is_an_error():
     with pytest.raises(RoutingError, match="no adapter could be scored"):
         route(np.array([[np.nan]]), ["a"], RouterConfig("norm", 1))
 
-
-@settings(max_examples=50, deadline=None, derandomize=True)
-@given(n=st.integers(1, 6), d_in=st.integers(1, 8), d_out=st.integers(1, 8), seed=st.integers(0, 10_000))
-def test_norms_from_gram_matrices_equal_norms_of_outputs(n, d_in, d_out, seed):
-    rng = np.random.default_rng(seed)
-    mats = [(rng.normal(size=(r, d_in)), rng.normal(size=(d_out, r)), float(rng.uniform(0.1, 4)))
-            for r in rng.integers(1, 9, size=n)]
-    bank, h = ProbeBank(mats), rng.normal(size=d_in)
-    want = [np.linalg.norm(c * (b @ (a @ h))) for a, b, c in mats]
-    np.testing.assert_allclose(bank.norms(h), want, rtol=1e-4, atol=1e-5)
