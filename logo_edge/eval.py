@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import AdapterError
-from .router import CALIBRATIONS, RouterConfig, route
+from .router import CALIBRATIONS, RouterConfig, route_signals
 from .tasks import POOL_TASKS, TASKS, UNSEEN_TASKS, Example, score, splits
 
 LOGO_GRID = [(s, k) for s in ("norm", "entropy") for k in (1, 3, 5)]
@@ -30,7 +30,9 @@ SIGNAL_NAMES = ("norm", "entropy")
 class ProbeSetting:
     label: str
     probe_input: str
-    block: int  # -1 = last
+    block: int  # last block of the window; -1 = the model's last
+    window: int = 0  # blocks read up to `block`; 0 = the engine's probe window
+    generate: bool = True  # False: routing statistics only (hit rates), no generated method
 
 
 @dataclass
@@ -48,66 +50,80 @@ def _progress(i: int, n: int, t0: float, what: str) -> None:
 
 
 class Evaluator:
+    """Probe settings over one engine: a pool (probe bank + calibration) per setting, routing per request.
+
+    The first setting should be the engine's own (what `Engine` routes with); `paper` names the setting
+    of the paper's probe (residual, last block alone), which the uncalibrated LoGo methods use."""
+
     def __init__(self, eng, settings: list[ProbeSetting], default_signal: str = "norm", default_k: int = 3):
         from .pool import AdapterPool
 
         self.eng = eng
         self.settings = settings
         self.pools = {}
-        for s in settings:  # one probe bank per target block; generation always uses the engine's pool
+        for s in settings:  # one probe bank per window; generation always uses the engine's pool
             block = s.block % eng.model.n_layer
-            if block == eng.pool.target_block:
+            window = s.window or len(eng.pool.blocks)
+            if (block, window) == (eng.pool.target_block, len(eng.pool.blocks)):
                 self.pools[s.label] = eng.pool
             else:
-                p = AdapterPool(eng.model, block, eng.pool.target_module)
+                p = AdapterPool(eng.model, block, eng.pool.target_module, probe_blocks=window)
                 p.add_many([a.path for a in eng.pool.adapters])
                 self.pools[s.label] = p
+            eng.calibrate(s.probe_input, self.pools[s.label])
         self.default = (default_signal, default_k)
         self.names = eng.pool.names
-        for s in settings:  # calibration statistics where the probe bank is the engine's pool
-            if self.pools[s.label] is eng.pool:
-                eng.calibrate(s.probe_input)
+        paper = [s.label for s in settings if s.probe_input == "residual" and s.window == 1
+                 and s.block % eng.model.n_layer == eng.model.n_layer - 1]
+        self.paper = paper[0] if paper else (settings[0].label if settings else None)
 
-    def calibrations(self, label: str) -> list[str]:
-        """Signal modes available for a probe setting (calibrated ones need the engine's pool)."""
-        return list(CALIBRATIONS) if self.pools[label] is self.eng.pool else ["raw"]
-
-    def route(self, outputs, label: str, signal: str, k: int, calibration: str = "raw"):
+    def route(self, h, label: str, signal: str, k: int, calibration: str = "raw"):
         pool = self.pools[label]
-        stats = None
-        if calibration != "raw":
-            stats = pool.stats(next(s.probe_input for s in self.settings if s.label == label), signal)
-        return route(outputs, pool.names, RouterConfig(signal, k, calibration), pool.unprobeable, stats)
+        s = next(s for s in self.settings if s.label == label)
+        stats = pool.stats(s.probe_input, signal) if calibration != "raw" else None
+        return route_signals(pool.bank.signals(h, signal), pool.names, RouterConfig(signal, k, calibration),
+                             pool.unprobeable, stats)
 
     def routing(self, tokens: list[int]) -> dict[str, np.ndarray]:
-        """Adapter outputs under every probe setting, one probe each."""
+        """The probe states of every setting: one probe per probe input and last block, read over the
+        union of the windows that end there, then sliced per setting."""
+        groups: dict[tuple[str, int], set[int]] = {}
+        for s in self.settings:
+            pool = self.pools[s.label]
+            groups.setdefault((s.probe_input, pool.target_block), set()).update(pool.blocks)
+        states = {}
+        for (inp, _), blocks in groups.items():
+            order = sorted(blocks)
+            h = self.eng.probe(tokens, inp, order)
+            states[(inp, order[-1])] = dict(zip(order, h))
         out = {}
         for s in self.settings:
             pool = self.pools[s.label]
-            h = self.eng.probe(tokens, s.probe_input, block=pool.target_block)
-            out[s.label] = pool.bank.outputs(h)
+            rows = states[(s.probe_input, pool.target_block)]
+            out[s.label] = np.stack([rows[b] for b in pool.blocks])
         return out
 
-    def methods(self, ex: Example, outputs: dict[str, np.ndarray], rng: random.Random, in_pool: bool) -> dict:
+    def methods(self, ex: Example, states: dict[str, np.ndarray], rng: random.Random, in_pool: bool) -> dict:
         """method name -> mixture ({name: weight} or 'base')."""
         n = len(self.names)
         m: dict[str, object] = {"base": "base", "uniform": {a: 1.0 / n for a in self.names}}
         m["random k=3"] = {a: 1 / 3 for a in rng.sample(self.names, 3)}
         if in_pool:
             m["oracle"] = {ex.task: 1.0}
-        main = self.settings[0].label
-        for sig, k in LOGO_GRID:
-            m[f"LoGo-{sig} k={k}"] = self._mix(outputs[main], main, sig, k)
+        main, paper = self.settings[0].label, self.paper
+        for sig, k in LOGO_GRID:  # the paper's: raw signals at the last block
+            m[f"LoGo-{sig} k={k}"] = self._mix(states[paper], paper, sig, k)
         sig, k = self.default
-        for cal in self.calibrations(main)[1:]:  # calibrated signals: both signals at k, top-1 by norm
+        for cal in list(CALIBRATIONS)[1:]:  # calibrated signals on the engine's window: both signals at k, top-1
             for ss, kk in [(s2, k) for s2 in SIGNAL_NAMES] + [("norm", 1)]:
-                m[f"LoGo-{ss} k={kk} [{cal}]"] = self._mix(outputs[main], main, ss, kk, cal)
+                m[f"LoGo-{ss} k={kk} [{cal}]"] = self._mix(states[main], main, ss, kk, cal)
         for s in self.settings[1:]:
-            m[f"LoGo-{sig} k={k} [{s.label}]"] = self._mix(outputs[s.label], s.label, sig, k)
+            if s.generate:
+                m[f"LoGo-{sig} k={k} [zscore, {s.label}]"] = self._mix(states[s.label], s.label, sig, k, "zscore")
         return m
 
-    def _mix(self, outputs, label, signal, k, calibration="raw") -> dict[str, float]:
-        r = self.route(outputs, label, signal, k, calibration)
+    def _mix(self, h, label, signal, k, calibration="raw") -> dict[str, float]:
+        r = self.route(h, label, signal, k, calibration)
         return {self.pools[label].names[i]: w for i, w in r.mixture()}
 
     def generate(self, ex: Example, mixture, merge: str = "mixture", **route) -> tuple[str, float]:
@@ -119,17 +135,23 @@ class Evaluator:
 
 
 def run_eval(eng, n_per_task: int, out_dir: Path, quick: bool = False, tasks: list[str] | None = None,
-             seed: int = 0, n_route: int = 0) -> dict:
+             seed: int = 0, n_route: int = 0, windows: list[int] | None = None) -> dict:
     """Evaluate; returns a summary dict (also written as report.md / results.csv / heatmap.png).
 
     Generation runs on the first `n_per_task` test examples of each task; routing statistics (hit rates,
-    signals) on the first max(n_per_task, n_route), since a probe costs far less than a generation."""
+    signals) on the first max(n_per_task, n_route), since a probe costs far less than a generation.
+    `windows` adds probe windows (residual, ending at the last block) to the hit-rate table only."""
     out_dir.mkdir(parents=True, exist_ok=True)
     mid = eng.model.n_layer // 2
-    settings = [ProbeSetting("residual, last block", "residual", -1),
-                ProbeSetting("normed, last block", "normed", -1),
-                ProbeSetting(f"residual, block {mid}", "residual", mid),
-                ProbeSetting("residual, block 0", "residual", 0)]
+    w = len(eng.pool.blocks)
+    settings = [ProbeSetting(f"residual, last {w} blocks", "residual", -1),
+                ProbeSetting("residual, last block", "residual", -1, 1),
+                ProbeSetting(f"normed, last {w} blocks", "normed", -1),
+                ProbeSetting(f"residual, {w} blocks to block {mid}", "residual", mid)]
+    if w == 1:
+        settings = [settings[0], settings[2], settings[3]]
+    settings += [ProbeSetting(f"residual, last {n} blocks", "residual", -1, n, generate=False)
+                 for n in windows or () if n not in (1, w)]
     ev = Evaluator(eng, settings)
     pool_names = set(ev.names)
     chosen = [TASKS[t] for t in tasks] if tasks else [t for t in POOL_TASKS if t.name in pool_names] + UNSEEN_TASKS
@@ -145,13 +167,13 @@ def run_eval(eng, n_per_task: int, out_dir: Path, quick: bool = False, tasks: li
         in_pool = task.name in pool_names
         tokens = eng.tokenize(eng.format_chat([{"role": "user", "content": ex.prompt}]))
         tp = time.perf_counter()
-        outputs = ev.routing(tokens)
+        states = ev.routing(tokens)
         probe_s = (time.perf_counter() - tp) / len(settings)
         for s in settings:
             pool = ev.pools[s.label]
             for sig in SIGNAL_NAMES:
-                for cal in ev.calibrations(s.label):
-                    r = ev.route(outputs[s.label], s.label, sig, len(pool.names), cal)
+                for cal in CALIBRATIONS:
+                    r = ev.route(states[s.label], s.label, sig, len(pool.names), cal)
                     if cal == "raw":
                         st.signals.setdefault((f"{sig}, {s.label}", task.name), []).append(r.signals)
                     if in_pool:
@@ -161,18 +183,19 @@ def run_eval(eng, n_per_task: int, out_dir: Path, quick: bool = False, tasks: li
         if j >= n_per_task:
             continue
         done: dict[tuple, tuple[str, float]] = {}
-        methods = ev.methods(ex, outputs, rng, in_pool)
+        methods = ev.methods(ex, states, rng, in_pool)
         if quick:  # the pipeline end to end on a few methods
-            methods = {m: v for m, v in methods.items() if m in ("base", "oracle", "LoGo-norm k=3")}
-        if not quick:  # the approximate mode: the probe's base K/V kept for the prompt
+            methods = {m: v for m, v in methods.items() if m in ("base", "oracle", "LoGo-norm k=3",
+                                                                  "LoGo-norm k=3 [zscore]")}
+        if not quick:  # the approximate mode: the probe's base K/V kept for the prompt (engine's default probe)
             sig, k = ev.default
-            methods[f"LoGo-{sig} k={k} [probe-cache]"] = methods[f"LoGo-{sig} k={k}"]
+            methods[f"LoGo-{sig} k={k} [zscore, probe-cache]"] = methods[f"LoGo-{sig} k={k} [zscore]"]
         for method, mix in methods.items():
             key = ("base",) if mix == "base" else tuple(sorted((a, round(w, 6)) for a, w in mix.items()))
             if method.endswith("[probe-cache]"):
                 key = ("probe-cache",)
                 done[key] = ev.generate(ex, "auto", signal=sig, k=k, prefill="probe-cache",
-                                       probe_input=settings[0].probe_input, calibration="raw")
+                                       probe_input=settings[0].probe_input, calibration="zscore")
             if key not in done:
                 done[key] = ev.generate(ex, mix)
             pred, secs = done[key]
@@ -269,7 +292,7 @@ def _write(st: EvalState, out: Path, ev, chosen, n, elapsed, quick, n_route) -> 
 
 
 def _heatmap(st: EvalState, ev, chosen, out: Path) -> None:
-    key = f"norm, {ev.settings[0].label}"
+    key = f"norm, {ev.paper}"
     tasks = [t.name for t in chosen if (key, t.name) in st.signals]
     if not tasks:
         return

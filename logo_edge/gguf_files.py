@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Collection
 
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFReader
@@ -103,13 +104,14 @@ def _finite(t) -> bool:
     return bool(np.isfinite(tensor_array(t)).all())
 
 
-def read_lora(path: str | Path, base: BaseInfo, only: str | None = None) -> LoraFile:
+def read_lora(path: str | Path, base: BaseInfo, only: str | Collection[str] | None = None) -> LoraFile:
     """Read an adapter GGUF and check it against `base`; AdapterError names the file and the problem.
 
-    Every tensor is validated (shapes, finiteness); with `only`, just that base weight's pair is
-    converted to float32 and kept in `pairs` (the pool needs the probe target alone), and `stems`
-    still lists every adapted weight."""
+    Every tensor is validated (shapes, finiteness); with `only` (a base weight name or several), just
+    those pairs are converted to float32 and kept in `pairs` (the pool needs its probe window alone),
+    and `stems` still lists every adapted weight."""
     path = Path(path)
+    keep = {only} if isinstance(only, str) else None if only is None else set(only)
     r = _open(path, AdapterError, "adapter")
     gtype, atype = _field(r, "general.type"), _field(r, "adapter.type")
     if gtype != "adapter" or atype != "lora":
@@ -145,7 +147,7 @@ def read_lora(path: str | Path, base: BaseInfo, only: str | None = None) -> Lora
                                f"(in={n_in}, out={n_out}); the adapter was made for another model size")
         if not (_finite(h[".lora_a"]) and _finite(h[".lora_b"])):
             raise AdapterError(f"{path}: {stem} holds NaN or infinite values; the adapter is corrupt")
-        if only is None or stem == only:
+        if keep is None or stem in keep:
             pairs[stem] = (tensor_array(h[".lora_a"]), tensor_array(h[".lora_b"]))
     return LoraFile(path, name, float(alpha) if alpha is not None else None, pairs, sorted(halves))
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -227,58 +228,71 @@ class Context:
 
 
 class ProbeCapture:
-    """Arms the eval callback for one decode and copies the last token's column of one graph tensor.
+    """Arms the eval callback for one decode and copies the last token's column of graph tensors.
 
-    The callback is set with the patch's llama_set_eval_callback only around `run`, so no Python runs
-    per graph node during generation. With `stop_early` the rest of the graph is skipped once h is read.
+    `block` is one block (run returns h, (n_embd,)) or an ascending window of blocks (run returns
+    (len(window), n_embd), one row per block), all read in the same decode. The callback is set with
+    the patch's llama_set_eval_callback only around `run`, so no Python runs per graph node during
+    generation. With `stop_early` the rest of the graph is skipped once the last block's h is read.
     """
 
-    def __init__(self, ctx: Context, block: int, module: str, inp: str, stop_early: bool = True):
+    def __init__(self, ctx: Context, block: int | Sequence[int], module: str, inp: str, stop_early: bool = True):
         if module not in PROBE_INPUTS:
             raise ValueError(f"probe target module {module!r} is not supported; choose one of "
                              f"{sorted(PROBE_INPUTS)}")
-        if not 0 <= block < ctx.model.n_layer:
-            raise ValueError(f"target block {block} is out of range for a model with {ctx.model.n_layer} blocks")
+        self._single = isinstance(block, (int, np.integer))
+        blocks = [int(block)] if self._single else [int(b) for b in block]
+        if not blocks or blocks != sorted(set(blocks)):
+            raise ValueError(f"probe blocks must be distinct and ascending, got {blocks}")
+        for b in blocks:
+            if not 0 <= b < ctx.model.n_layer:
+                raise ValueError(f"target block {b} is out of range for a model with {ctx.model.n_layer} blocks")
         if inp not in ("residual", "normed"):
             raise ValueError(f"probe input must be 'residual' or 'normed', got {inp!r}")
         self.ctx = ctx
         self.stop_early = stop_early
         normed, residual = PROBE_INPUTS[module]
-        self._via_src = False
-        if inp == "normed":
-            self.target = f"{normed}-{block}".encode()
-        elif residual is not None:
-            self.target = f"{residual}-{block}".encode()
-        elif block > 0:
-            self.target = f"l_out-{block - 1}".encode()
-        else:  # block 0: the embeddings have no stable name; read the input of attn_norm-0's RMS norm
-            self.target = f"{normed}-0".encode()
-            self._via_src = True
+        self._targets: dict[bytes, int] = {}  # graph tensor name -> row of the window
+        self._via_src = None  # the row read through attn_norm-0's RMS norm (block 0's residual)
+        for row, b in enumerate(blocks):
+            if inp == "normed":
+                name = f"{normed}-{b}"
+            elif residual is not None:
+                name = f"{residual}-{b}"
+            elif b > 0:
+                name = f"l_out-{b - 1}"
+            else:  # block 0: the embeddings have no stable name; read the input of attn_norm-0's RMS norm
+                name, self._via_src = f"{normed}-0", row
+            self._targets[name.encode()] = row
+        self._rows: list[np.ndarray | None] = [None] * len(blocks)
         self.h: np.ndarray | None = None
         self._cb = _lib.EvalCallback(self._callback)
 
     def _callback(self, t, ask, _ud):
         tensor = _lib.GGMLTensor.from_address(t)
+        row = self._targets.get(tensor.name)
         if ask:
-            return tensor.name == self.target
-        if self._via_src:  # attn_norm = mul(rms_norm(x), w): x = src[0].src[0]
+            return row is not None
+        if row is None:
+            return True
+        if row == self._via_src:  # attn_norm = mul(rms_norm(x), w): x = src[0].src[0]
             t = _lib.GGMLTensor.from_address(tensor.src[0]).src[0]
             tensor = _lib.GGMLTensor.from_address(t)
         if tensor.type != _lib.GGML_TYPE_F32:
-            self.h = None
-            return False
+            return True  # leaves the row empty: run() says which
         ne0, ne1 = tensor.ne[0], tensor.ne[1]
         h = np.empty(ne0, np.float32)
         _lib.ggml_backend_tensor_get(t, h.ctypes.data, tensor.nb[1] * (ne1 - 1), ne0 * 4)
-        self.h = h
-        return not self.stop_early
+        self._rows[row] = h
+        return not (self.stop_early and row == len(self._rows) - 1)
 
     def run(self, tokens: list[int], keep_cache: bool = False, n_keep: int = 0) -> np.ndarray:
-        """Prefill `tokens` in the context, return h (n_embd,).
+        """Prefill `tokens` in the context, return h: (n_embd,) for one block, (n_blocks, n_embd) for a window.
 
         The cache is removed after unless `keep_cache`. With stop_early, a kept cache is complete only
-        below the target block, which is all a later probe at the same (or a lower) block reads; then
-        `n_keep` cached leading tokens can be reused instead of decoded again."""
+        below the (last) target block, which is all a later probe at the same (or a lower) block reads;
+        then `n_keep` cached leading tokens can be reused instead of decoded again."""
+        self._rows = [None] * len(self._rows)
         self.h = None
         ctx = self.ctx
         _lib.llama_set_eval_callback(ctx.ptr, self._cb, None)
@@ -292,6 +306,8 @@ class ProbeCapture:
             _lib.llama_set_eval_callback(ctx.ptr, _lib.EvalCallback(), None)
             if not (keep_cache and ok):
                 ctx.cache_truncate(0)
-        if self.h is None:
-            raise RuntimeError(f"the probe did not see tensor {self.target.decode()} (or it was not f32)")
+        missing = [name.decode() for name, row in self._targets.items() if self._rows[row] is None]
+        if missing:
+            raise RuntimeError(f"the probe did not see tensor(s) {', '.join(missing)} (or they were not f32)")
+        self.h = self._rows[0] if self._single else np.stack(self._rows)
         return self.h

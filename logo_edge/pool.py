@@ -1,8 +1,9 @@
 """The adapter pool: validated GGUF LoRAs, their probe bank, calibration and llama.cpp handles.
 
-Only the target module's A/B of each adapter stay in memory (the probe bank) with its
-calibration statistics; the full adapter is loaded into llama.cpp when a mixture needs it and
-kept in an LRU under a memory budget, so memory does not grow with the pool.
+Only the probe module's A/B of each adapter over the probe window (the last `probe_blocks` blocks up
+to the target block) stay in memory (the probe bank) with its calibration statistics; the full
+adapter is loaded into llama.cpp when a mixture needs it and kept in an LRU under a memory budget,
+so memory does not grow with the pool.
 """
 
 from __future__ import annotations
@@ -17,21 +18,23 @@ from typing import Iterable
 import numpy as np
 
 from .calibration import Stats, adapter_stats
+from .defaults import PROBE_BLOCKS
 from .errors import AdapterError
 from .gguf_files import read_lora
 from .llm import PROBE_INPUTS, LoraHandle, Model
-from .router import ProbeBank
+from .router import Entry, ProbeBank
 
 
 @dataclass
 class PoolAdapter:
-    """One adapter of the pool. `probe` holds (A, B, c) of the target module, or None with a reason."""
+    """One adapter of the pool. `probe` holds (A, B, c) of the probe module per window block (None where
+    it has no LoRA; the last, the target block, is present), or is None with a reason."""
 
     name: str
     path: Path
     modules: list[str]
     alpha: float | None
-    probe: tuple[np.ndarray, np.ndarray, float] | None = field(repr=False)
+    probe: list[Entry | None] | None = field(repr=False)
     unprobeable_reason: str | None = None
     handle: LoraHandle | None = field(default=None, repr=False)
     nbytes: int = 0  # size of the full adapter's tensors (what loading it into llama.cpp costs)
@@ -40,14 +43,14 @@ class PoolAdapter:
 
     @property
     def rank(self) -> int | None:
-        return None if self.probe is None else self.probe[0].shape[0]
+        return None if self.probe is None else self.probe[-1][0].shape[0]
 
 
 class AdapterPool:
     """Adapters checked against one base model, probed at one target block and module."""
 
     def __init__(self, model: Model, target_block: int = -1, target_module: str = "attn_q",
-                 max_loaded_mb: float = 1024):
+                 max_loaded_mb: float = 1024, probe_blocks: int = PROBE_BLOCKS):
         if target_module not in PROBE_INPUTS:
             raise AdapterError(f"target module {target_module!r} cannot be probed; choose one of "
                                f"{sorted(PROBE_INPUTS)}")
@@ -56,12 +59,16 @@ class AdapterPool:
         if not 0 <= block < n_layer:
             raise AdapterError(f"target block {target_block} is out of range for a model with {n_layer} blocks")
         self.model = model
+        if not isinstance(probe_blocks, (int, np.integer)) or isinstance(probe_blocks, bool) or probe_blocks < 1:
+            raise AdapterError(f"probe_blocks must be an integer >= 1, got {probe_blocks!r}")
         self.target_block = block
         self.target_module = target_module
-        self.target_tensor = f"blk.{block}.{target_module}.weight"
+        self.blocks = list(range(max(0, block - probe_blocks + 1), block + 1))  # the probe window, target last
+        self.window_tensors = [f"blk.{b}.{target_module}.weight" for b in self.blocks]
+        self.target_tensor = self.window_tensors[-1]
         self.adapters: list[PoolAdapter] = []
         self._bank: ProbeBank | None = None
-        self._states: dict[str, np.ndarray] = {}  # probe input -> calibration states (n_prompts, d_in)
+        self._states: dict[str, np.ndarray] = {}  # probe input -> calibration states (n_prompts, n_blocks, d_in)
         self._stats: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}  # stats() per bank, cached
         self.max_loaded_bytes = int(max_loaded_mb * 2**20)
         self._loaded: OrderedDict[int, None] = OrderedDict()  # indices with a llama.cpp handle, LRU first
@@ -70,15 +77,15 @@ class AdapterPool:
 
     def add(self, path: str | Path, name: str | None = None) -> PoolAdapter:
         """Validate one GGUF LoRA against the base and add it; AdapterError leaves the pool unchanged."""
-        lora = read_lora(path, self.model.info, only=self.target_tensor)  # validates all, keeps the target
+        lora = read_lora(path, self.model.info, only=self.window_tensors)  # validates all, keeps the window
         name = name or lora.name
         if any(a.name == name for a in self.adapters):
             raise AdapterError(f"{lora.path}: an adapter named {name!r} is already in the pool; "
                                "rename the file or pass another name")
         probe, reason = None, None
         if self.target_tensor in lora.pairs:
-            a, b = lora.pairs[self.target_tensor]
-            probe = (a.copy(), b.copy(), lora.scale(self.target_tensor))
+            probe = [(lora.pairs[t][0].copy(), lora.pairs[t][1].copy(), lora.scale(t)) if t in lora.pairs else None
+                     for t in self.window_tensors]
         else:
             reason = f"no LoRA on {self.target_tensor} (the probe target); it has {len(lora.stems)} other tensors"
             warnings.warn(f"adapter {name!r} ({lora.path.name}) cannot be probed: {reason}; it will not be "
@@ -139,8 +146,13 @@ class AdapterPool:
         return list(self._states)
 
     def set_calibration_states(self, probe_input: str, states: np.ndarray) -> None:
-        """Give the pool the calibration prompts' states for a probe input; every adapter is calibrated."""
-        self._states[probe_input] = np.asarray(states, np.float32)
+        """Give the pool the calibration prompts' states (n_prompts, n_blocks, d_in) for a probe input;
+        every adapter is calibrated."""
+        states = np.asarray(states, np.float32)
+        if states.ndim != 3 or states.shape[1:] != (len(self.blocks), self.model.n_embd):
+            raise AdapterError(f"calibration states of shape {states.shape} do not fit the probe window "
+                               f"({len(self.blocks)} blocks of {self.model.n_embd})")
+        self._states[probe_input] = states
         self._stats.clear()
         for a in self.adapters:
             self._calibrate(a, probe_input, self._states[probe_input])
@@ -150,7 +162,7 @@ class AdapterPool:
         if adapter.probe is None:
             return
         t0 = time.perf_counter()
-        adapter.stats[probe_input] = adapter_stats(*adapter.probe, states)
+        adapter.stats[probe_input] = adapter_stats(adapter.probe, states)
         adapter.calibrate_s = time.perf_counter() - t0
 
     def stats(self, probe_input: str, signal: str) -> tuple[np.ndarray, np.ndarray]:

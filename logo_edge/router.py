@@ -14,58 +14,109 @@ import numpy as np
 
 from .errors import RoutingError
 
+Entry = tuple[np.ndarray, np.ndarray, float]  # (A (r, d_in), B (d_out, r), c) of one adapted weight
+
+
+def fold(a: np.ndarray, b: np.ndarray, c: float) -> tuple[np.ndarray, np.ndarray]:
+    """(M, Q) with c*B*A = Q*M, Q's columns orthonormal (or zero): then ||c*B*A*h|| = ||M*h||.
+
+    From B^T B = V diag(lam) V^T: M = |c| sqrt(lam) V^T A and Q = sign(c) B V lam^-1/2. Directions
+    with lam ~ 0 carry no output and are dropped (their rows of M and columns of Q are zero)."""
+    a64, b64 = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    lam, v = np.linalg.eigh(b64.T @ b64)
+    keep = lam > max(lam.max(initial=0.0), 0.0) * 1e-12
+    root = np.sqrt(np.where(keep, lam, 0.0))
+    m = abs(c) * root[:, None] * (v.T @ a64)
+    q = np.sign(c) * (b64 @ v) / np.where(keep, root, np.inf)
+    return m, q
+
 
 class ProbeBank:
-    """Target-module A/B of every adapter, padded to the largest rank so one einsum serves all.
+    """Every adapter's probe-module A/B over a window of blocks, folded so one matrix product serves all.
 
-    Zero-padding the rank does not change o_i = c_i * B_i (A_i h).
+    `entries[i][j]` is adapter i's (A, B, c) at block j of the window (the last is the target block),
+    or None where it has no LoRA. Each is stored folded (`fold`): adapter i's rows of M_j give
+    ||o_ij|| = ||M_ij h_j|| directly, and Q (target block only) turns those rows into o_i itself.
+    Rows of all adapters are concatenated (no padding to the largest rank).
+
+    The norm signal over a window is the norm of the adapter's outputs at every window block stacked,
+    sqrt(sum_j ||o_ij||^2); a window of one block is the paper's ||o_i||. Outputs (for the entropy
+    signal) are the target block's.
     """
 
-    def __init__(self, mats: Sequence[tuple[np.ndarray, np.ndarray, float]]):
-        if not mats:
+    def __init__(self, entries: Sequence[Sequence[Entry | None]]):
+        if not entries:
             raise RoutingError("the probe bank is empty: load at least one adapter with the target module")
-        r_max = max(a.shape[0] for a, _, _ in mats)
-        d_in = mats[0][0].shape[1]
-        d_out = mats[0][1].shape[0]
-        n = len(mats)
-        self.A = np.zeros((n, r_max, d_in), np.float32)  # (N, r, d_in)
-        self.Bt = np.zeros((n, r_max, d_out), np.float32)  # (N, r, d_out): B transposed, rows contiguous
-        self.scale = np.zeros(n, np.float64)
-        for i, (a, b, c) in enumerate(mats):
-            r = a.shape[0]
-            if a.shape[1] != d_in or b.shape != (d_out, r):
-                raise RoutingError(f"probe bank entry {i}: A {a.shape} / B {b.shape} do not match "
-                                   f"d_in={d_in}, d_out={d_out}")
-            self.A[i, :r] = a
-            self.Bt[i, :r] = b.T
-            self.scale[i] = c
-        # ||c B z||^2 = c^2 z^T (B^T B) z: the norm signal needs only these r x r Gram matrices
-        self.gram = np.einsum("nro,nso->nrs", self.Bt, self.Bt, dtype=np.float64)  # (N, r, r)
+        n_blocks = len(entries[0])
+        present = [e for row in entries for e in row if e is not None]
+        if any(len(row) != n_blocks for row in entries) or any(row[-1] is None for row in entries) or not present:
+            raise RoutingError("every probe bank entry needs one (A, B, c) or None per window block, "
+                               "and its target (last) block")
+        d_in, d_out = present[0][0].shape[1], present[0][1].shape[0]
+        ranks = [max(e[0].shape[0] for e in row if e is not None) for row in entries]
+        self.offsets = np.concatenate([[0], np.cumsum(ranks)[:-1]]).astype(np.intp)  # first row of each adapter
+        n_rows = int(sum(ranks))
+        self.M = np.zeros((n_blocks, n_rows, d_in), np.float32)
+        self.Q = np.zeros((n_rows, d_out), np.float32)  # target block: Q transposed, rows contiguous
+        for i, row in enumerate(entries):
+            for j, e in enumerate(row):
+                if e is None:
+                    continue
+                a, b, c = e
+                r = a.shape[0]
+                if a.shape[1] != d_in or b.shape != (d_out, r):
+                    raise RoutingError(f"probe bank entry {i}, block {j}: A {a.shape} / B {b.shape} do not match "
+                                       f"d_in={d_in}, d_out={d_out}")
+                m, q = fold(a, b, c)
+                o = self.offsets[i]
+                self.M[j, o:o + r] = m
+                if j == n_blocks - 1:
+                    self.Q[o:o + r] = q.T
 
     def __len__(self) -> int:
-        return self.A.shape[0]
+        return len(self.offsets)
+
+    @property
+    def n_blocks(self) -> int:
+        return self.M.shape[0]
 
     @property
     def nbytes(self) -> int:
-        return self.A.nbytes + self.Bt.nbytes + self.gram.nbytes
+        return self.M.nbytes + self.Q.nbytes + self.offsets.nbytes
 
-    def _z(self, h: np.ndarray) -> np.ndarray:
-        n, r_max, d_in = self.A.shape
-        return (self.A.reshape(n * r_max, d_in) @ np.asarray(h, np.float32)).reshape(n, r_max)  # (N, r)
+    def _window(self, h: np.ndarray) -> np.ndarray:
+        h = np.asarray(h, np.float32)
+        window = h[None] if h.ndim == 1 else h
+        if window.shape != (self.n_blocks, self.M.shape[2]):
+            raise RoutingError(f"probe state has shape {h.shape}; the bank reads {self.n_blocks} block(s) of "
+                               f"{self.M.shape[2]}")
+        return window
 
-    def norms(self, h: np.ndarray) -> np.ndarray:
-        """||o_i||_2 for every adapter without forming o: O(N r^2) after A h instead of O(N r d_out)."""
-        z = self._z(h).astype(np.float64)
-        sq = np.einsum("nr,nrs,ns->n", z, self.gram, z)  # (N,)
-        return np.abs(self.scale) * np.sqrt(np.maximum(sq, 0.0))
+    def norms(self, h: np.ndarray, last: int | None = None) -> np.ndarray:
+        """sqrt(sum over window blocks of ||o_ij||^2) per adapter, without forming o: h is (n_blocks, d_in).
+        With `last`, only the window's last `last` blocks count (last=1: the paper's signal)."""
+        h = self._window(h)
+        sq = np.zeros(self.M.shape[1], np.float64)
+        for j in range(self.n_blocks - min(last or self.n_blocks, self.n_blocks), self.n_blocks):
+            z = self.M[j] @ h[j]
+            sq += np.square(z, dtype=np.float64)
+        return np.sqrt(np.add.reduceat(sq, self.offsets))
 
     def outputs(self, h: np.ndarray) -> np.ndarray:
-        """o_i = c_i * B_i (A_i h) for every adapter; h is (d_in,), the result (N, d_out) float64."""
-        z = self._z(h)  # (N, r): one matrix-vector product
-        o = z[:, 0, None] * self.Bt[:, 0]  # (N, d_out), accumulated over the rank: r_max wide vector ops
-        for j in range(1, z.shape[1]):
-            o += z[:, j, None] * self.Bt[:, j]
-        return o.astype(np.float64) * self.scale[:, None]
+        """o_i = c_i B_i (A_i h) at the target block for every adapter: (N, d_out) float64."""
+        z = self.M[-1] @ self._window(h)[-1]  # (rows,)
+        return np.add.reduceat(z[:, None] * self.Q, self.offsets, axis=0).astype(np.float64)
+
+    def signals(self, h: np.ndarray, signal: str) -> np.ndarray:
+        """The raw `signal` of every adapter (nan where its output is not finite): the norm over the
+        window without forming outputs, any other signal from the target block's outputs."""
+        with np.errstate(all="ignore"):
+            if signal == "norm":
+                return self.norms(h)
+            o = self.outputs(h)
+            s = SIGNALS[signal](o)
+        s[~np.isfinite(o).all(axis=1)] = np.nan
+        return s
 
 
 # ---- signals: (N, d_out) adapter outputs -> (N,) scores; a registry, extend by adding an entry

@@ -45,22 +45,30 @@ def test_gguf_to_peft_round_trips_through_the_converter(tmp_path):
 
 
 @pytest.mark.slow
-def test_torch_reference_routes_and_generates_like_the_engine(tiny, tiny_engine, tmp_path):
-    """The bench's PyTorch/PEFT row on the tiny model: same top-k, weights and greedy tokens as logo-edge."""
+def test_torch_reference_routes_and_generates_like_the_engine(tiny, tmp_path):
+    """The bench's PyTorch/PEFT row on the tiny model: same top-k, weights and greedy tokens as logo-edge
+    routing the paper's way (raw norm, last block alone)."""
     from logo_edge.bench_torch import build_reference
+    from logo_edge.engine import Engine, RouteConfig
 
-    paths = [a.path for a in tiny_engine.pool.adapters]  # the pool's order (ties go to the lower index)
+    with pytest.warns(UserWarning, match="v_only"):
+        eng = Engine(tiny / "tiny-f32.gguf", tiny / "gguf", n_ctx=512, n_batch=64, kv_type="f32", flash_attn=False,
+                     probe_blocks=1, routing=RouteConfig(calibration="raw"))
+    paths = [a.path for a in eng.pool.adapters]  # the pool's order (ties go to the lower index)
     ref = build_reference(tiny / "hf", tiny / "tiny-f32.gguf", paths, 3, tmp_path)
-    assert ref.names == tiny_engine.pool.names
-    for prompt in ["The quick brown fox jumps over the lazy dog.", "SELECT name FROM users WHERE age > 30;"]:
-        tokens = tiny_engine.tokenize(prompt)
-        out = tiny_engine.create_completion(tokens, max_tokens=12, calibration="raw")  # the paper's routing
-        sel = sorted((a for a in out["routing"]["adapters"] if a["rank"] is not None), key=lambda a: a["rank"])
-        got = ref.request(tokens, 12)
-        assert got["tokens"], "the tiny model stopped at once: the generation check would be empty"
-        assert got["names"] == [a["name"] for a in sel]
-        assert got["weights"] == pytest.approx([a["weight"] for a in sel], rel=1e-4)
-        assert tiny_engine.model.detokenize(got["tokens"]) == out["choices"][0]["text"]
+    assert ref.names == eng.pool.names
+    try:
+        for prompt in ["The quick brown fox jumps over the lazy dog.", "SELECT name FROM users WHERE age > 30;"]:
+            tokens = eng.tokenize(prompt)
+            out = eng.create_completion(tokens, max_tokens=12)
+            sel = sorted((a for a in out["routing"]["adapters"] if a["rank"] is not None), key=lambda a: a["rank"])
+            got = ref.request(tokens, 12)
+            assert got["tokens"], "the tiny model stopped at once: the generation check would be empty"
+            assert got["names"] == [a["name"] for a in sel]
+            assert got["weights"] == pytest.approx([a["weight"] for a in sel], rel=1e-4)
+            assert eng.model.detokenize(got["tokens"]) == out["choices"][0]["text"]
+    finally:
+        eng.close()
 
 
 @pytest.mark.slow

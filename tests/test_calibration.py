@@ -8,7 +8,7 @@ import pytest
 
 from logo_edge.calibration import adapter_stats, calibration_prompts
 from logo_edge.errors import RoutingError
-from logo_edge.router import RouterConfig, route
+from logo_edge.router import ProbeBank, RouterConfig, route
 
 
 def loop_norm(o):
@@ -16,15 +16,23 @@ def loop_norm(o):
 
 
 def test_adapter_stats_equal_a_plain_loop():
+    """Norm over a window of blocks (one without LoRA), entropy at the target block, as the ProbeBank."""
     rng = np.random.default_rng(0)
-    a, b, c = rng.normal(size=(4, 6)), rng.normal(size=(5, 4)), 0.7
-    states = rng.normal(size=(9, 6))
-    stats = adapter_stats(a, b, c, states)
-    sig = [loop_norm(c * (b @ (a @ h))) for h in states]
+    entries = [(rng.normal(size=(4, 6)), rng.normal(size=(5, 4)), 0.7), None,
+               (rng.normal(size=(2, 6)), rng.normal(size=(5, 2)), -1.3)]
+    states = rng.normal(size=(9, 3, 6))
+    stats = adapter_stats(entries, states)
+    outs = [[np.zeros(5) if e is None else e[2] * (e[1] @ (e[0] @ h[j])) for j, e in enumerate(entries)]
+            for h in states]
+    sig = [loop_norm(np.concatenate(o)) for o in outs]
     mean = sum(sig) / len(sig)
     sd = math.sqrt(sum((s - mean) ** 2 for s in sig) / len(sig))
     assert stats["norm"] == pytest.approx((mean, sd), rel=1e-9)
-    assert set(stats) == {"norm", "entropy"} and stats["entropy"][0] > 0
+    ent = ProbeBank([entries]).signals  # the bank's entropy on each state: what routing will compare with
+    e = np.array([ent(h, "entropy")[0] for h in states])
+    assert stats["entropy"] == pytest.approx((e.mean(), e.std()), rel=1e-4)
+    with pytest.raises(ValueError, match="do not match 2 window block"):
+        adapter_stats(entries[:2], states)
 
 
 @pytest.mark.parametrize("mode", ["ratio", "zscore"])
@@ -61,7 +69,7 @@ def test_calibrated_scores_ignore_update_size():
     a, b = rng.normal(size=(4, 6)), rng.normal(size=(5, 4))
     states, h = rng.normal(size=(20, 6)), rng.normal(size=6)
     outputs = np.stack([b @ (a @ h), 10 * b @ (a @ h)])
-    st = [adapter_stats(a, b, c, states)["norm"] for c in (1.0, 10.0)]
+    st = [adapter_stats([(a, b, c)], states[:, None])["norm"] for c in (1.0, 10.0)]
     mean, sd = np.array(st).T
     raw = route(outputs, ["small", "big"], RouterConfig("norm", 1))
     assert raw.selected == [1]
@@ -85,14 +93,15 @@ def test_engine_calibration_matches_pytorch(tiny, hf_tiny, monkeypatch, tmp_path
     monkeypatch.setenv("LOGO_EDGE_CACHE", str(tmp_path))  # a fresh states cache
     with pytest.warns(UserWarning, match="v_only"):
         eng = Engine(tiny / "tiny-f32.gguf", tiny / "gguf", n_ctx=256, kv_type="f32", flash_attn=False,
-                     routing=RouteConfig(calibration="ratio", probe_input="normed"))
+                     probe_blocks=2, routing=RouteConfig(calibration="ratio", probe_input="normed"))
     try:
-        assert eng.pool.calibrated_inputs == ["normed"]
+        assert eng.pool.calibrated_inputs == ["normed"] and eng.pool.blocks == [N_LAYER - 2, N_LAYER - 1]
         toks = [eng.tokenize(eng.format_chat([{"role": "user", "content": p}])) for p in calibration_prompts()]
-        hs = [reference_h(hf_tiny, t, N_LAYER - 1, "normed") for t in toks]
+        hs = [[reference_h(hf_tiny, t, blk, "normed") for blk in eng.pool.blocks] for t in toks]
         for name in ADAPTERS:
-            a, b, c = peft_probe_mats(tiny, name, N_LAYER - 1)
-            sig = np.array([np.linalg.norm(c * (b @ (a @ h))) for h in hs])
+            mats = [peft_probe_mats(tiny, name, blk) for blk in eng.pool.blocks]
+            sig = np.array([math.sqrt(sum(np.sum((c * (b @ (a @ hb))) ** 2) for (a, b, c), hb in zip(mats, h)))
+                            for h in hs])
             got = eng.pool.adapters[eng.pool.index(name)].stats["normed"]["norm"]
             assert got == pytest.approx((sig.mean(), sig.std()), rel=1e-4), name
         rec = eng.route("What is the capital of Peru?")
@@ -106,7 +115,7 @@ def test_engine_calibration_matches_pytorch(tiny, hf_tiny, monkeypatch, tmp_path
         assert len(files) == 1
         monkeypatch.setattr(Engine, "probe", lambda *a, **k: (_ for _ in ()).throw(AssertionError("probed")))
         with pytest.warns(UserWarning, match="v_only"):
-            eng2 = Engine(tiny / "tiny-f32.gguf", tiny / "gguf", n_ctx=256,
+            eng2 = Engine(tiny / "tiny-f32.gguf", tiny / "gguf", n_ctx=256, probe_blocks=2,
                           routing=RouteConfig(calibration="zscore", probe_input="normed"))
         assert eng2.pool.adapters[0].stats == eng.pool.adapters[0].stats
         eng2.close()
@@ -115,7 +124,7 @@ def test_engine_calibration_matches_pytorch(tiny, hf_tiny, monkeypatch, tmp_path
         monkeypatch.setenv("LOGO_EDGE_CACHE", str(tmp_path))
         with pytest.warns(UserWarning, match="v_only"):
             eng3 = Engine(tiny / "tiny-f32.gguf", tiny / "gguf", n_ctx=256, kv_type="f32", flash_attn=False,
-                          routing=RouteConfig(calibration="zscore", probe_input="normed"))
+                          probe_blocks=2, routing=RouteConfig(calibration="zscore", probe_input="normed"))
         assert eng3.pool.adapters[0].stats["normed"]["norm"] == pytest.approx(
             eng.pool.adapters[0].stats["normed"]["norm"], rel=1e-4)
         eng3.close()

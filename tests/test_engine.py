@@ -97,7 +97,7 @@ def test_record_has_every_adapter_settings_and_timings(tiny_engine):
     assert sum(a["weight"] for a in rec["adapters"]) == pytest.approx(1.0)
     assert sum(a["rank"] is not None for a in rec["adapters"]) == 2
     assert rec["settings"] == dict(signal="norm", k=2, k_used=2, calibration="zscore", target_block=3,
-                                   target_module="attn_q",
+                                   probe_blocks=4, target_module="attn_q",
                                    probe_input="residual", merge="mixture", prefill="exact")
     t = rec["timings"]
     assert t["probe_s"] > 0 and t["prefill_s"] > 0 and t["decode_s"] > 0 and t["prompt_tokens"] > 5

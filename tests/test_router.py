@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from logo_edge.errors import RoutingError
-from logo_edge.router import ProbeBank, RouterConfig, route, select, weights_for
+from logo_edge.router import ProbeBank, RouterConfig, entropy_signal, route, select, weights_for
 
 
 def loop_signal(o, signal):
@@ -50,16 +50,35 @@ def test_route_equals_plain_loop(outputs, k, signal):
 
 
 @settings(max_examples=50, deadline=None, derandomize=True)
-@given(n=st.integers(1, 6), d_in=st.integers(1, 8), d_out=st.integers(1, 8), seed=st.integers(0, 10_000))
-def test_probe_bank_equals_per_adapter_products(n, d_in, d_out, seed):
-    """Outputs, and norms from the Gram matrices, against each adapter's own c * B (A h)."""
+@given(n=st.integers(1, 6), n_blocks=st.integers(1, 3), d_in=st.integers(1, 8), d_out=st.integers(1, 8),
+       seed=st.integers(0, 10_000))
+def test_probe_bank_equals_per_adapter_products(n, n_blocks, d_in, d_out, seed):
+    """Outputs (target block) and window norms from the folded bank, against each adapter's own c * B (A h)
+    per block; adapters of any rank (the bank does not pad), with and without LoRA at earlier blocks."""
     rng = np.random.default_rng(seed)
-    mats = [(rng.normal(size=(r, d_in)), rng.normal(size=(d_out, r)), float(rng.uniform(0.1, 4)))
-            for r in rng.integers(1, 9, size=n)]
-    bank, h = ProbeBank(mats), rng.normal(size=d_in)
-    want = np.stack([c * (b @ (a @ h)) for a, b, c in mats])
-    np.testing.assert_allclose(bank.outputs(h), want, rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(bank.norms(h), np.linalg.norm(want, axis=1), rtol=1e-4, atol=1e-5)
+    entries = []
+    for r in rng.integers(1, 9, size=n):
+        row = [(rng.normal(size=(r, d_in)), rng.normal(size=(d_out, r)), float(rng.uniform(-4, 4)))
+               if j == n_blocks - 1 or rng.random() < 0.7 else None for j in range(n_blocks)]
+        entries.append(row)
+    bank, h = ProbeBank(entries), rng.normal(size=(n_blocks, d_in))
+    per_block = [[np.zeros(d_out) if e is None else e[2] * (e[1] @ (e[0] @ h[j])) for j, e in enumerate(row)]
+                 for row in entries]
+    want_out = np.stack([row[-1] for row in per_block])
+    want_norm = np.array([np.sqrt(sum(np.sum(o ** 2) for o in row)) for row in per_block])
+    np.testing.assert_allclose(bank.outputs(h), want_out, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(bank.norms(h), want_norm, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(bank.norms(h, last=1), np.linalg.norm(want_out, axis=1), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(bank.signals(h, "entropy"), entropy_signal(want_out), rtol=1e-3)
+
+
+def test_probe_bank_rejects_a_state_of_the_wrong_window():
+    a, b = np.ones((2, 4)), np.ones((3, 2))
+    bank = ProbeBank([[None, (a, b, 1.0)]])
+    with pytest.raises(RoutingError, match=r"probe state has shape \(4,\); the bank reads 2 block"):
+        bank.norms(np.ones(4))
+    with pytest.raises(RoutingError, match="target"):
+        ProbeBank([[(a, b, 1.0), None]])
 
 
 def test_k_larger_than_pool_means_all():
