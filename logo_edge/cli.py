@@ -44,8 +44,11 @@ def cmd_route(args) -> int:
             print(json.dumps(rec.to_dict(), indent=1))
         else:
             print(rec.table())
-            t = rec.timings
-            print(f"\nprobe {t.probe_s * 1e3:.1f} ms, route {t.route_s * 1e3:.2f} ms, {t.prompt_tokens} prompt tokens")
+            t, st = rec.timings, rec.settings
+            last = st["target_block"]
+            print(f"\n{st['signal']} signal of {st['target_module']} ({st['probe_input']} input) over blocks "
+                  f"{last - st['probe_blocks'] + 1}-{last}; probe {t.probe_s * 1e3:.1f} ms, "
+                  f"route {t.route_s * 1e3:.2f} ms, {t.prompt_tokens} prompt tokens")
     return 0
 
 

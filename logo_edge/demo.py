@@ -26,7 +26,8 @@ def run_demo(args) -> int:
             return 1
         print(f"model {eng.model.path.name}; pool of {len(eng.pool)} adapters: {', '.join(eng.pool.names)}")
         print(f"routing: signal={eng.routing.signal}, k={eng.routing.k}, probe input={eng.routing.probe_input}, "
-              f"block {eng.pool.target_block}, {eng.pool.target_module}\n")
+              f"blocks {eng.pool.blocks[0]}-{eng.pool.blocks[-1]}, {eng.pool.target_module}, "
+              f"calibration={eng.routing.calibration}\n")
         for prompt in DEMO_PROMPTS:
             out = eng.create_chat_completion([{"role": "user", "content": prompt}], max_tokens=args.max_tokens)
             rec = out["routing"]

@@ -186,6 +186,19 @@ def test_base_mode_and_empty_pool(tiny):
         assert out["routing"]["mode"] == "base"
 
 
+@pytest.mark.parametrize("bad", [0, -2, 1.5, True])
+def test_probe_window_must_be_a_positive_integer(tiny, bad):
+    with pytest.raises(AdapterError, match=f"probe_blocks must be an integer >= 1, got {bad!r}"):
+        Engine(tiny / "tiny-f32.gguf", n_ctx=128, probe_blocks=bad)
+
+
+def test_probe_window_is_clipped_at_block_0_and_ends_at_the_target(tiny):
+    with Engine(tiny / "tiny-f32.gguf", n_ctx=128, target_block=1, probe_blocks=8) as eng:
+        assert eng.pool.blocks == [0, 1]
+        h = eng.probe(eng.tokenize("hello there"))
+        assert h.shape == (2, eng.model.n_embd)
+
+
 def test_directory_and_name_from_metadata(tiny, tmp_path):
     shutil.copy(tiny / "gguf" / "qv_r8.gguf", tmp_path / "renamed-file.gguf")
     with Engine(tiny / "tiny-f32.gguf", tmp_path, n_ctx=128) as eng:
@@ -212,3 +225,16 @@ def test_loaded_adapters_stay_within_the_budget_and_never_under_the_context(tiny
     finally:
         eng.close()
         ref.close()
+
+
+def test_route_command_shows_raw_and_calibrated_signals_and_the_window(tiny, capsys):
+    from logo_edge.cli import main
+
+    with pytest.warns(UserWarning, match="v_only"):
+        assert main(["route", "Tell me a story", "--raw", "--model", str(tiny / "tiny-f32.gguf"),
+                     "--adapters", str(tiny / "gguf"), "--n-ctx", "128", "--probe-blocks", "2"]) == 0
+    out = capsys.readouterr().out
+    head = out.splitlines()[0].split()
+    assert head[:4] == ["adapter", "raw", "signal", "zscore"]
+    assert "norm signal of attn_q (residual input) over blocks 2-3" in out
+    assert "v_only" in out and "no LoRA on blk.3.attn_q.weight" in out
