@@ -8,7 +8,7 @@ adapter is one small matrix product, not a prefill:
 
     H = calibration_states(...)          # (n_prompts, n_blocks, d_in), cached
     O_j = c * (H[:, j] @ A_j.T) @ B_j.T  # (n_prompts, d_out) the adapter's outputs at window block j
-    mean, sd of each signal              # norm over the window (as the ProbeBank), entropy at the target
+    mean, sd of each signal              # norm over the window, entropy at the target: ProbeBank.stats
 """
 
 from __future__ import annotations
@@ -20,8 +20,6 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
-
-from .router import SIGNALS, Entry
 
 PROMPTS_FILE = Path(__file__).with_name("data") / "calibration_prompts.json"
 
@@ -77,23 +75,3 @@ def calibration_states(model_path: Path, blocks: Sequence[int], module: str, pro
     np.save(tmp, states)
     tmp.replace(path)
     return states
-
-
-def adapter_stats(entries: Sequence[Entry | None], states: np.ndarray) -> Stats:
-    """Mean and standard deviation of every signal of one adapter over the calibration states.
-
-    `entries` are the adapter's (A, B, c) per window block (None where it has no LoRA; the last, the
-    target block, is required) and `states` (n_prompts, n_blocks, d_in). The norm signal is taken over
-    the whole window, the others (entropy) at the target block, as the ProbeBank takes them."""
-    states = np.asarray(states, np.float64)
-    if states.ndim != 3 or states.shape[1] != len(entries) or entries[-1] is None:
-        raise ValueError(f"calibration states {states.shape} do not match {len(entries)} window block(s)")
-    sq = np.zeros(states.shape[0])
-    for j, e in enumerate(entries):
-        if e is not None:
-            a, b, c = (np.asarray(x, np.float64) for x in e)
-            o = c * ((states[:, j] @ a.T) @ b.T)  # (n_prompts, d_out)
-            sq += np.square(o).sum(axis=1)
-    # o is now the target block's outputs: every other signal reads those alone
-    signals = {name: np.sqrt(sq) if name == "norm" else fn(o) for name, fn in SIGNALS.items()}
-    return {name: (float(s.mean()), float(s.std())) for name, s in signals.items()}

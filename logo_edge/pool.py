@@ -17,33 +17,30 @@ from typing import Iterable
 
 import numpy as np
 
-from .calibration import Stats, adapter_stats
+from .calibration import Stats
 from .defaults import PROBE_BLOCKS
-from .errors import AdapterError
+from .errors import AdapterError, RoutingError
 from .gguf_files import read_lora
 from .llm import PROBE_INPUTS, LoraHandle, Model
-from .router import Entry, ProbeBank
+from .router import ProbeBank
 
 
 @dataclass
 class PoolAdapter:
-    """One adapter of the pool. `probe` holds (A, B, c) of the probe module per window block (None where
-    it has no LoRA; the last, the target block, is present), or is None with a reason."""
+    """One adapter of the pool: its row of the pool's probe bank (None, with a reason, when it has no
+    LoRA on the probe target) and its calibration statistics."""
 
     name: str
     path: Path
     modules: list[str]
     alpha: float | None
-    probe: list[Entry | None] | None = field(repr=False)
+    bank_index: int | None
+    rank: int | None  # rank on the probe target
     unprobeable_reason: str | None = None
     handle: LoraHandle | None = field(default=None, repr=False)
     nbytes: int = 0  # size of the full adapter's tensors (what loading it into llama.cpp costs)
     stats: dict[str, Stats] = field(default_factory=dict, repr=False)  # probe input -> signal stats
     calibrate_s: float = 0.0  # time spent computing `stats` (the matrix products)
-
-    @property
-    def rank(self) -> int | None:
-        return None if self.probe is None else self.probe[-1][0].shape[0]
 
 
 class AdapterPool:
@@ -67,7 +64,7 @@ class AdapterPool:
         self.window_tensors = [f"blk.{b}.{target_module}.weight" for b in self.blocks]
         self.target_tensor = self.window_tensors[-1]
         self.adapters: list[PoolAdapter] = []
-        self._bank: ProbeBank | None = None
+        self._bank = ProbeBank(len(self.blocks), model.n_embd, model.info.shapes[self.target_tensor][1])
         self._states: dict[str, np.ndarray] = {}  # probe input -> calibration states (n_prompts, n_blocks, d_in)
         self._stats: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}  # stats() per bank, cached
         self.max_loaded_bytes = int(max_loaded_mb * 2**20)
@@ -82,20 +79,20 @@ class AdapterPool:
         if any(a.name == name for a in self.adapters):
             raise AdapterError(f"{lora.path}: an adapter named {name!r} is already in the pool; "
                                "rename the file or pass another name")
-        probe, reason = None, None
-        if self.target_tensor in lora.pairs:
-            probe = [(lora.pairs[t][0].copy(), lora.pairs[t][1].copy(), lora.scale(t)) if t in lora.pairs else None
-                     for t in self.window_tensors]
+        index, rank, reason = None, None, None
+        if self.target_tensor in lora.pairs:  # folded into the bank: the pool keeps no other copy
+            index = self._bank.add([(*lora.pairs[t], lora.scale(t)) if t in lora.pairs else None
+                                    for t in self.window_tensors])
+            rank = int(self._bank.ranks[index])
         else:
             reason = f"no LoRA on {self.target_tensor} (the probe target); it has {len(lora.stems)} other tensors"
             warnings.warn(f"adapter {name!r} ({lora.path.name}) cannot be probed: {reason}; it will not be "
                           "routed to, but can still be used by name", UserWarning, stacklevel=2)
-        adapter = PoolAdapter(name, lora.path, lora.stems, lora.alpha, probe, reason,
+        adapter = PoolAdapter(name, lora.path, lora.stems, lora.alpha, index, rank, reason,
                               nbytes=lora.path.stat().st_size)
         for probe_input, states in self._states.items():
             self._calibrate(adapter, probe_input, states)
         self.adapters.append(adapter)
-        self._bank = None
         self._stats.clear()
         return adapter
 
@@ -112,7 +109,9 @@ class AdapterPool:
                 files += found
             else:
                 files.append(src)
-        return [self.add(p) for p in files]
+        added = [self.add(p) for p in files]
+        self._bank.shrink()
+        return added
 
     # ---- views
 
@@ -131,12 +130,13 @@ class AdapterPool:
 
     @property
     def unprobeable(self) -> dict[str, str]:
-        return {a.name: a.unprobeable_reason for a in self.adapters if a.probe is None}
+        return {a.name: a.unprobeable_reason for a in self.adapters if a.bank_index is None}
 
     @property
     def bank(self) -> ProbeBank:
-        if self._bank is None:
-            self._bank = ProbeBank([a.probe for a in self.adapters if a.probe is not None])
+        """The probe bank: one entry per probeable adapter, in pool order."""
+        if len(self._bank) == 0:
+            raise RoutingError("the probe bank is empty: load at least one adapter with the target module")
         return self._bank
 
     # ---- calibration
@@ -157,12 +157,11 @@ class AdapterPool:
         for a in self.adapters:
             self._calibrate(a, probe_input, self._states[probe_input])
 
-    @staticmethod
-    def _calibrate(adapter: PoolAdapter, probe_input: str, states: np.ndarray) -> None:
-        if adapter.probe is None:
+    def _calibrate(self, adapter: PoolAdapter, probe_input: str, states: np.ndarray) -> None:
+        if adapter.bank_index is None:
             return
         t0 = time.perf_counter()
-        adapter.stats[probe_input] = adapter_stats(adapter.probe, states)
+        adapter.stats[probe_input] = self._bank.stats(adapter.bank_index, states)
         adapter.calibrate_s = time.perf_counter() - t0
 
     def stats(self, probe_input: str, signal: str) -> tuple[np.ndarray, np.ndarray]:
@@ -171,7 +170,7 @@ class AdapterPool:
             raise AdapterError(f"the pool has no calibration for probe input {probe_input!r}")
         key = (probe_input, signal)
         if key not in self._stats:  # built once per pool change, not per request
-            rows = [a.stats[probe_input][signal] for a in self.adapters if a.probe is not None]
+            rows = [a.stats[probe_input][signal] for a in self.adapters if a.bank_index is not None]
             self._stats[key] = tuple(np.array(rows, np.float64).T)
         return self._stats[key]
 

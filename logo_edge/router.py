@@ -34,44 +34,79 @@ def fold(a: np.ndarray, b: np.ndarray, c: float) -> tuple[np.ndarray, np.ndarray
 class ProbeBank:
     """Every adapter's probe-module A/B over a window of blocks, folded so one matrix product serves all.
 
-    `entries[i][j]` is adapter i's (A, B, c) at block j of the window (the last is the target block),
-    or None where it has no LoRA. Each is stored folded (`fold`): adapter i's rows of M_j give
+    `add(entries)` takes one adapter: its (A, B, c) at each block of the window (the last is the target
+    block), or None where it has no LoRA. Each is stored folded (`fold`): adapter i's rows of M_j give
     ||o_ij|| = ||M_ij h_j|| directly, and Q (target block only) turns those rows into o_i itself.
-    Rows of all adapters are concatenated (no padding to the largest rank).
+    Rows of all adapters are concatenated (no padding to the largest rank) in arrays that grow by
+    doubling; `shrink` drops the spare capacity. The bank is the only copy the pool keeps.
 
     The norm signal over a window is the norm of the adapter's outputs at every window block stacked,
     sqrt(sum_j ||o_ij||^2); a window of one block is the paper's ||o_i||. Outputs (for the entropy
     signal) are the target block's.
     """
 
-    def __init__(self, entries: Sequence[Sequence[Entry | None]]):
-        if not entries:
+    def __init__(self, n_blocks: int, d_in: int, d_out: int):
+        self._M = np.zeros((n_blocks, 0, d_in), np.float32)
+        self._Q = np.zeros((0, d_out), np.float32)  # target block: Q transposed, rows contiguous
+        self._rows = 0
+        self.offsets = np.zeros(0, np.intp)  # first row of each adapter
+        self.ranks = np.zeros(0, np.intp)
+
+    @classmethod
+    def of(cls, entries: Sequence[Sequence[Entry | None]]) -> "ProbeBank":
+        """A bank of several adapters at once (each a list of per-block entries)."""
+        first = next((e for row in entries for e in row if e is not None), None)
+        if first is None:
             raise RoutingError("the probe bank is empty: load at least one adapter with the target module")
-        n_blocks = len(entries[0])
-        present = [e for row in entries for e in row if e is not None]
-        if any(len(row) != n_blocks for row in entries) or any(row[-1] is None for row in entries) or not present:
-            raise RoutingError("every probe bank entry needs one (A, B, c) or None per window block, "
+        bank = cls(len(entries[0]), first[0].shape[1], first[1].shape[0])
+        for row in entries:
+            bank.add(row)
+        bank.shrink()
+        return bank
+
+    def add(self, entries: Sequence[Entry | None]) -> int:
+        """Fold one adapter's window entries into the bank; returns its index. RoutingError leaves it unchanged."""
+        n_blocks, d_in, d_out = self._M.shape[0], self._M.shape[2], self._Q.shape[1]
+        if len(entries) != n_blocks or entries[-1] is None:
+            raise RoutingError(f"a probe bank entry needs one (A, B, c) or None per window block ({n_blocks}), "
                                "and its target (last) block")
-        d_in, d_out = present[0][0].shape[1], present[0][1].shape[0]
-        ranks = [max(e[0].shape[0] for e in row if e is not None) for row in entries]
-        self.offsets = np.concatenate([[0], np.cumsum(ranks)[:-1]]).astype(np.intp)  # first row of each adapter
-        n_rows = int(sum(ranks))
-        self.M = np.zeros((n_blocks, n_rows, d_in), np.float32)
-        self.Q = np.zeros((n_rows, d_out), np.float32)  # target block: Q transposed, rows contiguous
-        for i, row in enumerate(entries):
-            for j, e in enumerate(row):
-                if e is None:
-                    continue
+        r = max(e[0].shape[0] for e in entries if e is not None)
+        folded = []
+        for j, e in enumerate(entries):
+            if e is not None:
                 a, b, c = e
-                r = a.shape[0]
-                if a.shape[1] != d_in or b.shape != (d_out, r):
-                    raise RoutingError(f"probe bank entry {i}, block {j}: A {a.shape} / B {b.shape} do not match "
+                if a.shape[1] != d_in or b.shape != (d_out, a.shape[0]):
+                    raise RoutingError(f"probe bank entry for block {j}: A {a.shape} / B {b.shape} do not match "
                                        f"d_in={d_in}, d_out={d_out}")
-                m, q = fold(a, b, c)
-                o = self.offsets[i]
-                self.M[j, o:o + r] = m
-                if j == n_blocks - 1:
-                    self.Q[o:o + r] = q.T
+                folded.append((j, *fold(a, b, c)))
+        if self._rows + r > self._M.shape[1]:  # grow by doubling: adding N adapters copies O(N) rows
+            cap = max(2 * self._M.shape[1], self._rows + r, 64)
+            m = np.zeros((n_blocks, cap, d_in), np.float32)
+            q = np.zeros((cap, d_out), np.float32)
+            m[:, :self._rows], q[:self._rows] = self.M, self.Q
+            self._M, self._Q = m, q
+        o = self._rows
+        for j, m, q in folded:
+            self._M[j, o:o + m.shape[0]] = m
+            if j == n_blocks - 1:
+                self._Q[o:o + m.shape[0]] = q.T
+        self._rows += r
+        self.offsets = np.append(self.offsets, o)
+        self.ranks = np.append(self.ranks, r)
+        return len(self.offsets) - 1
+
+    def shrink(self) -> None:
+        """Release the spare capacity left by growing."""
+        if self._M.shape[1] > self._rows:
+            self._M, self._Q = self.M.copy(), self.Q.copy()
+
+    @property
+    def M(self) -> np.ndarray:  # (n_blocks, rows, d_in)
+        return self._M[:, :self._rows]
+
+    @property
+    def Q(self) -> np.ndarray:  # (rows, d_out)
+        return self._Q[:self._rows]
 
     def __len__(self) -> int:
         return len(self.offsets)
@@ -82,7 +117,8 @@ class ProbeBank:
 
     @property
     def nbytes(self) -> int:
-        return self.M.nbytes + self.Q.nbytes + self.offsets.nbytes
+        """Memory held, spare capacity included."""
+        return self._M.nbytes + self._Q.nbytes + self.offsets.nbytes + self.ranks.nbytes
 
     def _window(self, h: np.ndarray) -> np.ndarray:
         h = np.asarray(h, np.float32)
@@ -117,6 +153,22 @@ class ProbeBank:
             s = SIGNALS[signal](o)
         s[~np.isfinite(o).all(axis=1)] = np.nan
         return s
+
+    def stats(self, i: int, states: np.ndarray) -> dict[str, tuple[float, float]]:
+        """Mean and standard deviation of every signal of adapter i over `states` (n_prompts, n_blocks, d_in)
+        (calibration prompts): the norm over the window, the others at the target block, as routing takes them."""
+        states = np.asarray(states, np.float32)
+        if states.ndim != 3 or states.shape[1:] != (self.n_blocks, self.M.shape[2]):
+            raise RoutingError(f"calibration states of shape {states.shape} do not fit the bank's "
+                               f"{self.n_blocks} block(s) of {self.M.shape[2]}")
+        rows = slice(self.offsets[i], self.offsets[i] + self.ranks[i])
+        sq = np.zeros(states.shape[0])
+        for j in range(self.n_blocks):
+            z = (states[:, j] @ self.M[j, rows].T).astype(np.float64)  # (n_prompts, r)
+            sq += np.square(z).sum(axis=1)
+        o = z @ self.Q[rows].astype(np.float64)  # the target block's outputs (n_prompts, d_out)
+        signals = {name: np.sqrt(sq) if name == "norm" else fn(o) for name, fn in SIGNALS.items()}
+        return {name: (float(v.mean()), float(v.std())) for name, v in signals.items()}
 
 
 # ---- signals: (N, d_out) adapter outputs -> (N,) scores; a registry, extend by adding an entry

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from logo_edge.calibration import adapter_stats, calibration_prompts
+from logo_edge.calibration import calibration_prompts
 from logo_edge.errors import RoutingError
 from logo_edge.router import ProbeBank, RouterConfig, route
 
@@ -15,24 +15,34 @@ def loop_norm(o):
     return math.sqrt(sum(float(x) ** 2 for x in o))
 
 
-def test_adapter_stats_equal_a_plain_loop():
-    """Norm over a window of blocks (one without LoRA), entropy at the target block, as the ProbeBank."""
+def loop_entropy(o):
+    m = max(o)
+    e = [math.exp(x - m) for x in o]
+    z = sum(e)
+    return 1.0 / (-sum((v / z) * math.log(v / z + 1e-8) for v in e) + 1e-6)
+
+
+def loop_stats(values):
+    mean = sum(values) / len(values)
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))
+
+
+def test_bank_stats_equal_a_plain_loop():
+    """Norm over a window of blocks (one without LoRA), entropy at the target block, for an adapter
+    between two others in the bank (its rows, not its neighbours')."""
     rng = np.random.default_rng(0)
-    entries = [(rng.normal(size=(4, 6)), rng.normal(size=(5, 4)), 0.7), None,
-               (rng.normal(size=(2, 6)), rng.normal(size=(5, 2)), -1.3)]
+    def entry(r):
+        return rng.normal(size=(r, 6)), rng.normal(size=(5, r)), float(rng.uniform(-2, 2))
+    entries = [entry(4), None, entry(2)]
+    bank = ProbeBank.of([[entry(3), entry(1), entry(5)], entries, [None, None, entry(7)]])
     states = rng.normal(size=(9, 3, 6))
-    stats = adapter_stats(entries, states)
+    stats = bank.stats(1, states)
     outs = [[np.zeros(5) if e is None else e[2] * (e[1] @ (e[0] @ h[j])) for j, e in enumerate(entries)]
             for h in states]
-    sig = [loop_norm(np.concatenate(o)) for o in outs]
-    mean = sum(sig) / len(sig)
-    sd = math.sqrt(sum((s - mean) ** 2 for s in sig) / len(sig))
-    assert stats["norm"] == pytest.approx((mean, sd), rel=1e-9)
-    ent = ProbeBank([entries]).signals  # the bank's entropy on each state: what routing will compare with
-    e = np.array([ent(h, "entropy")[0] for h in states])
-    assert stats["entropy"] == pytest.approx((e.mean(), e.std()), rel=1e-4)
-    with pytest.raises(ValueError, match="do not match 2 window block"):
-        adapter_stats(entries[:2], states)
+    assert stats["norm"] == pytest.approx(loop_stats([loop_norm(np.concatenate(o)) for o in outs]), rel=1e-5)
+    assert stats["entropy"] == pytest.approx(loop_stats([loop_entropy(list(o[-1])) for o in outs]), rel=1e-4)
+    with pytest.raises(RoutingError, match="do not fit the bank's 3 block"):
+        bank.stats(1, states[:, :2])
 
 
 @pytest.mark.parametrize("mode", ["ratio", "zscore"])
@@ -69,13 +79,13 @@ def test_calibrated_scores_ignore_update_size():
     a, b = rng.normal(size=(4, 6)), rng.normal(size=(5, 4))
     states, h = rng.normal(size=(20, 6)), rng.normal(size=6)
     outputs = np.stack([b @ (a @ h), 10 * b @ (a @ h)])
-    st = [adapter_stats([(a, b, c)], states[:, None])["norm"] for c in (1.0, 10.0)]
+    st = [ProbeBank.of([[(a, b, c)]]).stats(0, states[:, None])["norm"] for c in (1.0, 10.0)]
     mean, sd = np.array(st).T
     raw = route(outputs, ["small", "big"], RouterConfig("norm", 1))
     assert raw.selected == [1]
     for mode in ("ratio", "zscore"):
         r = route(outputs, ["small", "big"], RouterConfig("norm", 2, mode), stats=(mean, sd))
-        assert r.scores[0] == pytest.approx(r.scores[1], rel=1e-9)
+        assert r.scores[0] == pytest.approx(r.scores[1], rel=1e-6)  # float32 bank
 
 
 def test_calibration_prompts_are_generic_and_many():

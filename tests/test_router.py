@@ -61,7 +61,7 @@ def test_probe_bank_equals_per_adapter_products(n, n_blocks, d_in, d_out, seed):
         row = [(rng.normal(size=(r, d_in)), rng.normal(size=(d_out, r)), float(rng.uniform(-4, 4)))
                if j == n_blocks - 1 or rng.random() < 0.7 else None for j in range(n_blocks)]
         entries.append(row)
-    bank, h = ProbeBank(entries), rng.normal(size=(n_blocks, d_in))
+    bank, h = ProbeBank.of(entries), rng.normal(size=(n_blocks, d_in))
     per_block = [[np.zeros(d_out) if e is None else e[2] * (e[1] @ (e[0] @ h[j])) for j, e in enumerate(row)]
                  for row in entries]
     want_out = np.stack([row[-1] for row in per_block])
@@ -74,11 +74,31 @@ def test_probe_bank_equals_per_adapter_products(n, n_blocks, d_in, d_out, seed):
 
 def test_probe_bank_rejects_a_state_of_the_wrong_window():
     a, b = np.ones((2, 4)), np.ones((3, 2))
-    bank = ProbeBank([[None, (a, b, 1.0)]])
+    bank = ProbeBank.of([[None, (a, b, 1.0)]])
     with pytest.raises(RoutingError, match=r"probe state has shape \(4,\); the bank reads 2 block"):
         bank.norms(np.ones(4))
     with pytest.raises(RoutingError, match="target"):
-        ProbeBank([[(a, b, 1.0), None]])
+        bank.add([(a, b, 1.0), None])
+    with pytest.raises(RoutingError, match=r"A \(2, 4\) / B \(2, 2\) do not match"):
+        bank.add([None, (a, np.ones((2, 2)), 1.0)])
+    assert len(bank) == 1  # a rejected entry leaves the bank as it was
+    with pytest.raises(RoutingError, match="empty"):
+        ProbeBank.of([[None]])
+
+
+def test_bank_grows_and_shrinks_without_changing_results():
+    rng = np.random.default_rng(3)
+    entries = [[(rng.normal(size=(r, 5)), rng.normal(size=(4, r)), 1.5)] for r in rng.integers(1, 40, size=30)]
+    bank = ProbeBank(1, 5, 4)
+    for row in entries:
+        bank.add(row)
+    h = rng.normal(size=5)
+    before = bank.norms(h), bank.outputs(h)
+    big = bank.nbytes
+    bank.shrink()
+    assert bank.nbytes < big and bank.M.shape[1] == sum(int(a.shape[0]) for (a, _, _), in entries)
+    np.testing.assert_array_equal(bank.norms(h), before[0])
+    np.testing.assert_array_equal(bank.outputs(h), before[1])
 
 
 def test_k_larger_than_pool_means_all():
