@@ -237,8 +237,7 @@ class Engine:
         bank = self.pool.bank
         stats = self.pool.stats(cfg.probe_input, cfg.signal) if cfg.calibration != "raw" else None
         rcfg = RouterConfig(cfg.signal, cfg.k, cfg.calibration)
-        with np.errstate(all="ignore"):
-            routing = route_signals(bank.signals(h, cfg.signal), self.pool.names, rcfg, self.pool.unprobeable, stats)
+        routing = route_signals(bank.signals(h, cfg.signal), self.pool.names, rcfg, self.pool.unprobeable, stats)
         t2 = time.perf_counter()
         rank = {i: r + 1 for r, i in enumerate(routing.selected)}
         scores = [AdapterScore(n, _finite(routing.signals[i]), float(routing.weights[i]), rank.get(i),

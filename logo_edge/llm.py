@@ -265,7 +265,6 @@ class ProbeCapture:
                 name, self._via_src = f"{normed}-0", row
             self._targets[name.encode()] = row
         self._rows: list[np.ndarray | None] = [None] * len(blocks)
-        self.h: np.ndarray | None = None
         self._cb = _lib.EvalCallback(self._callback)
 
     def _callback(self, t, ask, _ud):
@@ -293,7 +292,6 @@ class ProbeCapture:
         below the (last) target block, which is all a later probe at the same (or a lower) block reads;
         then `n_keep` cached leading tokens can be reused instead of decoded again."""
         self._rows = [None] * len(self._rows)
-        self.h = None
         ctx = self.ctx
         _lib.llama_set_eval_callback(ctx.ptr, self._cb, None)
         ok = False
@@ -309,5 +307,4 @@ class ProbeCapture:
         missing = [name.decode() for name, row in self._targets.items() if self._rows[row] is None]
         if missing:
             raise RuntimeError(f"the probe did not see tensor(s) {', '.join(missing)} (or they were not f32)")
-        self.h = self._rows[0] if self._single else np.stack(self._rows)
-        return self.h
+        return self._rows[0] if self._single else np.stack(self._rows)

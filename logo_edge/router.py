@@ -1,7 +1,7 @@
 """LoGo routing in pure numpy: adapter outputs from one hidden state, signals, top-k, weights.
 
 Nothing here needs llama.cpp; the engine hands in h (the probe's hidden state)
-and a ProbeBank of every adapter's target-module A/B.
+and a ProbeBank of every adapter's probe-module A/B over the probe window (folded).
 """
 
 from __future__ import annotations
@@ -128,15 +128,21 @@ class ProbeBank:
                                f"{self.M.shape[2]}")
         return window
 
+    def _squares(self, states: np.ndarray, rows: slice, first: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """For states (n, n_blocks, d_in): the sum over window blocks j >= first of (M_j h_j)^2 per bank row,
+        and the target block's M h; both (n, rows) float64. One matrix product per block."""
+        sq = np.zeros((states.shape[0], self.M[0, rows].shape[0]))
+        for j in range(first, self.n_blocks):
+            z = (states[:, j] @ self.M[j, rows].T).astype(np.float64)
+            sq += np.square(z)
+        return sq, z
+
     def norms(self, h: np.ndarray, last: int | None = None) -> np.ndarray:
         """sqrt(sum over window blocks of ||o_ij||^2) per adapter, without forming o: h is (n_blocks, d_in).
         With `last`, only the window's last `last` blocks count (last=1: the paper's signal)."""
-        h = self._window(h)
-        sq = np.zeros(self.M.shape[1], np.float64)
-        for j in range(self.n_blocks - min(last or self.n_blocks, self.n_blocks), self.n_blocks):
-            z = self.M[j] @ h[j]
-            sq += np.square(z, dtype=np.float64)
-        return np.sqrt(np.add.reduceat(sq, self.offsets))
+        first = 0 if last is None else max(0, self.n_blocks - last)
+        sq, _ = self._squares(self._window(h)[None], slice(None), first)
+        return np.sqrt(np.add.reduceat(sq[0], self.offsets))
 
     def outputs(self, h: np.ndarray) -> np.ndarray:
         """o_i = c_i B_i (A_i h) at the target block for every adapter: (N, d_out) float64."""
@@ -162,12 +168,9 @@ class ProbeBank:
             raise RoutingError(f"calibration states of shape {states.shape} do not fit the bank's "
                                f"{self.n_blocks} block(s) of {self.M.shape[2]}")
         rows = slice(self.offsets[i], self.offsets[i] + self.ranks[i])
-        sq = np.zeros(states.shape[0])
-        for j in range(self.n_blocks):
-            z = (states[:, j] @ self.M[j, rows].T).astype(np.float64)  # (n_prompts, r)
-            sq += np.square(z).sum(axis=1)
+        sq, z = self._squares(states, rows)  # (n_prompts, r)
         o = z @ self.Q[rows].astype(np.float64)  # the target block's outputs (n_prompts, d_out)
-        signals = {name: np.sqrt(sq) if name == "norm" else fn(o) for name, fn in SIGNALS.items()}
+        signals = {name: np.sqrt(sq.sum(axis=1)) if name == "norm" else fn(o) for name, fn in SIGNALS.items()}
         return {name: (float(v.mean()), float(v.std())) for name, v in signals.items()}
 
 
