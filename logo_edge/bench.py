@@ -9,6 +9,7 @@ Rows, per (prompt tokens, generated tokens), interleaved in one process (warm-up
   5   LoGo in PyTorch/PEFT the paper's way (bench_torch.py, in a subprocess on the same prompt tokens)
 Peak RSS per row comes from a fresh process per row that loads only what that row needs.
 Sweeps: pool size N (start-up, probe and route time, memory; a process per N) and k (decode tok/s).
+CPU paths: prefill and decode with llama.cpp's extra buffer types (AMX, repacking) on vs off (bench_cpu.py).
 
     logo-edge bench              # the full run (about 10 minutes on 2 cores)
     logo-edge bench --quick      # one small case and tiny sweeps, under 90 s
@@ -396,6 +397,9 @@ def run_bench(args) -> int:
     if args.sweeps:
         sweep_n = _sweep_n(model_path, [10] if args.quick else args.n_sizes, plans, cases, threads, repeats)
         _sweep_k(model_path, [1, 3] if args.quick else args.k_values, threads, repeats, 16 if args.quick else 64)
+    from .bench_cpu import cpu_paths_section
+
+    cpu_paths_section(model_path, 64 if args.quick else TARGET_CASE[0], 16 if args.quick else 64, threads, repeats)
     _print_targets(meds, sweep_n, cases)
     return 0
 

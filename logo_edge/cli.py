@@ -129,9 +129,11 @@ def cmd_convert_base(args) -> int:
 
 
 def cmd_build(args) -> int:
-    from .native.build import build
+    from .native.build import build, self_check
 
-    print(build(args.backend, args.cmake_flag, args.force))
+    out = build(args.backend, args.cmake_flag, args.force)
+    print(out)
+    self_check(out)
     return 0
 
 

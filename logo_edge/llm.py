@@ -7,6 +7,7 @@ works with token lists, numpy arrays and these objects.
 from __future__ import annotations
 
 import ctypes
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -33,17 +34,31 @@ PROBE_INPUTS = {
 
 
 class Model:
-    """A base model loaded by llama.cpp plus its GGUF metadata (architecture, shapes, template)."""
+    """A base model loaded by llama.cpp plus its GGUF metadata (architecture, shapes, template).
 
-    def __init__(self, path: str | Path, n_gpu_layers: int = 0, verbose: bool = False):
+    `extra_bufts`: load weights into llama.cpp's extra CPU buffer types (AMX, weight repacking), the
+    fast path; None asks the self-check whether that path is safe on this CPU (`selfcheck`)."""
+
+    def __init__(self, path: str | Path, n_gpu_layers: int = 0, verbose: bool = False,
+                 extra_bufts: bool | None = None):
         self.path = Path(path)
         self.info = BaseInfo.read(self.path)  # raises ModelLoadError naming the file
+        if extra_bufts is None:
+            from .selfcheck import use_extra_bufts
+
+            extra_bufts = use_extra_bufts(self.path)
+        self.extra_bufts = extra_bufts
         params = llama_cpp.llama_model_default_params()
         params.n_gpu_layers = n_gpu_layers
+        params.use_extra_bufts = extra_bufts
         try:
-            self._m = _internals.LlamaModel(path_model=str(self.path), params=params, verbose=verbose)
+            with LogCapture() as log:
+                self._m = _internals.LlamaModel(path_model=str(self.path), params=params, verbose=verbose)
         except ValueError as e:
             raise ModelLoadError(f"{self.path}: llama.cpp could not load the model: {e}") from e
+        # where the weights went, from llama.cpp's load log: {"CPU_Mapped": MiB, "AMX": MiB, "CPU_REPACK": MiB}
+        self.buffers = {m.group(1): float(m.group(2)) for m in re.finditer(
+            r"(\S+) model buffer size\s*=\s*([\d.]+) MiB", "".join(log.lines))}
         self.ptr = self._m.model
         self.vocab = self._m.vocab
         self.n_embd = llama_cpp.llama_model_n_embd(self.ptr)
@@ -88,6 +103,25 @@ class Model:
 
     def close(self) -> None:
         self._m.close()
+
+
+class LogCapture:
+    """Collects llama.cpp's log lines for a while (all levels), still printing what llama-cpp-python would."""
+
+    def __init__(self):
+        self.lines: list[str] = []
+        self._cb = llama_cpp.llama_log_callback(self._collect)
+
+    def _collect(self, level, text, user_data) -> None:
+        self.lines.append(text.decode("utf-8", "replace"))
+        _lib.llama_cpp._logger.llama_log_callback(level, text, user_data)
+
+    def __enter__(self) -> "LogCapture":
+        llama_cpp.llama_log_set(self._cb, ctypes.c_void_p(0))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        llama_cpp.llama_log_set(llama_cpp._logger.llama_log_callback, ctypes.c_void_p(0))
 
 
 class LoraHandle:

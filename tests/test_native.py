@@ -12,14 +12,15 @@ from logo_edge.native import build
 
 
 def test_patch_applies_cleanly_to_the_pinned_tree():
-    build.check_patch(build.source_tree())  # raises BuildError with patch's output if not
+    for patch in build.PATCHES:  # raises BuildError naming the patch, with patch's output, if not
+        build.check_patch(build.source_tree(), patch)
 
 
 def test_patch_failure_is_reported(tmp_path):
     (tmp_path / "include").mkdir()
     (tmp_path / "include" / "llama.h").write_text("// not llama.cpp\n")
     with pytest.raises(build.BuildError, match="does not apply"):
-        build.check_patch(tmp_path)
+        build.check_patch(tmp_path, build.PATCHES[0])
 
 
 def test_build_is_cached_by_key():

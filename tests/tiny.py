@@ -1,7 +1,8 @@
 """A tiny random llama model and random PEFT adapters, made here (no downloads), converted to GGUF.
 
 The base goes through llama.cpp's own convert_hf_to_gguf.py; adapters through ours. The result
-is cached under the logo-edge cache keyed by this file's hash, so reruns start at once.
+is cached under the logo-edge cache keyed by the hash of everything that makes it (this file, our
+converters and GGUF writer), so reruns start at once and a converter change rebuilds it.
 """
 
 from __future__ import annotations
@@ -12,6 +13,9 @@ import shutil
 from pathlib import Path
 
 HERE = Path(__file__).resolve()
+ROOT = HERE.parents[1]
+# every file whose code produces the fixtures: a change to any of them rebuilds them
+MAKERS = [HERE, *sorted((ROOT / "convert").glob("*.py")), ROOT / "logo_edge" / "gguf_files.py"]
 ALL7 = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 N_LAYER = 4
 
@@ -36,7 +40,10 @@ def smollm2_dir() -> tuple[Path, str]:
 def fixture_dir() -> Path:
     from logo_edge.native.build import cache_root
 
-    key = hashlib.sha256(HERE.read_bytes()).hexdigest()[:12]
+    h = hashlib.sha256()
+    for p in MAKERS:
+        h.update(p.name.encode() + p.read_bytes())
+    key = h.hexdigest()[:12]
     return cache_root() / "test-fixtures" / f"tiny-{key}"
 
 

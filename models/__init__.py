@@ -1,0 +1,1 @@
+"""The shipped adapter pool (pool/), installed with the package as `logo_edge.shipped`."""
