@@ -1,8 +1,9 @@
 """`logo-edge demo`: held-out examples of the shipped tasks, answered by the base model and routed, side by side.
 
 The examples ship in `data/demo_examples.json`, chosen by a fixed rule from the tasks' held-out test
-splits (never trained on): for each task of the shipped pool, the example with the shortest prompt
-among the first DEMO_WINDOW of its test split (the first such on ties), so it reads in a terminal.
+splits: for each task of the shipped pool, the example with the shortest prompt among the first
+DEMO_WINDOW of its test split whose input does not also occur in the training split (BIG-bench repeats
+some inputs with other targets), the first such on ties, so it reads in a terminal.
 `python -m logo_edge.demo --write-examples` regenerates the file from the BIG-bench data; a test
 checks the shipped file equals what the rule gives.
 """
@@ -29,13 +30,16 @@ class DemoExample:
 
 
 def choose_examples() -> list[DemoExample]:
-    """The fixed rule: per pool task, the shortest prompt among the first DEMO_WINDOW test examples."""
+    """The fixed rule: per pool task, the shortest prompt among the first DEMO_WINDOW test examples
+    whose prompt the adapter was not trained on."""
     from .tasks import POOL_TASKS, splits
 
     chosen = []
     for task in POOL_TASKS:
-        test = splits(task)["test"]
-        i = min(range(min(DEMO_WINDOW, len(test))), key=lambda j: (len(test[j].prompt), j))
+        sp = splits(task)
+        test, trained = sp["test"], {e.prompt for e in sp["train"]}
+        unseen = [j for j in range(min(DEMO_WINDOW, len(test))) if test[j].prompt not in trained]
+        i = min(unseen, key=lambda j: (len(test[j].prompt), j))
         ex = test[i]
         chosen.append(DemoExample(task.name, i, ex.prompt, tuple(ex.refs), task.metric, task.max_tokens))
     return chosen
@@ -48,7 +52,8 @@ def load_examples(path: Path = EXAMPLES_FILE) -> list[DemoExample]:
 
 def write_examples(path: Path = EXAMPLES_FILE) -> Path:
     doc = {"rule": f"per pool task, the shortest prompt among the first {DEMO_WINDOW} examples of its test split "
-                   "(logo_edge.tasks.splits: seeded shuffle, test first); the first on ties",
+                   "(logo_edge.tasks.splits: seeded shuffle, test first) whose prompt is not in the training split; "
+                   "the first on ties",
            "examples": [asdict(e) for e in choose_examples()]}
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(doc, indent=1, ensure_ascii=False) + "\n")
@@ -63,7 +68,8 @@ def _score(ex: DemoExample, text: str) -> float:
 
 
 def _indent(text: str) -> str:
-    return text.strip().replace("\n", "\n             ") or "(empty)"
+    lines = [ln.rstrip() for ln in text.strip().splitlines() if ln.strip()]
+    return "\n             ".join(lines) or "(empty)"
 
 
 def run_demo(args) -> int:

