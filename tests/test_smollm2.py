@@ -28,6 +28,25 @@ def test_default_model_base_generation_equals_llama_cpp_python(smol_pool):
     assert ours["choices"][0]["message"]["content"] == ref["choices"][0]["message"]["content"]
 
 
+def test_fast_cpu_path_is_on_where_the_cpu_has_amx():
+    """On an AMX CPU the patched build must take the AMX path, not fall back to the safe one (the fix works)."""
+    from logo_edge.defaults import default_model_path
+    from logo_edge.llm import Model
+    from logo_edge.native.build import cpu_features
+    from logo_edge.selfcheck import verdict
+
+    v = verdict(default_model_path())
+    flags = set(cpu_features().split())
+    if not {"amx_tile", "amx_int8"} <= flags:
+        pytest.skip(f"no AMX on this CPU (verdict here: {v.reason})")
+    assert v.extra_bufts, f"the AMX path failed its self-check: {v.reason}"
+    m = Model(default_model_path(), extra_bufts=True)
+    try:
+        assert "AMX" in m.buffers, m.buffers
+    finally:
+        m.close()
+
+
 def test_default_model_routes_and_generates(smol_pool):
     from logo_edge.engine import Engine
 
