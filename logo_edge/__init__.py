@@ -25,6 +25,7 @@ _EXPORTS = {
     "AdapterError": "errors",
     "ModelLoadError": "errors",
     "RoutingError": "errors",
+    "EngineBusyError": "errors",
     "NativeLibraryError": "errors",
 }
 __all__ = sorted(_EXPORTS)

@@ -108,6 +108,12 @@ def cmd_chat(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from .serve.server import run
+
+    return run(args)
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -230,6 +236,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_gen_args(p)
     p.add_argument("--system", help="system message")
     p.set_defaults(fn=cmd_chat)
+
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server that routes every request")
+    _add_engine_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--api-key", help="required on every endpoint but /health and / (or LOGO_EDGE_API_KEY)")
+    p.add_argument("--parallel", type=int, default=1, help="engines serving requests at once (each loads the model)")
+    p.add_argument("--adapter-dir", action="append", help="a directory load_lora_adapter may read from "
+                   "(the --adapters directories are allowed too)")
+    p.add_argument("--model-name", help="the base model's name in /v1/models (default: the GGUF's file name)")
+    p.add_argument("--max-tokens-limit", type=int, default=2048, help="the most max_tokens a request may ask")
+    p.add_argument("--max-body-kb", type=int, default=1024, help="request body limit")
+    p.add_argument("--max-queue", type=int, default=256, help="requests waiting beyond this get a 503")
+    p.add_argument("--cors", nargs="+", metavar="ORIGIN", help="allow browser pages from these origins (off)")
+    p.add_argument("--log-level", default="warning")
+    p.set_defaults(fn=cmd_serve)
 
     p = sub.add_parser("demo", help="route mixed prompts on the shipped pool and print the choices and answers")
     _add_engine_args(p)

@@ -8,8 +8,10 @@
 from __future__ import annotations
 
 import codecs
+import contextlib
 import random
 import tempfile
+import threading
 import time
 import uuid
 from dataclasses import dataclass, replace
@@ -20,7 +22,7 @@ import numpy as np
 
 from . import defaults
 from ._lib import _internals, llama_cpp
-from .errors import AdapterError, ContextOverflowError, RoutingError
+from .errors import AdapterError, ContextOverflowError, EngineBusyError, RoutingError
 from .gguf_files import read_lora, write_lora
 from .llm import Context, ContextConfig, LoraHandle, Model, ProbeCapture
 from .pool import AdapterPool
@@ -116,6 +118,7 @@ class Engine:
         self._active: set[int] = set()  # pool indices set in self.ctx
         self._merged: dict[tuple, LoraHandle] = {}  # packed / fused adapters built for recent mixtures
         self._tmp = tempfile.TemporaryDirectory(prefix="logo-edge-")
+        self._busy = threading.Lock()  # held by the one generation running (stream)
 
     def close(self) -> None:
         for h in self._merged.values():
@@ -141,6 +144,39 @@ class Engine:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+    # ---- the live pool
+
+    def add_adapter(self, path: str | Path, name: str | None = None):
+        """Add one GGUF adapter to the pool, validated, folded into the probe bank and calibrated; the next
+        request may route to it. AdapterError leaves the pool as it was."""
+        with self._exclusive("add an adapter"):
+            adapter = self.pool.add(path, name)
+            if self.routing.calibration != "raw":
+                self.calibrate(self.routing.probe_input)
+            return adapter
+
+    def remove_adapter(self, name: str):
+        """Take an adapter out of the pool and free it. Refused (EngineBusyError) while a generation runs."""
+        with self._exclusive("remove an adapter"):
+            self.pool.index(name)  # AdapterError naming an unknown adapter, before anything changes
+            self.ctx.set_adapters([], [])  # nothing of the old mixture stays set, nor its K/V
+            self._active = set()
+            self.ctx.cache_truncate(0)
+            self._cache, self._cache_approx = [], False
+            for h in self._merged.values():
+                h.free()
+            self._merged.clear()
+            return self.pool.remove(name)
+
+    @contextlib.contextmanager
+    def _exclusive(self, what: str):
+        if not self._busy.acquire(blocking=False):
+            raise EngineBusyError(f"cannot {what} while this Engine is generating; finish or close the stream first")
+        try:
+            yield
+        finally:
+            self._busy.release()
 
     # ---- prompts
 
@@ -341,7 +377,20 @@ class Engine:
 
     def stream(self, prompt: str | list[int], adapters: AdapterChoice = "auto",
                sampling: SamplingConfig = SamplingConfig(), **route_overrides) -> Iterator[Step]:
-        """The step generator every API is built on: yields (text piece, finish reason or None, record)."""
+        """The step generator every API is built on: yields (text piece, finish reason or None, record).
+
+        One generation at a time per engine: a second one started while a stream is unfinished (interleaved
+        generators, or another thread) raises EngineBusyError instead of sharing the context's cache and
+        mixture. Finishing, closing or dropping the first stream frees the engine."""
+        if not self._busy.acquire(blocking=False):
+            raise EngineBusyError("this Engine is already generating (an unfinished stream, or another thread): "
+                                  "finish or close() that stream first, or give each thread its own Engine")
+        try:
+            yield from self._stream(prompt, adapters, sampling, route_overrides)
+        finally:
+            self._busy.release()
+
+    def _stream(self, prompt, adapters: AdapterChoice, sampling: SamplingConfig, route_overrides: dict):
         cfg = replace(self.routing, **route_overrides)
         tokens = self.tokenize(prompt)
         self._check_fits(tokens)

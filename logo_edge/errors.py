@@ -35,3 +35,7 @@ class DecodeError(LogoEdgeError):
 
 class RoutingError(LogoEdgeError):
     """Routing settings are invalid (k < 1, unknown signal, empty pool...)."""
+
+
+class EngineBusyError(LogoEdgeError):
+    """The engine is in the middle of another generation; it runs one at a time."""

@@ -113,6 +113,26 @@ class AdapterPool:
         self._bank.shrink()
         return added
 
+    def remove(self, name: str, in_use: set[int] = frozenset()) -> PoolAdapter:
+        """Take an adapter out of the pool and free its llama.cpp handle; later adapters move down one index.
+
+        `in_use`: pool indices set in a context; removing one of those is refused (AdapterError)."""
+        i = self.index(name)
+        if i in in_use:
+            raise AdapterError(f"adapter {name!r} is set in a context that is generating; remove it after")
+        a = self.adapters.pop(i)
+        if a.handle is not None:
+            a.handle.free()
+            a.handle = None
+        self._loaded = OrderedDict((j - (j > i), None) for j in self._loaded if j != i)
+        if a.bank_index is not None:
+            self._bank.remove(a.bank_index)
+            for b in self.adapters:
+                if b.bank_index is not None and b.bank_index > a.bank_index:
+                    b.bank_index -= 1
+        self._stats.clear()
+        return a
+
     # ---- views
 
     def __len__(self) -> int:

@@ -95,6 +95,16 @@ class ProbeBank:
         self.ranks = np.append(self.ranks, r)
         return len(self.offsets) - 1
 
+    def remove(self, i: int) -> None:
+        """Drop adapter i's rows; later adapters move down one index."""
+        o, r = int(self.offsets[i]), int(self.ranks[i])
+        keep = np.r_[0:o, o + r:self._rows]
+        self._M, self._Q = self.M[:, keep].copy(), self.Q[keep].copy()
+        self._rows -= r
+        self.offsets = np.delete(self.offsets, i)
+        self.offsets[i:] -= r
+        self.ranks = np.delete(self.ranks, i)
+
     def shrink(self) -> None:
         """Release the spare capacity left by growing."""
         if self._M.shape[1] > self._rows:
