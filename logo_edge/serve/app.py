@@ -127,7 +127,7 @@ def _generation_kwargs(req: _Generation, cfg: ServeConfig, workers: Workers, max
     bad = req.unsupported()
     if bad:
         raise RequestError(400, "unsupported: " + "; ".join(bad), "unsupported_parameter")
-    n = max_tokens or req.max_tokens or cfg.default_max_tokens
+    n = max_tokens or req.max_tokens or min(cfg.default_max_tokens, cfg.max_tokens)
     if n > cfg.max_tokens:
         raise RequestError(400, f"max_tokens={n} is over this server's limit of {cfg.max_tokens}", param="max_tokens")
     eng = workers.engine
@@ -332,32 +332,33 @@ def _install_guards(app: FastAPI, cfg: ServeConfig) -> None:
 
 
 class _BodyLimit:
-    """ASGI middleware: a body (chunked, with no Content-Length) that grows past the limit is refused (413)."""
+    """ASGI middleware: the body is read up to the limit before the app sees it (also a chunked body with no
+    Content-Length); past the limit the answer is 413 and the app is never called."""
 
     def __init__(self, app, limit: int):
         self.app, self.limit = app, limit
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
             return await self.app(scope, receive, send)
-        seen = 0
-
-        async def limited():
-            nonlocal seen
+        body, more = bytearray(), True
+        while more:
             msg = await receive()
-            if msg["type"] == "http.request":
-                seen += len(msg.get("body", b""))
-                if seen > self.limit:
-                    raise _TooLarge()
-            return msg
+            if msg["type"] != "http.request":  # the client left
+                return
+            body += msg.get("body", b"")
+            more = msg.get("more_body", False)
+            if len(body) > self.limit:
+                resp = JSONResponse(error_body(f"request body is over the limit of {self.limit} bytes",
+                                               code="body_too_large"), status_code=413)
+                return await resp(scope, receive, send)
+        replayed = False
 
-        try:
-            await self.app(scope, limited, send)
-        except _TooLarge:
-            resp = JSONResponse(error_body(f"request body is over the limit of {self.limit} bytes",
-                                           code="body_too_large"), status_code=413)
-            await resp(scope, receive, send)
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": bytes(body), "more_body": False}
+            return await receive()  # later: disconnects, for streaming responses
 
-
-class _TooLarge(Exception):
-    pass
+        await self.app(scope, replay, send)

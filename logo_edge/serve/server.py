@@ -37,8 +37,11 @@ def build(args):
     routing = RouteConfig(signal=args.signal, k=args.k, probe_input=args.probe_input, merge=args.merge,
                           calibration=args.calibration, prefill=args.prefill)
 
+    # engines share the cores: oversubscribed llama.cpp thread pools spin against each other
+    threads = args.threads or max(1, (os.cpu_count() or 1) // args.parallel)
+
     def make_engine():
-        return Engine(model_path, adapters, n_ctx=args.n_ctx, n_threads=args.threads, n_gpu_layers=args.gpu_layers,
+        return Engine(model_path, adapters, n_ctx=args.n_ctx, n_threads=threads, n_gpu_layers=args.gpu_layers,
                       target_block=args.target_block, target_module=args.target_module,
                       probe_blocks=args.probe_blocks, routing=routing, max_loaded_mb=args.max_loaded_mb)
 

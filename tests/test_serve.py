@@ -1,0 +1,346 @@
+"""The server, live on loopback: the real openai client, plain HTTP for errors, isolation under load, a live pool."""
+
+import json
+import shutil
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from live_server import live_server
+
+pytestmark = pytest.mark.slow
+ADAPTERS = ["qv_r8", "all7_r4", "rs_r16", "qkd_r2", "pattern_r8"]
+N_CTX = 512
+
+
+@pytest.fixture(scope="module")
+def pool_dir(tiny, tmp_path_factory):
+    """A directory of the tiny adapters (the server may load from it), plus one outside it."""
+    d = tmp_path_factory.mktemp("pool")
+    for name in ADAPTERS:
+        shutil.copy(tiny / "gguf" / f"{name}.gguf", d / f"{name}.gguf")
+    return d
+
+
+@pytest.fixture(scope="module")
+def server(tiny, pool_dir, tmp_path_factory):
+    extra = tmp_path_factory.mktemp("extra")
+    shutil.copy(tiny / "gguf" / "qv_r8.gguf", extra / "hot.gguf")
+    shutil.copytree(tiny / "peft" / "qv_r8", extra / "peft_qv")
+    outside = tmp_path_factory.mktemp("outside")
+    shutil.copy(tiny / "gguf" / "qv_r8.gguf", outside / "secret.gguf")
+    (extra / "escape.gguf").symlink_to(outside / "secret.gguf")
+    log = tmp_path_factory.mktemp("log") / "server.log"
+    with live_server("--model", str(tiny / "tiny-f32.gguf"), "--adapters", str(pool_dir), "--adapter-dir", str(extra),
+                     "--n-ctx", str(N_CTX), "--parallel", "2", "--max-tokens-limit", "64", "--max-body-kb", "64",
+                     "--model-name", "tiny", log=log) as url:
+        yield {"url": url, "extra": extra, "outside": outside, "log": log}
+
+
+def _client(url, key="none"):
+    import openai
+
+    return openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0, timeout=60)
+
+
+# ---- the openai client
+
+
+def test_openai_client_chat_completion_and_routing_record(server):
+    client = _client(server["url"])
+    resp = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hello there"}],
+                                          max_tokens=6, temperature=0)
+    assert resp.choices[0].message.content and resp.usage.completion_tokens > 0
+    rec = resp.model_extra["routing"]
+    assert rec["mode"] == "routed" and {a["name"] for a in rec["adapters"]} == set(ADAPTERS)
+    assert sum(a["rank"] is not None for a in rec["adapters"]) == 3  # the default k
+    assert resp.model == "tiny"
+
+    text = client.completions.create(model="tiny", prompt="one two three", max_tokens=5)
+    assert text.choices[0].text is not None and text.model_extra["routing"]["mode"] == "routed"
+
+
+def test_openai_client_streams_with_the_record_on_the_last_chunk(server):
+    client = _client(server["url"])
+    chunks = list(client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
+                                                 max_tokens=6, stream=True))
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+    assert chunks[-1].model_extra["routing"]["mode"] == "routed" and chunks[-1].usage.completion_tokens > 0
+    assert all("routing" not in (c.model_extra or {}) for c in chunks[:-1])
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks)
+    whole = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=6)
+    assert streamed == whole.choices[0].message.content  # one generator serves both
+
+
+def test_per_request_control_in_the_ecosystems_shapes(server):
+    client = _client(server["url"])
+    msg = [{"role": "user", "content": "count with me"}]
+
+    def ask(**kw):
+        r = client.chat.completions.create(messages=msg, max_tokens=6, **kw)
+        rec = r.model_extra["routing"]
+        return r.choices[0].message.content, rec, {a["name"]: a["weight"] for a in rec["adapters"] if a["rank"]}
+
+    by_name = ask(model="tiny", extra_body={"lora": [{"name": "rs_r16", "scale": 0.6}, {"id": 0, "scale": 0.4}]})
+    first = sorted(ADAPTERS)[0]  # ids are positions in /lora-adapters: a directory loads in name order
+    assert by_name[1]["mode"] == "manual" and by_name[2] == {"rs_r16": 0.6, first: 0.4}
+    base = ask(model="tiny", extra_body={"lora": []})
+    assert base[1]["mode"] == "base" and base[2] == {}
+    alone = ask(model="all7_r4")  # vLLM: an adapter's name as the model
+    assert alone[2] == {"all7_r4": 1.0}
+    assert ask(model="tiny", extra_body={"lora": [{"name": "all7_r4", "scale": 1.0}]})[0] == alone[0]
+    k1 = ask(model="tiny", extra_body={"logo": {"k": 1, "signal": "entropy"}})
+    assert k1[1]["settings"]["k"] == 1 and k1[1]["settings"]["signal"] == "entropy" and len(k1[2]) == 1
+
+
+def test_models_and_adapters_are_listed(server):
+    models = httpx.get(server["url"] + "/v1/models").json()["data"]
+    assert models[0]["id"] == "tiny" and models[0]["parent"] is None
+    assert [m["id"] for m in models[1:]] == sorted(ADAPTERS) and all(m["parent"] == "tiny" for m in models[1:])
+    listed = httpx.get(server["url"] + "/lora-adapters").json()
+    assert [a["id"] for a in listed] == list(range(len(ADAPTERS)))
+    assert {a["name"]: a["rank"] for a in listed}["rs_r16"] == 16 and all(a["probeable"] for a in listed)
+
+
+# ---- errors: each a 4xx naming the problem, and the server keeps serving
+
+
+@pytest.mark.parametrize("body, status, says", [
+    (b'{"messages": [', 400, "malformed JSON"),
+    ({"messages": [{"role": "user", "content": "x"}], "lora": [{"name": "nope", "scale": 1}]}, 400, "'nope'"),
+    ({"messages": [{"role": "user", "content": "x"}], "lora": [{"id": 99, "scale": 1}]}, 400, "lora id 99"),
+    ({"messages": [{"role": "user", "content": "x"}], "lora": [{"name": "qv_r8", "scale": 1e9}]}, 400, "scale"),
+    (b'{"messages": [{"role": "user", "content": "x"}], "lora": [{"name": "qv_r8", "scale": NaN}]}', 400, "scale"),
+    ({"messages": [{"role": "user", "content": "x"}], "model": "gpt-9"}, 404, "'gpt-9' does not exist"),
+    ({"messages": [{"role": "user", "content": "x"}], "logo": {"k": 0}}, 400, "k"),
+    ({"messages": [{"role": "user", "content": "x"}], "logo": {"signal": "vibes"}}, 400, "vibes"),
+    ({"messages": [{"role": "user", "content": "x"}], "n": 3}, 400, "n=3"),
+    ({"messages": [{"role": "user", "content": "x"}], "tools": []}, 400, "unsupported field `tools`"),
+    ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 100000}, 400, "max_tokens=100000"),
+    ({"messages": [{"role": "user", "content": "x"}], "temperature": -1}, 400, "temperature"),
+    ({"messages": []}, 400, "messages"),
+    ({"messages": [{"role": "user", "content": "word " * 3000}]}, 400, "but the context holds 512"),
+])
+def test_bad_requests_are_4xx_naming_the_problem(server, body, status, says):
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    r = httpx.post(server["url"] + "/v1/chat/completions", content=data, headers={"content-type": "application/json"})
+    assert r.status_code == status, r.text
+    assert says in r.json()["error"]["message"], r.text
+    ok = httpx.post(server["url"] + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
+                                                                 "max_tokens": 2})
+    assert ok.status_code == 200  # still serving
+
+
+def test_oversize_body_is_413(server):
+    big = {"messages": [{"role": "user", "content": "x" * (70 * 1024)}]}
+    r = httpx.post(server["url"] + "/v1/chat/completions", json=big)
+    assert r.status_code == 413 and "over the limit" in r.json()["error"]["message"]
+
+    def chunked():  # no Content-Length: the limit holds while reading
+        yield b'{"messages": [{"role": "user", "content": "'
+        for _ in range(80):
+            yield b"y" * 1024
+        yield b'"}]}'
+
+    r = httpx.post(server["url"] + "/v1/chat/completions", content=chunked(),
+                   headers={"content-type": "application/json"})
+    assert r.status_code == 413
+
+
+def test_api_key_is_checked_everywhere_but_health(tiny):
+    with live_server("--model", str(tiny / "tiny-f32.gguf"), "--adapters", str(tiny / "gguf" / "qv_r8.gguf"),
+                     "--n-ctx", "256", env={"LOGO_EDGE_API_KEY": "sekret"}) as url:
+        assert httpx.get(url + "/health").status_code == 200
+        for path in ("/v1/models", "/lora-adapters"):
+            r = httpx.get(url + path)
+            assert r.status_code == 401 and "API key" in r.json()["error"]["message"]
+        import openai
+
+        with pytest.raises(openai.AuthenticationError):
+            _client(url, "wrong").models.list()
+        assert _client(url, "sekret").models.list().data[0].id == "tiny-f32"
+
+
+def test_a_client_that_leaves_mid_stream_frees_its_engine(server):
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "go on"}], "max_tokens": 64, "stream": True}
+    with httpx.stream("POST", server["url"] + "/v1/chat/completions", json=body, timeout=30) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                break  # leave after the first chunk
+    t0 = time.monotonic()
+    with ThreadPoolExecutor(2) as ex:  # both engines answer at once: neither is stuck on the abandoned stream
+        outs = list(ex.map(lambda _: httpx.post(server["url"] + "/v1/chat/completions", timeout=60, json={
+            "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}).status_code, range(4)))
+    assert outs == [200] * 4 and time.monotonic() - t0 < 30
+
+
+# ---- the live pool
+
+
+def test_load_use_and_unload_an_adapter_without_restart(server):
+    url, extra = server["url"], server["extra"]
+    r = httpx.post(url + "/v1/load_lora_adapter", json={"lora_name": "hot", "lora_path": str(extra / "hot.gguf")})
+    assert r.status_code == 200 and r.json()["probeable"], r.text
+    assert "hot" in [m["id"] for m in httpx.get(url + "/v1/models").json()["data"]]
+    same = [httpx.post(url + "/v1/chat/completions", json={"model": m, "messages": [{"role": "user", "content": "a b"}],
+                                                           "max_tokens": 6}).json() for m in ("hot", "qv_r8")]
+    assert same[0]["choices"][0]["message"]["content"] == same[1]["choices"][0]["message"]["content"]
+    routed = httpx.post(url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "a b"}],
+                                                            "max_tokens": 2, "logo": {"k": 6}}).json()
+    assert "hot" in {a["name"] for a in routed["routing"]["adapters"] if a["rank"]}  # routable at once
+    r = httpx.post(url + "/v1/unload_lora_adapter", json={"lora_name": "hot"})
+    assert r.status_code == 200
+    r = httpx.post(url + "/v1/chat/completions", json={"model": "hot", "messages": [{"role": "user", "content": "x"}]})
+    assert r.status_code == 404
+    assert httpx.post(url + "/v1/unload_lora_adapter", json={"lora_name": "hot"}).status_code == 404
+
+
+def test_a_peft_directory_is_converted_on_load(server):
+    url = server["url"]
+    r = httpx.post(url + "/v1/load_lora_adapter", json={"lora_name": "peft_qv", "lora_path": "peft_qv"}, timeout=120)
+    assert r.status_code == 200 and r.json()["lora_path"].endswith(".gguf"), r.text
+    out = httpx.post(url + "/v1/chat/completions", json={"model": "peft_qv", "max_tokens": 3,
+                                                         "messages": [{"role": "user", "content": "x"}]})
+    assert out.status_code == 200 and out.json()["routing"]["mode"] == "manual"
+    assert httpx.post(url + "/v1/unload_lora_adapter", json={"lora_name": "peft_qv"}).status_code == 200
+
+
+@pytest.mark.parametrize("path, status, says", [
+    ("../outside/secret.gguf", 400, "'..'"),
+    ("escape.gguf", 403, "outside the adapter directories"),
+    ("missing.gguf", 404, "does not exist"),
+])
+def test_load_paths_are_confined(server, path, status, says):
+    r = httpx.post(server["url"] + "/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": path})
+    assert r.status_code == status and says in r.json()["error"]["message"], r.text
+
+
+def test_load_refuses_absolute_paths_outside_and_bad_files(server, tmp_path):
+    url = server["url"]
+    r = httpx.post(url + "/v1/load_lora_adapter", json={"lora_name": "x",
+                                                        "lora_path": str(server["outside"] / "secret.gguf")})
+    assert r.status_code == 403
+    (server["extra"] / "junk.gguf").write_bytes(b"GGUF\x03\x00\x00\x00garbage")
+    r = httpx.post(url + "/v1/load_lora_adapter", json={"lora_name": "junk", "lora_path": "junk.gguf"})
+    assert r.status_code == 400 and "junk.gguf" in r.json()["error"]["message"]
+    assert "junk" not in [m["id"] for m in httpx.get(url + "/v1/models").json()["data"]]
+    r = httpx.post(url + "/v1/load_lora_adapter", json={"lora_name": "qv_r8", "lora_path": "hot.gguf"})
+    assert r.status_code == 400 and "already served" in r.json()["error"]["message"]
+
+
+# ---- isolation under load, and the pool changing under load
+
+
+def _mixtures():
+    """22 request shapes: routed (k, signal, calibration, probe input, probe-cache), by hand (pairs, scales),
+    single adapters, packed, base."""
+    out = [{"logo": {"k": k}} for k in (1, 2, 3)] + [{"logo": {"k": 2, "signal": "entropy"}},
+                                                     {"logo": {"k": 2, "calibration": "raw"}},
+                                                     {"logo": {"k": 2, "probe_input": "normed"}},
+                                                     {"logo": {"k": 1, "prefill": "probe-cache"}}]
+    for i, a in enumerate(ADAPTERS):
+        b = ADAPTERS[(i + 1) % len(ADAPTERS)]
+        out.append({"lora": [{"name": a, "scale": 0.7}, {"name": b, "scale": 0.3}]})
+        out.append({"lora": [{"name": a, "scale": 1.0}]})
+    out += [{"model": "rs_r16"}, {"lora": []}, {"lora": [{"name": "qv_r8", "scale": -0.5}]},
+            {"lora": [{"name": "all7_r4", "scale": 0.5}, {"name": "rs_r16", "scale": 0.5}],
+             "logo": {"merge": "packed"}},
+            {"lora": [{"name": "rs_r16", "scale": 2.0}]}]  # (fusion needs equal shapes: none here)
+    return out
+
+
+PROMPTS = ["the river and the market", "proof of energy", "a letter to the harbor", "signal theory number"]
+
+
+def _references(tiny, mixture, prompts) -> list[str]:
+    """The same requests alone: a fresh engine with the server's settings per mixture, nothing cached
+    between prompts."""
+    from logo_edge.engine import Engine
+
+    kw = dict(mixture.get("logo", {}))
+    if "lora" in mixture:
+        kw["adapters"] = {x["name"]: x["scale"] for x in mixture["lora"]} or "base"
+    elif "model" in mixture:
+        kw["adapters"] = {mixture["model"]: 1.0}
+    out = []
+    with Engine(tiny / "tiny-f32.gguf", [tiny / "gguf" / f"{n}.gguf" for n in ADAPTERS], n_ctx=N_CTX) as eng:
+        for prompt in prompts:
+            eng.forget_prompts()
+            r = eng.create_chat_completion([{"role": "user", "content": prompt}], max_tokens=8, **kw)
+            out.append(r["choices"][0]["message"]["content"])
+    return out
+
+
+def test_isolation_under_load_every_answer_equals_the_request_alone(server, tiny):
+    mixtures = _mixtures()
+    assert len(mixtures) >= 20
+    jobs = [(i % len(mixtures), (i // len(mixtures)) % len(PROMPTS)) for i in range(440)]
+    import random
+
+    random.Random(0).shuffle(jobs)
+
+    def ask(job):
+        m, p = job
+        body = {"model": "tiny", "messages": [{"role": "user", "content": PROMPTS[p]}], "max_tokens": 8,
+                **mixtures[m]}
+        r = httpx.post(server["url"] + "/v1/chat/completions", json=body, timeout=120)
+        return job, r.status_code, r.json()
+
+    t0 = time.monotonic()
+    with ThreadPoolExecutor(8) as ex:  # 8 concurrent clients over 2 engines
+        results = list(ex.map(ask, jobs))
+    print(f"{len(jobs)} requests, 8 clients, 2 engines: {time.monotonic() - t0:.1f} s")
+    assert [s for _, s, _ in results] == [200] * len(jobs), [b for _, s, b in results if s != 200][:3]
+    refs = {m: _references(tiny, mix, PROMPTS) for m, mix in enumerate(mixtures)}
+    for (m, p), _, body in results:
+        assert body["choices"][0]["message"]["content"] == refs[m][p], (mixtures[m], PROMPTS[p])
+    assert len({m for (m, _), _, _ in results}) >= 20
+
+
+def test_adapters_added_and_removed_under_load(server):
+    url = server["url"]
+    stop = threading.Event()
+    absent: list[tuple[float, float]] = []  # windows in which "hot" was certainly not in the pool
+    changes = {"load": 0, "unload": 0}
+
+    def churn():
+        while not stop.is_set():
+            t_load = time.monotonic()
+            if absent:
+                absent[-1] = (absent[-1][0], t_load)
+            r = httpx.post(url + "/v1/load_lora_adapter", json={"lora_name": "hot", "lora_path": "hot.gguf"},
+                           timeout=60)
+            assert r.status_code == 200, r.text
+            changes["load"] += 1
+            time.sleep(0.05)
+            r = httpx.post(url + "/v1/unload_lora_adapter", json={"lora_name": "hot"}, timeout=60)
+            assert r.status_code == 200, r.text
+            changes["unload"] += 1
+            absent.append((time.monotonic(), float("inf")))
+            time.sleep(0.05)
+
+    def ask(i):
+        body = {"messages": [{"role": "user", "content": PROMPTS[i % 4]}], "max_tokens": 4,
+                **([{"logo": {"k": 6}}, {"lora": [{"name": "qv_r8", "scale": 1.0}]}][i % 2])}
+        t0 = time.monotonic()
+        r = httpx.post(url + "/v1/chat/completions", json=body, timeout=120)
+        chosen = {a["name"] for a in r.json().get("routing", {}).get("adapters", []) if a["rank"]}
+        return t0, time.monotonic(), r.status_code, chosen
+
+    t = threading.Thread(target=churn)
+    t.start()
+    try:
+        with ThreadPoolExecutor(8) as ex:
+            results = list(ex.map(ask, range(160)))
+    finally:
+        stop.set()
+        t.join(60)
+    assert changes["load"] >= 3 and changes["unload"] >= 3
+    assert all(s == 200 for _, _, s, _ in results)
+    for t0, t1, _, chosen in results:  # a request made wholly while "hot" was gone never used it
+        if any(a <= t0 and t1 <= b for a, b in absent):
+            assert "hot" not in chosen
+    assert any("hot" in chosen for *_, chosen in results)  # and it was routed to while loaded
