@@ -77,34 +77,45 @@ def _print_record(rec: dict, as_json: bool) -> None:
 
 
 def cmd_chat(args) -> int:
+    sampling = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    if args.server:
+        from .serve.client import remote_chat
+
+        return _chat_loop(remote_chat(args.server, args.api_key, args.model_name), f"server {args.server}", sampling)
     with _engine(args) as eng:
-        messages = [{"role": "system", "content": args.system}] if args.system else []
-        print(f"logo-edge chat: {eng.model.path.name}, {len(eng.pool)} adapters. Empty line or Ctrl-D quits.",
-              file=sys.stderr)
-        while True:
-            try:
-                line = input("> ").strip()
-            except EOFError:
-                break
-            if not line:
-                break
-            messages.append({"role": "user", "content": line})
-            text, last = [], None
-            try:
-                for chunk in eng.create_chat_completion(messages, adapters=_adapters_choice(args),
-                                                        max_tokens=args.max_tokens, temperature=args.temperature,
-                                                        top_p=args.top_p, seed=args.seed, stream=True):
-                    piece = chunk["choices"][0]["delta"].get("content", "")
-                    print(piece, end="", flush=True)
-                    text.append(piece)
-                    last = chunk
-            except LogoEdgeError as e:  # e.g. the conversation outgrew the context: say so, keep going
-                print(f"\nerror: {e}", file=sys.stderr)
-                messages.pop()
-                continue
-            print()
+        def send(messages, **kw):
+            return eng.create_chat_completion(messages, adapters=_adapters_choice(args), stream=True, **kw)
+
+        return _chat_loop(send, f"{eng.model.path.name}, {len(eng.pool)} adapters", sampling, args.system)
+
+
+def _chat_loop(send, where: str, sampling: dict, system: str | None = None) -> int:
+    """Read a line, stream the answer, show who answered; the same loop for a local engine and a server."""
+    messages = [{"role": "system", "content": system}] if system else []
+    print(f"logo-edge chat: {where}. Empty line or Ctrl-D quits.", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ").strip()
+        except EOFError:
+            break
+        if not line:
+            break
+        messages.append({"role": "user", "content": line})
+        text, last = [], None
+        try:
+            for chunk in send(messages, **sampling):
+                piece = chunk["choices"][0]["delta"].get("content") or "" if chunk["choices"] else ""
+                print(piece, end="", flush=True)
+                text.append(piece)
+                last = chunk
+        except LogoEdgeError as e:  # e.g. the conversation outgrew the context: say so, keep going
+            print(f"\nerror: {e}", file=sys.stderr)
+            messages.pop()
+            continue
+        print()
+        if last and last.get("routing"):
             _print_record(last["routing"], False)
-            messages.append({"role": "assistant", "content": "".join(text)})
+        messages.append({"role": "assistant", "content": "".join(text)})
     return 0
 
 
@@ -235,6 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_engine_args(p)
     _add_gen_args(p)
     p.add_argument("--system", help="system message")
+    p.add_argument("--server", metavar="URL", help="chat with a running `logo-edge serve` instead of a local engine")
+    p.add_argument("--api-key", help="the server's key (or LOGO_EDGE_API_KEY)")
+    p.add_argument("--model-name", help="the model to ask the server for (default: its base model, routed)")
     p.set_defaults(fn=cmd_chat)
 
     p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server that routes every request")

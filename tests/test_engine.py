@@ -238,3 +238,46 @@ def test_route_command_shows_raw_and_calibrated_signals_and_the_window(tiny, cap
     assert head[:4] == ["adapter", "raw", "signal", "zscore"]
     assert "norm signal of attn_q (residual input) over blocks 2-3" in out
     assert "v_only" in out and "no LoRA on blk.3.attn_q.weight" in out
+
+
+def test_interleaved_streams_are_refused_not_mixed(tiny_engine):
+    """Two streams on one engine share its context: the second is refused while the first is unfinished."""
+    from logo_edge.errors import EngineBusyError
+
+    msgs = [{"role": "user", "content": "tell me more"}]
+    alone = tiny_engine.create_chat_completion(msgs, max_tokens=6)["choices"][0]["message"]["content"]
+    first = tiny_engine.create_chat_completion(msgs, max_tokens=6, stream=True)
+    second = tiny_engine.create_chat_completion(msgs, max_tokens=6, stream=True, adapters="base")
+    head = next(first)
+    with pytest.raises(EngineBusyError, match="already generating"):
+        next(second)
+    with pytest.raises(EngineBusyError, match="while this Engine is generating"):
+        tiny_engine.remove_adapter("qv_r8")
+    rest = "".join(c["choices"][0]["delta"].get("content", "") for c in first)
+    assert head["choices"][0]["delta"]["content"] + rest == alone  # the first stream was not disturbed
+    first2 = tiny_engine.create_chat_completion(msgs, max_tokens=6, stream=True)
+    next(first2)
+    first2.close()  # closing a stream frees the engine at once
+    assert tiny_engine.create_chat_completion(msgs, max_tokens=6)["choices"][0]["message"]["content"] == alone
+
+
+def test_removing_an_adapter_equals_a_pool_built_without_it(tiny):
+    names = ["qv_r8", "all7_r4", "rs_r16", "qkd_r2", "pattern_r8"]
+    files = [tiny / "gguf" / f"{n}.gguf" for n in names]
+    prompt = [{"role": "user", "content": "which one fits"}]
+    with Engine(tiny / "tiny-f32.gguf", files, n_ctx=256) as eng, \
+            Engine(tiny / "tiny-f32.gguf", [f for f in files if "rs_r16" not in f.name], n_ctx=256) as ref:
+        eng.create_chat_completion(prompt, max_tokens=3, adapters={"rs_r16": 0.5, "pattern_r8": 0.5})  # loaded, set
+        removed = eng.remove_adapter("rs_r16")
+        assert removed.name == "rs_r16" and eng.pool.names == ref.pool.names
+        for k in (1, 4):
+            got, want = eng.route(prompt, k=k), ref.route(prompt, k=k)
+            assert [a.name for a in got.adapters] == [a.name for a in want.adapters]
+            np.testing.assert_allclose([a.signal for a in got.adapters], [a.signal for a in want.adapters], rtol=1e-6)
+            np.testing.assert_allclose([a.weight for a in got.adapters], [a.weight for a in want.adapters], rtol=1e-6)
+        out = eng.create_chat_completion(prompt, max_tokens=6)["choices"][0]["message"]["content"]
+        assert out == ref.create_chat_completion(prompt, max_tokens=6)["choices"][0]["message"]["content"]
+        eng.add_adapter(files[2])  # and back: routable again, last in the pool
+        assert eng.pool.names[-1] == "rs_r16" and eng.route(prompt, k=5).adapters[-1].rank is not None
+        with pytest.raises(AdapterError, match="no adapter named 'nope'"):
+            eng.remove_adapter("nope")

@@ -344,3 +344,13 @@ def test_adapters_added_and_removed_under_load(server):
         if any(a <= t0 and t1 <= b for a, b in absent):
             assert "hot" not in chosen
     assert any("hot" in chosen for *_, chosen in results)  # and it was routed to while loaded
+
+
+def test_chat_command_talks_to_a_running_server(server):
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "logo_edge.cli", "chat", "--server", server["url"], "--max-tokens", "5"]
+    res = subprocess.run(cmd, input="hello there\nand again\n\n", capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stderr.count("[routed: ") == 2, res.stderr  # each turn says who answered
