@@ -363,9 +363,18 @@ def add_args(p) -> None:
     p.add_argument("--torch", action=BooleanOptionalAction, default=True, help="the PyTorch/PEFT row")
     p.add_argument("--n-sizes", type=int, nargs="+", default=[10, 100, 1000], help="pool sizes to sweep")
     p.add_argument("--k-values", type=int, nargs="+", default=[1, 3, 8, 20], help="k values to sweep")
+    p.add_argument("--server", action="store_true", help="logo-edge serve vs llama-cpp-python's server: req/s, "
+                   "tok/s, p50/p95 at 1, 4, 8 clients (bench_server.py)")
+    from .bench_server import add_server_args
+
+    add_server_args(p)
 
 
 def run_bench(args) -> int:
+    if args.server:
+        from .bench_server import run_server_bench
+
+        return run_server_bench(args)
     from .engine import MERGES
 
     model_path = Path(args.model) if args.model else defaults.default_model_path()

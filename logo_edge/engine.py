@@ -38,6 +38,7 @@ MERGES = ("mixture", "packed", "fusion")
 # the probe runs in the generation context and its base-model K/V of the prompt are kept; only the last
 # prompt token is decoded again under the mixture, saving the second prefill.
 PREFILLS = ("exact", "probe-cache")
+KEEP_MIN_PREFIX = 48  # tokens of cached history below which a request is not a continuing conversation
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,11 @@ class RouteConfig:
     merge: str = "mixture"
     calibration: str = "zscore"  # chosen by the evaluation (models/eval/README.md); "raw" is the paper's
     prefill: str = "exact"
+    # A conversation keeps its mixture while a new turn's routing agrees with it: the total variation
+    # distance between the new weights and the kept ones (half the sum of |w_new - w_kept| over both sets
+    # of adapters) is at most `keep`. The cached history is then reused, exact under the kept mixture,
+    # instead of prefilled again under slightly different weights. 0 re-routes every turn.
+    keep: float = 0.25
 
     def __post_init__(self) -> None:
         RouterConfig(self.signal, self.k, self.calibration)  # validates signal, k and calibration
@@ -59,6 +65,8 @@ class RouteConfig:
             raise RoutingError(f"merge must be one of {MERGES}, got {self.merge!r}")
         if self.prefill not in PREFILLS:
             raise RoutingError(f"prefill must be one of {PREFILLS}, got {self.prefill!r}")
+        if not (isinstance(self.keep, (int, float)) and 0 <= self.keep <= 1):
+            raise RoutingError(f"keep must be a weight tolerance in [0, 1], got {self.keep!r}")
 
 
 @dataclass(frozen=True)
@@ -116,6 +124,7 @@ class Engine:
         self._cache: list[int] = []  # tokens whose K/V sit in self.ctx under its current mixture
         self._cache_approx = False  # True when those K/V came from the base model (probe-cache mode)
         self._active: set[int] = set()  # pool indices set in self.ctx
+        self._mixture: tuple[str, dict[int, float]] = ("mixture", {})  # merge and {pool index: weight} set now
         self._merged: dict[tuple, LoraHandle] = {}  # packed / fused adapters built for recent mixtures
         self._tmp = tempfile.TemporaryDirectory(prefix="logo-edge-")
         self._busy = threading.Lock()  # held by the one generation running (stream)
@@ -161,7 +170,7 @@ class Engine:
         with self._exclusive("remove an adapter"):
             self.pool.index(name)  # AdapterError naming an unknown adapter, before anything changes
             self.ctx.set_adapters([], [])  # nothing of the old mixture stays set, nor its K/V
-            self._active = set()
+            self._active, self._mixture = set(), ("mixture", {})
             self.ctx.cache_truncate(0)
             self._cache, self._cache_approx = [], False
             for h in self._merged.values():
@@ -300,7 +309,15 @@ class Engine:
         """Decide the mixture: (pool indices, weights, record)."""
         if adapters is None or adapters == "auto":
             routing, rec = self._route(tokens, cfg)
-            return [i for i, _ in routing.mixture()], [w for _, w in routing.mixture()], rec
+            idx, weights = [i for i, _ in routing.mixture()], [w for _, w in routing.mixture()]
+            kept = self._keepable(tokens, idx, weights, cfg)
+            rec.settings["mixture"] = "kept" if kept else "new"
+            if kept:  # the record shows the mixture that answered; signals and scores are this turn's
+                idx, weights = list(kept), list(kept.values())
+                order = {i: r + 1 for r, i in enumerate(sorted(kept, key=lambda i: -kept[i]))}
+                for j, a in enumerate(rec.adapters):  # the record lists the pool in order
+                    a.weight, a.rank = kept.get(j, 0.0), order.get(j)
+            return idx, weights, rec
         if adapters == "base" or (not isinstance(adapters, str) and len(adapters) == 0):
             chosen: dict[str, float] = {}
             mode = "base"
@@ -320,6 +337,20 @@ class Engine:
                         target_module=self.pool.target_module)
         return idx, weights, RoutingRecord(mode, settings, scores, Timings(prompt_tokens=len(tokens)))
 
+    def _keepable(self, tokens: list[int], idx: list[int], weights: list[float], cfg: RouteConfig) -> dict | None:
+        """The mixture set now, if this request continues its conversation and routes close to it again (total
+        variation distance of the weights <= cfg.keep); else None. "Continues" means at least half of the prompt (and
+        more than the chat template's header) is the cached history."""
+        merge, current = self._mixture
+        if cfg.keep <= 0 or cfg.prefill != "exact" or merge != cfg.merge or not current:
+            return None
+        reused = _common_prefix(self._cache, tokens)
+        if reused < max(KEEP_MIN_PREFIX, len(tokens) // 2):
+            return None
+        new = dict(zip(idx, weights))
+        tv = 0.5 * sum(abs(new.get(i, 0.0) - current.get(i, 0.0)) for i in set(new) | set(current))
+        return dict(current) if tv <= cfg.keep else None
+
     def _apply(self, idx: list[int], weights: list[float], merge: str, keep_cache: bool = False) -> None:
         if merge in ("packed", "fusion") and len(idx) > 1:
             handles, scales = [self._merged_handle(idx, weights, merge)], [1.0]
@@ -331,6 +362,7 @@ class Engine:
         if self.ctx.set_adapters(handles, scales) and not keep_cache:
             self._cache = []  # never reuse K/V computed under another mixture
         self._active = active
+        self._mixture = (merge, dict(zip(idx, weights)))
         self.pool.trim(active)
 
     def _merged_handle(self, idx: list[int], weights: list[float], merge: str) -> LoraHandle:

@@ -281,3 +281,32 @@ def test_removing_an_adapter_equals_a_pool_built_without_it(tiny):
         assert eng.pool.names[-1] == "rs_r16" and eng.route(prompt, k=5).adapters[-1].rank is not None
         with pytest.raises(AdapterError, match="no adapter named 'nope'"):
             eng.remove_adapter("nope")
+
+
+def test_a_conversation_keeps_its_mixture_while_routing_agrees(tiny):
+    from logo_edge.engine import RouteConfig
+
+    files = [tiny / "gguf" / f"{n}.gguf" for n in ("qv_r8", "all7_r4", "rs_r16", "qkd_r2", "pattern_r8")]
+    turn1 = [{"role": "user", "content": "tell me about rivers and markets and the proof of energy " * 3}]
+
+    def chat(keep):
+        with Engine(tiny / "tiny-f32.gguf", files, n_ctx=512, kv_type="f32", routing=RouteConfig(keep=keep)) as eng:
+            a = eng.create_chat_completion(turn1, max_tokens=6)
+            msgs = turn1 + [{"role": "assistant", "content": a["choices"][0]["message"]["content"]},
+                            {"role": "user", "content": "and more"}]
+            return a, msgs, eng.create_chat_completion(msgs, max_tokens=6)
+
+    a, msgs, kept = chat(1.0)  # any agreement is enough: the second turn keeps the first's mixture
+    rec1, rec2 = a["routing"], kept["routing"]
+    assert rec1["settings"]["mixture"] == "new" and rec2["settings"]["mixture"] == "kept"
+    assert rec2["timings"]["cached_tokens"] >= rec1["timings"]["prompt_tokens"]  # the history is reused
+    w1 = {x["name"]: x["weight"] for x in rec1["adapters"] if x["rank"]}
+    assert {x["name"]: x["weight"] for x in rec2["adapters"] if x["rank"]} == w1  # the record says what answered
+    with Engine(tiny / "tiny-f32.gguf", files, n_ctx=512, kv_type="f32") as fresh:  # exact under that mixture
+        ref = fresh.create_chat_completion(msgs, max_tokens=6, adapters=w1)
+    assert kept["choices"][0]["message"]["content"] == ref["choices"][0]["message"]["content"]
+
+    _, _, rerouted = chat(0.0)  # keep=0: every turn routed afresh
+    assert rerouted["routing"]["settings"]["mixture"] == "new"
+    with pytest.raises(RoutingError, match="keep"):
+        RouteConfig(keep=2)

@@ -47,6 +47,7 @@ class LogoSettings(Strict):
     merge: str | None = None
     prefill: str | None = None
     probe_input: str | None = None
+    keep: float | None = None
 
     def overrides(self) -> dict:
         return {k: v for k, v in self.model_dump().items() if v is not None}

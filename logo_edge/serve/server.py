@@ -35,7 +35,7 @@ def build(args):
     model_path = Path(args.model) if args.model else defaults.default_model_path()
     adapters = args.adapters if args.adapters is not None else defaults.default_pool()
     routing = RouteConfig(signal=args.signal, k=args.k, probe_input=args.probe_input, merge=args.merge,
-                          calibration=args.calibration, prefill=args.prefill)
+                          calibration=args.calibration, prefill=args.prefill, keep=args.keep)
 
     # engines share the cores: oversubscribed llama.cpp thread pools spin against each other
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.parallel)
