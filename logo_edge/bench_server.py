@@ -11,21 +11,19 @@ p50/p95, with the ratio logo-edge / llama-cpp-python for each comparable pair:
            no counterpart (one adapter per process, fixed at start-up); its ratios are against the
            llama-cpp-python adapter row
 
-    logo-edge bench --server            # the full run (about 4 minutes on 2 cores)
-    logo-edge bench --server --quick    # levels 1 and 2, 2 requests each, 8 tokens: under a minute
+    logo-edge bench --server            # the full run (about 2 minutes on 2 cores)
+    logo-edge bench --server --quick    # levels 1 and 2, 2 requests each, 8 tokens: about 10 s
 """
 
 from __future__ import annotations
 
 import os
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +31,7 @@ import numpy as np
 
 from . import defaults
 from .bench import _log, rows_pool
+from .serve.process import child_server, free_port
 
 N_CTX = 1024
 LCP, LE = "llama-cpp-python", "logo-edge"
@@ -52,45 +51,12 @@ def add_server_args(p) -> None:
                    "--quick: 2)")
     p.add_argument("--server-max-tokens", type=int, help="max_tokens of every request (default 64; --quick: 8)")
     p.add_argument("--server-parallel", type=int, default=1, help="also a logo-edge serve --parallel N (N > 1; "
-                   "default: --parallel 1 only, like llama-cpp-python's one model behind a lock)")
+                   "default: --parallel 1 only, like llama-cpp-python's one model behind a lock); each engine "
+                   "gets --threads threads, so N engines on few cores compete")
     p.add_argument("--server-adapter", help="the one adapter both servers set by hand (default: the pool's first)")
 
 
-# ---- child servers
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextmanager
-def child_server(name: str, cmd: list[str], port: int, env: dict, logdir: Path):
-    """Run a server command (its output to logdir/NAME.log); yield (URL, process, log); stop it (SIGINT, then kill)."""
-    log = logdir / f"{name}.log"
-    out = open(log, "w")
-    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        yield url, proc, log
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        out.close()
-
-
-def _die_with_parent() -> None:
-    """In the child before exec (Linux): SIGKILL it when the bench dies, even by SIGKILL (no orphan servers)."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+# ---- child servers (started and stopped by logo_edge.serve.process)
 
 
 def wait_ready(servers: dict, timeout: float = 240) -> None:
@@ -134,6 +100,7 @@ class Level:
     lat: list[float]
     completion: list[int]
     prompt: list[int]
+    cpu: tuple[float, float] = (float("nan"), float("nan"))  # cores busy: the server under test, everything else
 
     @property
     def rps(self) -> float:
@@ -145,6 +112,36 @@ class Level:
 
     def pct(self, q: float) -> float:
         return float(np.percentile(self.lat, q)) * 1e3
+
+
+def _cpu_ticks(pid: int) -> int:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return int(fields[11]) + int(fields[12])  # utime + stime, all threads
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def _busy_ticks() -> int:
+    try:
+        v = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        return sum(v[:8]) - v[3] - v[4]  # all but idle and iowait (guest time is inside user)
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def cpu_snapshot(pid: int) -> tuple[float, int, int]:
+    """(time, CPU ticks of process pid, CPU ticks busy on the whole machine), for cpu_use."""
+    return time.perf_counter(), _cpu_ticks(pid), _busy_ticks()
+
+
+def cpu_use(a, b) -> tuple[float, float]:
+    """Cores busy between two snapshots: the process, and everything else on the machine (Linux; else NaN)."""
+    if not (a[2] and b[2]):
+        return float("nan"), float("nan")
+    hz, wall = os.sysconf("SC_CLK_TCK"), b[0] - a[0]
+    mine = (b[1] - a[1]) / hz / wall
+    return mine, max(0.0, (b[2] - a[2]) / hz / wall - mine)
 
 
 def _post(client, url: str, body: dict) -> tuple[float, dict]:
@@ -223,8 +220,7 @@ def run_server_bench(args) -> int:
         signal.signal(signal.SIGTERM, old)
     _print_table(rows, levels)
     print(f"\nload average (1 min) at start {load[0]:.2f}, at the end {os.getloadavg()[0]:.2f} (the bench's own "
-          f"servers count in the latter): other jobs on the machine skew these numbers, as llama.cpp's threads "
-          f"spin at barriers")
+          f"servers count in the latter)")
     return 0
 
 
@@ -236,12 +232,12 @@ def _run(specs, env, pick, par, levels, reqs, gen) -> list[Row]:
     import httpx
 
     with tempfile.TemporaryDirectory(prefix="logo-edge-bench-server-") as tmp, ExitStack() as stack:
+        _log(f"starting {len(specs)} servers: {', '.join(specs)}")
+        t0 = time.perf_counter()
         servers = {}
         for name, cmd in specs.items():
             port = free_port()
             servers[name] = stack.enter_context(child_server(name, [*cmd, "--port", str(port)], port, env, Path(tmp)))
-        t0 = time.perf_counter()
-        _log(f"starting {len(servers)} servers: {', '.join(servers)}")
         wait_ready(servers)
         _log(f"all servers up in {time.perf_counter() - t0:.1f} s")
         client = stack.enter_context(httpx.Client(timeout=900, limits=httpx.Limits(max_connections=64)))
@@ -284,8 +280,12 @@ def _measure(client, servers, rows: list[Row], levels, reqs, gen) -> None:
     for j, conc in enumerate(levels):
         order = rows[j % len(rows):] + rows[:j % len(rows)]  # rotate the order from level to level
         for r in order:
-            r.levels[conc] = run_level(client, servers[r.server][0], r, conc, reqs[conc], gen, offset)
-            _log(f"c={conc} {r.label}: {reqs[conc]} requests in {r.levels[conc].wall:.1f} s")
+            url, proc, _ = servers[r.server]
+            a = cpu_snapshot(proc.pid)
+            m = r.levels[conc] = run_level(client, url, r, conc, reqs[conc], gen, offset)
+            m.cpu = cpu_use(a, cpu_snapshot(proc.pid))
+            _log(f"c={conc} {r.label}: {reqs[conc]} requests in {m.wall:.1f} s; cores busy: server {m.cpu[0]:.2f}, "
+                 f"the rest {m.cpu[1]:.2f}")
         offset += reqs[conc]
 
 
@@ -318,13 +318,16 @@ def _print_header(model_path, pool_desc, pick, threads, levels, reqs, gen, k, pa
 
 def _print_table(rows: list[Row], levels) -> None:
     print(f"\n{'row':<8} {'server':<38} {'conc':>4} {'reqs':>4} {'prompt tok':>10} {'tokens':>6} {'req/s':>7} "
-          f"{'tok/s':>7} {'p50 ms':>8} {'p95 ms':>8}")
+          f"{'tok/s':>7} {'p50 ms':>8} {'p95 ms':>8} {'cpu srv':>7} {'cpu rest':>8}")
     for conc in levels:
         for r in rows:
             m = r.levels[conc]
             print(f"{r.key:<8} {r.label:<38} {conc:>4} {len(m.lat):>4} {sum(m.prompt):>10} {sum(m.completion):>6} "
-                  f"{m.rps:7.2f} {m.tps:7.1f} {m.pct(50):8.0f} {m.pct(95):8.0f}")
+                  f"{m.rps:7.2f} {m.tps:7.1f} {m.pct(50):8.0f} {m.pct(95):8.0f} {m.cpu[0]:7.2f} {m.cpu[1]:8.2f}")
         print()
+    print(f"cpu srv / cpu rest: cores busy during the level ({os.cpu_count()} on this machine) in the server under "
+          f"test / in everything else (the bench's client and idle servers, other jobs): a large 'rest' means "
+          f"another job competed, and llama.cpp's threads spin at barriers, so that row is slowed\n")
     by_server = {r.server: r for r in rows if r.ref is None}
     print(f"ratios logo-edge / llama-cpp-python (req/s and tok/s: > 1 is faster; p50 and p95: < 1 is faster)\n"
           f"{'row':<8} {'logo-edge':<28} {'vs':<30} {'conc':>4} {'x tokens':>8} {'x req/s':>7} {'x tok/s':>7} "

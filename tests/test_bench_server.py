@@ -12,7 +12,7 @@ def _table(out: str) -> list[list[str]]:
     lines = out.splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("row ") and "server" in line)
     end = next(i for i, line in enumerate(lines) if line.startswith("ratios"))
-    return [line.split() for line in lines[start + 1:end] if line.strip()]
+    return [line.split() for line in lines[start + 1:end] if line.split()[:1] in (["base"], ["adapter"], ["routed"])]
 
 
 @pytest.mark.slow
@@ -38,7 +38,7 @@ def test_bench_server_quick_runs_both_servers_side_by_side():
     rows = _table(r.stdout)
     servers = {"llama-cpp-python": 0, "logo-edge": 0}
     for cells in rows:
-        conc, reqs, prompt, tokens, rps, tps, p50, p95 = cells[-8:]
+        conc, reqs, prompt, tokens, rps, tps, p50, p95, _cpu_srv, _cpu_rest = cells[-10:]
         nums = [float(x) for x in (prompt, tokens, rps, tps, p50, p95)]
         assert all(math.isfinite(x) and x > 0 for x in nums), cells
         assert int(conc) in (1, 2) and int(reqs) == 2
