@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import warnings
 from functools import lru_cache
 from pathlib import Path
 from typing import Callable, Sequence
@@ -56,22 +58,67 @@ def states_path(model_path: Path, blocks: Sequence[int], module: str, probe_inpu
     return cache_root() / "calibration" / name
 
 
+class CacheWarning(UserWarning):
+    """A calibration cache file was unreadable or failed its hash check, and is being rebuilt."""
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _hash_path(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
+def _load_cached(path: Path, blocks: Sequence[int]) -> tuple[np.ndarray | None, str | None]:
+    """(states, None) from a cache file whose SHA-256 matches the one stored beside it, else (None, why)."""
+    hash_file = _hash_path(path)
+    if not hash_file.exists():
+        return None, "it has no stored hash"
+    try:
+        if hash_file.read_text().strip() != _digest(path):
+            return None, "its SHA-256 does not match the stored one (truncated or tampered)"
+        states = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:
+        return None, f"it cannot be read ({type(e).__name__}: {e})"
+    want = (len(calibration_prompts()), len(blocks))
+    if states.ndim != 3 or states.shape[:2] != want or states.dtype != np.float32 or not np.isfinite(states).all():
+        return None, f"it holds {states.dtype} {states.shape}, not finite float32 {want} + (d_in,)"
+    return states, None
+
+
+def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.part")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def calibration_states(model_path: Path, blocks: Sequence[int], module: str, probe_input: str,
                        probe: Callable[[str], np.ndarray]) -> np.ndarray:
     """(n_prompts, n_blocks, d_in) probe states of the calibration prompts at a window of blocks, from the
-    disk cache or `probe(prompt)` (which returns (n_blocks, d_in))."""
+    disk cache or `probe(prompt)` (which returns (n_blocks, d_in)).
+
+    The cache file's SHA-256 is stored beside it (NAME.npy.sha256); a file that is missing its hash,
+    fails it, or does not hold what it should is never used: it is recomputed (with a CacheWarning)
+    and rewritten. Both files are written atomically (a temporary file, then os.replace), the data first,
+    so a reader never sees a half-written file, and a crash between the two leaves a mismatch (rebuilt)."""
     path = states_path(Path(model_path), blocks, module, probe_input)
     if path.exists():
-        try:
-            states = np.load(path)
-            if states.ndim == 3 and states.shape[:2] == (len(calibration_prompts()), len(blocks)):
-                return states
-        except (OSError, ValueError):
-            pass
-        path.unlink(missing_ok=True)  # a broken cache file is recomputed, not trusted
+        states, why = _load_cached(path, blocks)
+        if states is not None:
+            return states
+        warnings.warn(f"calibration cache {path} is not used: {why}; recomputing it", CacheWarning, stacklevel=2)
     states = np.stack([probe(p) for p in calibration_prompts()]).astype(np.float32)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".part.npy")
-    np.save(tmp, states)
-    tmp.replace(path)
+
+    def save(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            np.save(f, states)
+
+    _atomic_write(path, save)
+    digest = _digest(path)
+    _atomic_write(_hash_path(path), lambda tmp: tmp.write_text(digest + "\n"))
     return states

@@ -160,6 +160,11 @@ def cmd_bench(args) -> int:
     return run_bench(args)
 
 
+def cmd_check(args) -> int:
+    from .battery import main as battery_main
+    return battery_main((["--quick"] if args.quick else []) + (["--out", args.out] if args.out else []))
+
+
 def cmd_eval(args) -> int:
     import json as _json
     from pathlib import Path
@@ -308,6 +313,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cmake-flag", action="append", default=[])
     p.add_argument("--force", action="store_true")
     p.set_defaults(fn=cmd_build)
+
+    p = sub.add_parser("check", help="reliability battery: fuzzed adapter files and requests, corrupt caches")
+    p.add_argument("--quick", action="store_true", help="the quick subset (about 2 minutes)")
+    p.add_argument("--out", help="keep inputs, logs and failing files in this directory")
+    p.set_defaults(fn=cmd_check)
 
     p = sub.add_parser("bench", help="speed and memory, side by side in one run")
     from .bench import add_args as add_bench_args

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import codecs
 import contextlib
+import math
 import random
 import tempfile
 import threading
@@ -22,7 +23,7 @@ import numpy as np
 
 from . import defaults
 from ._lib import _internals, llama_cpp
-from .errors import AdapterError, ContextOverflowError, EngineBusyError, RoutingError
+from .errors import AdapterError, ContextOverflowError, EngineBusyError, RequestError, RoutingError
 from .gguf_files import read_lora, write_lora
 from .llm import Context, ContextConfig, LoraHandle, Model, ProbeCapture
 from .pool import AdapterPool
@@ -77,12 +78,23 @@ class SamplingConfig:
     top_k: int = 0  # 0 = off
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    ignore_eos: bool = False  # end-of-generation tokens are masked out: exactly max_tokens (benchmarks)
 
     def __post_init__(self) -> None:
+        for name, kinds in (("max_tokens", int), ("temperature", (int, float)), ("top_p", (int, float)),
+                            ("top_k", int), ("seed", (int, type(None)))):
+            v = getattr(self, name)
+            if not isinstance(v, kinds) or isinstance(v, bool):
+                raise RequestError(f"{name} must be a number, got {type(v).__name__} {v!r}")
         if self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
-        if self.temperature < 0 or not 0 < self.top_p <= 1:
-            raise ValueError(f"temperature must be >= 0 and top_p in (0, 1] (got {self.temperature}, {self.top_p})")
+            raise RequestError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0) or not 0 < self.top_p <= 1:
+            raise RequestError(f"temperature must be >= 0 and top_p in (0, 1] (got {self.temperature}, "
+                               f"{self.top_p})")
+        if self.top_k < 0:
+            raise RequestError(f"top_k must be >= 0, got {self.top_k}")
+        if not all(isinstance(x, str) for x in self.stop):
+            raise RequestError(f"stop must be a string or a list of strings, got {self.stop!r}")
 
 
 Step = tuple[str, str | None, RoutingRecord]  # (text piece, finish reason or None, record)
@@ -196,13 +208,22 @@ class Engine:
         template = self.model.info.chat_template
         if not template:
             raise RoutingError(f"{self.model.path.name} has no chat template; pass a plain prompt instead")
+        _check_messages(messages)
         fmt = Jinja2ChatFormatter(template, eos_token=self.model.token_text(self.model.eos),
                                   bos_token=self.model.token_text(self.model.bos))
         return fmt(messages=messages).prompt
 
     def tokenize(self, prompt: str | list[int]) -> list[int]:
         if not isinstance(prompt, str):
+            if not isinstance(prompt, (list, tuple)) or not all(
+                    isinstance(t, int) and not isinstance(t, bool) and 0 <= t < self.model.n_vocab for t in prompt):
+                raise RequestError(f"prompt must be text or a list of token ids in [0, {self.model.n_vocab}), "
+                                   f"got {type(prompt).__name__} {str(prompt)[:60]}")
             return list(prompt)
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise RequestError(f"prompt is not valid Unicode ({e.reason} at character {e.start})") from None
         toks = self.model.tokenize(prompt)
         if len(toks) >= 2 and toks[0] == toks[1] == self.model.bos:  # template already had a BOS
             toks = toks[1:]
@@ -210,7 +231,7 @@ class Engine:
 
     def _check_fits(self, tokens: list[int]) -> None:
         if not tokens:
-            raise ValueError("the prompt is empty")
+            raise RequestError("the prompt is empty")
         if len(tokens) >= self.ctx.n_ctx:
             raise ContextOverflowError(
                 f"the prompt has {len(tokens)} tokens but the context holds {self.ctx.n_ctx}; "
@@ -396,6 +417,8 @@ class Engine:
 
     def _sampler(self, s: SamplingConfig):
         smp = _internals.LlamaSampler()
+        if s.ignore_eos:  # first in the chain: no later step (greedy, top-k, dist) can pick an EOG token
+            smp.add_logit_bias(self.model.n_vocab, {t: float("-inf") for t in self.model.eog_tokens})
         if s.temperature == 0:
             smp.add_greedy()
             return smp
@@ -479,9 +502,11 @@ class Engine:
 
     def create_completion(self, prompt: str | list[int], *, adapters: AdapterChoice = "auto", max_tokens: int = 128,
                           temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
-                          stop: str | Sequence[str] = (), stream: bool = False, **route_overrides):
-        """Like llama_cpp.Llama.create_completion; the response (or last chunk) carries `routing`."""
-        s = _sampling(max_tokens, temperature, top_p, top_k, seed, stop)
+                          stop: str | Sequence[str] = (), stream: bool = False, ignore_eos: bool = False,
+                          **route_overrides):
+        """Like llama_cpp.Llama.create_completion; the response (or last chunk) carries `routing`.
+        ignore_eos: never stop at end-of-generation, so exactly max_tokens are generated (benchmarks)."""
+        s = _sampling(max_tokens, temperature, top_p, top_k, seed, stop, ignore_eos)
         steps = self.stream(prompt, adapters, s, **route_overrides)
         chunks = _completion_chunks(steps, "text_completion", self.model.path.name)
         return chunks if stream else _collect(chunks, "text_completion")
@@ -489,9 +514,9 @@ class Engine:
     def create_chat_completion(self, messages: list[dict], *, adapters: AdapterChoice = "auto",
                                max_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
                                top_k: int = 0, seed: int | None = None, stop: str | Sequence[str] = (),
-                               stream: bool = False, **route_overrides):
+                               stream: bool = False, ignore_eos: bool = False, **route_overrides):
         """Like llama_cpp.Llama.create_chat_completion; the response (or last chunk) carries `routing`."""
-        s = _sampling(max_tokens, temperature, top_p, top_k, seed, stop)
+        s = _sampling(max_tokens, temperature, top_p, top_k, seed, stop, ignore_eos)
         steps = self.stream(self.format_chat(messages), adapters, s, **route_overrides)
         chunks = _completion_chunks(steps, "chat.completion", self.model.path.name)
         return chunks if stream else _collect(chunks, "chat.completion")
@@ -540,13 +565,23 @@ def _fuse(loras, weights) -> tuple[float, dict]:
     return first.alpha or first.pairs[first.modules[0]][0].shape[0], pairs
 
 
+def _check_messages(messages) -> None:
+    """Chat messages as OpenAI shapes them: a non-empty list of {"role": str, "content": str}."""
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise RequestError(f"messages must be a non-empty list of {{'role', 'content'}} dicts, "
+                           f"got {type(messages).__name__}")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise RequestError(f"messages[{i}] must be a dict with string 'role' and 'content', got {str(m)[:80]}")
+
+
 def _is_messages(prompt) -> bool:
     return isinstance(prompt, list) and bool(prompt) and isinstance(prompt[0], dict)
 
 
-def _sampling(max_tokens, temperature, top_p, top_k, seed, stop) -> SamplingConfig:
+def _sampling(max_tokens, temperature, top_p, top_k, seed, stop, ignore_eos=False) -> SamplingConfig:
     stop = (stop,) if isinstance(stop, str) else tuple(stop or ())
-    return SamplingConfig(max_tokens, temperature, top_p, top_k, seed, stop)
+    return SamplingConfig(max_tokens, temperature, top_p, top_k, seed, stop, ignore_eos)
 
 
 def _split_stop(text: str, stops: tuple[str, ...]) -> tuple[str, str, bool]:

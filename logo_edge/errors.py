@@ -39,3 +39,7 @@ class RoutingError(LogoEdgeError):
 
 class EngineBusyError(LogoEdgeError):
     """The engine is in the middle of another generation; it runs one at a time."""
+
+
+class RequestError(LogoEdgeError, ValueError):
+    """A prompt, message list or sampling argument the engine cannot take; the message names which."""

@@ -11,12 +11,122 @@ from pathlib import Path
 from typing import Collection
 
 import numpy as np
-from gguf import GGMLQuantizationType, GGUFReader
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFValueType
 from gguf.quants import dequantize
 
 from .errors import AdapterError, ModelLoadError
 
 LORA_SUFFIXES = (".lora_a", ".lora_b")
+
+
+GGML_MAX_DIMS = 4
+GGML_MAX_NAME = 64  # tensor names are shorter (llama.cpp's gguf parser refuses longer ones)
+MAX_ELEMENTS = 1 << 40  # more elements in one tensor is a corrupt shape, not a model
+# tensor types an adapter may use: what llama.cpp's and our converters write (f32, f16, bf16, q8_0)
+LORA_TYPES = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16,
+              GGMLQuantizationType.Q8_0)
+
+
+class _Corrupt(ValueError):
+    """A structural problem found while parsing (wrapped into the caller's typed error by _open)."""
+
+
+class _StrictReader(GGUFReader):
+    """gguf-py's reader with the checks llama.cpp's parser makes, made before anything is built.
+
+    gguf-py slices its memory map without checking the result's length, so a declared length past
+    the end of the file silently reads less (and a huge array count of fixed-size values loops without
+    advancing: a hang that also grows memory). Here every read must lie inside the file, every count
+    must fit in the bytes left, and tensor infos are checked (dims, type, offset, size) before a view
+    is made, so a declared 10^12-element tensor or 2^40 KV entries is refused without allocating."""
+
+    def _get(self, offset, dtype, count=1, override_order=None):
+        count = int(count)
+        itemsize = np.dtype(dtype).itemsize
+        if offset < 0 or count < 0 or offset + itemsize * count > len(self.data):
+            raise _Corrupt(f"a read of {count} x {np.dtype(dtype).name} at byte {offset} goes past the end of "
+                           f"the file ({len(self.data)} bytes); truncated or a corrupt length")
+        return super()._get(offset, dtype, count, override_order)
+
+    def _left(self, offs: int) -> int:
+        return len(self.data) - offs
+
+    def _build_fields(self, offs, count):
+        count = int(count)
+        if count * 13 > self._left(offs):  # the smallest KV: 8-byte key length, 1-byte key, type, 1-byte value
+            raise _Corrupt(f"the header declares {count} metadata keys, more than the file's "
+                           f"{self._left(offs)} remaining bytes can hold")
+        return super()._build_fields(offs, count)
+
+    def _push_field(self, field, skip_sum=False):
+        if field.name == "":
+            raise _Corrupt(f"a metadata key at byte {field.offset} is empty")
+        if field.name in self.fields:
+            raise _Corrupt(f"duplicate metadata key {field.name!r} at byte {field.offset}")
+        return super()._push_field(field, skip_sum)
+
+    def _get_field_parts(self, orig_offs, raw_type):
+        try:
+            gtype = GGUFValueType(int(raw_type))
+        except ValueError:
+            raise _Corrupt(f"metadata value at byte {orig_offs} has unknown type {int(raw_type)}") from None
+        if gtype == GGUFValueType.ARRAY:
+            itype, alen = int(self._get(orig_offs, np.uint32)[0]), int(self._get(orig_offs + 4, np.uint64)[0])
+            try:
+                item = GGUFValueType(itype)
+            except ValueError:
+                raise _Corrupt(f"metadata array at byte {orig_offs} has unknown item type {itype}") from None
+            if item == GGUFValueType.ARRAY:
+                raise _Corrupt(f"metadata array at byte {orig_offs} holds arrays (not supported by llama.cpp)")
+            size = 8 if item == GGUFValueType.STRING else np.dtype(self.gguf_scalar_to_np[item]).itemsize
+            if alen * size > self._left(orig_offs + 12):
+                raise _Corrupt(f"metadata array at byte {orig_offs} declares {alen} items, more than the file's "
+                               f"{self._left(orig_offs + 12)} remaining bytes can hold")
+        return super()._get_field_parts(orig_offs, raw_type)
+
+    def _build_tensor_info(self, offs, count):
+        count = int(count)
+        if count * 24 > self._left(offs):  # the smallest tensor info: name length, n_dims, type, offset
+            raise _Corrupt(f"the header declares {count} tensors, more than the file's {self._left(offs)} "
+                           "remaining bytes can hold")
+        return super()._build_tensor_info(offs, count)
+
+    def _build_tensors(self, start_offs, fields):
+        expected, names = 0, set()
+        for f in fields:
+            _, name_data, n_dims, dims, raw_dtype, offset_tensor = f.parts
+            name = str(bytes(name_data), encoding="utf-8")
+            if not name or len(name_data) >= GGML_MAX_NAME:
+                raise _Corrupt(f"tensor name {name!r} is empty or longer than {GGML_MAX_NAME - 1} bytes")
+            if name in names:
+                raise _Corrupt(f"duplicate tensor name {name!r}")
+            names.add(name)
+            nd = int(n_dims[0])
+            if not 1 <= nd <= GGML_MAX_DIMS:
+                raise _Corrupt(f"tensor {name!r} has {nd} dimensions (1-{GGML_MAX_DIMS} allowed)")
+            shape = [int(x) for x in dims]
+            n_elems = 1
+            for d in shape:
+                n_elems *= d
+            if min(shape) < 1 or n_elems > MAX_ELEMENTS:
+                raise _Corrupt(f"tensor {name!r} has an impossible shape {shape}")
+            try:
+                qtype = GGMLQuantizationType(int(raw_dtype[0]))
+                block, type_size = GGML_QUANT_SIZES[qtype]
+            except (ValueError, KeyError):
+                raise _Corrupt(f"tensor {name!r} has unknown type {int(raw_dtype[0])}") from None
+            if shape[0] % block:
+                raise _Corrupt(f"tensor {name!r} of type {qtype.name} has rows of {shape[0]} values, not a "
+                               f"multiple of its block size {block}")
+            offset, n_bytes = int(offset_tensor[0]), n_elems // block * type_size
+            if offset != expected:
+                raise _Corrupt(f"tensor {name!r} data starts at offset {offset}, expected {expected} "
+                               "(tensors must follow each other, aligned)")
+            if start_offs + offset + n_bytes > len(self.data):
+                raise _Corrupt(f"tensor {name!r} ({n_bytes} bytes at offset {offset}) ends past the end of the "
+                               f"file ({len(self.data)} bytes); truncated?")
+            expected = offset + -(-n_bytes // self.alignment) * self.alignment
+        super()._build_tensors(start_offs, fields)
 
 
 def _open(path: Path, error: type[Exception], what: str) -> GGUFReader:
@@ -25,9 +135,28 @@ def _open(path: Path, error: type[Exception], what: str) -> GGUFReader:
     if not path.is_file():
         raise error(f"{what} path is not a file: {path}")
     try:
-        return GGUFReader(path)
-    except Exception as e:  # gguf-py raises ValueError/IndexError/struct errors on bad files
+        reader = _StrictReader(path)
+    except _Corrupt as e:
+        raise error(f"{path}: corrupt GGUF file: {e}") from None
+    except Exception as e:  # gguf-py raises ValueError/IndexError/KeyError/UnicodeDecodeError... on bad files
         raise error(f"{path}: not a readable GGUF file (truncated or corrupt?): {type(e).__name__}: {e}") from e
+    if reader.byte_order != "I":
+        raise error(f"{path}: a big-endian (byte-swapped) GGUF file; llama.cpp reads only this machine's order")
+    return reader
+
+
+def _typed(reader: GGUFReader, path: Path, key: str, gtype: GGUFValueType, error: type[Exception]):
+    """The value of `key` if present and of type `gtype` (llama.cpp aborts on a wrongly typed key it reads)."""
+    f = reader.fields.get(key)
+    if f is None:
+        return None
+    if f.types != [gtype]:
+        raise error(f"{path}: metadata key {key} is of type {'/'.join(t.name for t in f.types) or '?'}, "
+                    f"expected {gtype.name}")
+    try:
+        return f.contents()
+    except UnicodeDecodeError:
+        raise error(f"{path}: metadata key {key} is not valid UTF-8") from None
 
 
 def _field(reader: GGUFReader, key: str, default=None):
@@ -113,21 +242,39 @@ def read_lora(path: str | Path, base: BaseInfo, only: str | Collection[str] | No
     path = Path(path)
     keep = {only} if isinstance(only, str) else None if only is None else set(only)
     r = _open(path, AdapterError, "adapter")
-    gtype, atype = _field(r, "general.type"), _field(r, "adapter.type")
+    try:
+        return _read_lora(r, path, base, keep)
+    except AdapterError:
+        raise
+    except Exception as e:  # anything else a corrupt file can cause is still the file's fault
+        raise AdapterError(f"{path}: corrupt adapter file: {type(e).__name__}: {e}") from e
+
+
+def _read_lora(r: GGUFReader, path: Path, base: BaseInfo, keep: set[str] | None) -> LoraFile:
+    def string(key):
+        return _typed(r, path, key, GGUFValueType.STRING, AdapterError)
+
+    gtype, atype = string("general.type"), string("adapter.type")
     if gtype != "adapter" or atype != "lora":
         raise AdapterError(f"{path}: not a LoRA adapter (general.type={gtype!r}, adapter.type={atype!r}); "
                            "convert PEFT adapters with `logo-edge convert-lora`")
-    arch = _field(r, "general.architecture")
+    arch = string("general.architecture")
     if arch != base.arch:
         raise AdapterError(f"{path}: adapter is for architecture {arch!r} but the base model "
                            f"{base.path.name} is {base.arch!r}")
-    alpha = _field(r, "adapter.lora.alpha")
-    name = str(_field(r, "general.name", "") or "") or path.stem
+    alpha = _typed(r, path, "adapter.lora.alpha", GGUFValueType.FLOAT32, AdapterError)
+    if alpha is not None and not np.isfinite(alpha):
+        raise AdapterError(f"{path}: adapter.lora.alpha is {alpha}; it must be a finite number")
+    name = str(string("general.name") or "") or path.stem
     halves: dict[str, dict[str, object]] = {}
     for t in r.tensors:
         stem, suffix = t.name[:-7], t.name[-7:]
         if suffix not in LORA_SUFFIXES:
             raise AdapterError(f"{path}: tensor {t.name!r} is not a LoRA tensor (.lora_a/.lora_b)")
+        qtype = GGMLQuantizationType(int(t.tensor_type))
+        if qtype not in LORA_TYPES:
+            raise AdapterError(f"{path}: tensor {t.name!r} is of type {qtype.name}; adapters hold "
+                               + "/".join(q.name for q in LORA_TYPES))
         halves.setdefault(stem, {})[suffix] = t
     if not halves:
         raise AdapterError(f"{path}: the adapter has no tensors")

@@ -7,6 +7,7 @@ works with token lists, numpy arrays and these objects.
 from __future__ import annotations
 
 import ctypes
+import functools
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ llama_cpp._logger.set_verbose(False)  # llama.cpp errors only; our own checks sa
 # The residual entering block b is the output of block b-1 (`l_out-{b-1}`); for block 0 see _residual_src.
 PROBE_INPUTS = {
     "attn_q": ("attn_norm", None),
+    "attn_qkv": ("attn_norm", None),  # fused q/k/v (phi3): the pool probes its query rows
     "attn_k": ("attn_norm", None),
     "attn_v": ("attn_norm", None),
     "ffn_gate": ("ffn_norm", "ffn_inp"),
@@ -86,6 +88,11 @@ class Model:
 
     def is_eog(self, token: int) -> bool:
         return bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))
+
+    @functools.cached_property
+    def eog_tokens(self) -> tuple[int, ...]:
+        """Every end-of-generation token (EOS, EOT, <|im_end|>, ...): one pass over the vocabulary, once."""
+        return tuple(t for t in range(self.n_vocab) if llama_cpp.llama_vocab_is_eog(self.vocab, t))
 
     @property
     def bos(self) -> int:

@@ -21,6 +21,7 @@ from sse_starlette.sse import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
 
 from ..errors import AdapterError, ContextOverflowError, EngineBusyError, LogoEdgeError, RoutingError
+from ..errors import RequestError as EngineRequestError
 from .protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -50,7 +51,7 @@ class ServeConfig:
     started: int = field(default_factory=lambda: int(time.time()))
 
 
-class RequestError(LogoEdgeError):
+class Refusal(LogoEdgeError):
     """A request the server refuses: (status, message, code)."""
 
     def __init__(self, status: int, message: str, code: str = "invalid_request", param: str | None = None):
@@ -59,7 +60,8 @@ class RequestError(LogoEdgeError):
 
 
 STATUS = [  # error type -> HTTP status, first match wins
-    (RequestError, None),
+    (Refusal, None),
+    (EngineRequestError, 400),
     (ContextOverflowError, 400),
     (RoutingError, 400),
     (AdapterError, 400),
@@ -112,7 +114,7 @@ def create_app(cfg: ServeConfig, workers: Workers) -> FastAPI:
     @app.post("/v1/unload_lora_adapter")
     async def unload_lora_adapter(req: UnloadLoraRequest):
         if req.lora_name not in workers.engine.pool.names:
-            raise RequestError(404, f"no adapter named {req.lora_name!r} is loaded", "lora_not_found", "lora_name")
+            raise Refusal(404, f"no adapter named {req.lora_name!r} is loaded", "lora_not_found", "lora_name")
         await run_in_threadpool(workers.on_every_engine, lambda eng: eng.remove_adapter(req.lora_name))
         return {"status": "ok", "lora_name": req.lora_name, "adapters": len(workers.engine.pool)}
 
@@ -123,13 +125,13 @@ def create_app(cfg: ServeConfig, workers: Workers) -> FastAPI:
 
 
 def _generation_kwargs(req: _Generation, cfg: ServeConfig, workers: Workers, max_tokens: int | None = None) -> dict:
-    """The engine's keyword arguments for a request, or RequestError naming what is wrong."""
+    """The engine's keyword arguments for a request, or Refusal naming what is wrong."""
     bad = req.unsupported()
     if bad:
-        raise RequestError(400, "unsupported: " + "; ".join(bad), "unsupported_parameter")
+        raise Refusal(400, "unsupported: " + "; ".join(bad), "unsupported_parameter")
     n = max_tokens or req.max_tokens or min(cfg.default_max_tokens, cfg.max_tokens)
     if n > cfg.max_tokens:
-        raise RequestError(400, f"max_tokens={n} is over this server's limit of {cfg.max_tokens}", param="max_tokens")
+        raise Refusal(400, f"max_tokens={n} is over this server's limit of {cfg.max_tokens}", param="max_tokens")
     eng = workers.engine
     kwargs = dict(adapters=_adapters(req, cfg, eng.pool.names), max_tokens=n, temperature=req.temperature,
                   top_p=req.top_p, top_k=req.top_k, seed=req.seed, stop=req.stops())
@@ -138,7 +140,7 @@ def _generation_kwargs(req: _Generation, cfg: ServeConfig, workers: Workers, max
         try:
             replace(eng.routing, **overrides)  # RouteConfig validates: RoutingError names the setting
         except TypeError as e:
-            raise RequestError(400, f"logo: {e}", param="logo") from e
+            raise Refusal(400, f"logo: {e}", param="logo") from e
         kwargs.update(overrides)
     return kwargs
 
@@ -148,25 +150,25 @@ def _adapters(req: _Generation, cfg: ServeConfig, names: list[str]):
     model = req.model
     single = model if model in names else None
     if model is not None and single is None and model not in (cfg.model_name, *ROUTED_ALIASES):
-        raise RequestError(404, f"model {model!r} does not exist; serve one of: "
+        raise Refusal(404, f"model {model!r} does not exist; serve one of: "
                            + ", ".join([cfg.model_name, *names]), "model_not_found", "model")
     if req.lora is None:
         return {single: 1.0} if single else "auto"
     if single:
-        raise RequestError(400, f"model {model!r} is an adapter; give either it or `lora`, not both", param="lora")
+        raise Refusal(400, f"model {model!r} is an adapter; give either it or `lora`, not both", param="lora")
     if not req.lora:
         return "base"  # llama-server: an empty list means no adapter
     chosen: dict[str, float] = {}
     for item in req.lora:
         if item.id is not None and item.id >= len(names):
-            raise RequestError(400, f"lora id {item.id} does not exist (ids 0-{len(names) - 1}, see /lora-adapters)",
+            raise Refusal(400, f"lora id {item.id} does not exist (ids 0-{len(names) - 1}, see /lora-adapters)",
                                "lora_not_found", "lora")
         name = names[item.id] if item.id is not None else item.name
         if name not in names:
-            raise RequestError(400, f"lora name {name!r} is not loaded (have: {', '.join(names)})",
+            raise Refusal(400, f"lora name {name!r} is not loaded (have: {', '.join(names)})",
                                "lora_not_found", "lora")
         if name in chosen:
-            raise RequestError(400, f"adapter {name!r} appears twice in lora", param="lora")
+            raise Refusal(400, f"adapter {name!r} appears twice in lora", param="lora")
         chosen[name] = item.scale
     return chosen
 
@@ -194,13 +196,13 @@ async def _respond(req: _Generation, cfg: ServeConfig, workers: Workers, run):
 
 
 def _confine(cfg: ServeConfig, raw: str) -> Path:
-    """The adapter path, resolved, if it lies inside a directory the server was given; else RequestError."""
+    """The adapter path, resolved, if it lies inside a directory the server was given; else Refusal."""
     if not cfg.adapter_dirs:
-        raise RequestError(403, "this server loads adapters only from directories given with --adapter-dir "
+        raise Refusal(403, "this server loads adapters only from directories given with --adapter-dir "
                            "(none given)", "forbidden", "lora_path")
     p = Path(raw)
     if ".." in p.parts:
-        raise RequestError(400, f"lora_path {raw!r} may not contain '..'", param="lora_path")
+        raise Refusal(400, f"lora_path {raw!r} may not contain '..'", param="lora_path")
     candidates = [p] if p.is_absolute() else [d / p for d in cfg.adapter_dirs]
     for c in candidates:
         if not os.path.lexists(c):
@@ -208,14 +210,14 @@ def _confine(cfg: ServeConfig, raw: str) -> Path:
         real = c.resolve()
         if any(real == d.resolve() or real.is_relative_to(d.resolve()) for d in cfg.adapter_dirs):
             return real
-        raise RequestError(403, f"lora_path {raw!r} resolves outside the adapter directories "
+        raise Refusal(403, f"lora_path {raw!r} resolves outside the adapter directories "
                            f"({', '.join(map(str, cfg.adapter_dirs))})", "forbidden", "lora_path")
-    raise RequestError(404, f"lora_path {raw!r} does not exist in the adapter directories", "not_found", "lora_path")
+    raise Refusal(404, f"lora_path {raw!r} does not exist in the adapter directories", "not_found", "lora_path")
 
 
 def _load_adapter(cfg: ServeConfig, workers: Workers, req: LoadLoraRequest) -> dict:
     if req.lora_name in workers.engine.pool.names or req.lora_name in (cfg.model_name, *ROUTED_ALIASES):
-        raise RequestError(400, f"an adapter or model named {req.lora_name!r} is already served", param="lora_name")
+        raise Refusal(400, f"an adapter or model named {req.lora_name!r} is already served", param="lora_name")
     path = _confine(cfg, req.lora_path)
     if path.is_dir():  # a PEFT adapter: converted once, next to nothing the user owns
         path = _convert_peft(cfg, workers, path)
