@@ -7,6 +7,11 @@ PEFT scale c_m (lora_alpha / r, or / sqrt(r) with rsLoRA, alpha_pattern honoured
 exactly: alpha is written as c * r of the first module and any module whose c_m differs
 gets its B multiplied by the ratio. Llama-architecture q/k B rows get the RoPE row
 permutation the base converter applies to q/k weights.
+
+Families (GGUF architectures) and their LoRA modules are listed in ARCH_MODULES; phi3 keeps its
+fused qkv_proj / gate_up_proj fused (attn_qkv / ffn_up), as llama.cpp's converter does. Anything
+else (another architecture, a module with no GGUF counterpart in the family, a lora_B bias) is
+refused with an error naming the family and the module, never converted into something that runs wrong.
 """
 
 from __future__ import annotations
@@ -35,10 +40,21 @@ MODULES = {
     "mlp.up_proj": "ffn_up",
     "mlp.down_proj": "ffn_down",
 }
+# phi3 keeps q/k/v and gate/up fused, in HF and in GGUF (rows [q; k; v] and [gate; up])
+PHI3_MODULES = {
+    "self_attn.qkv_proj": "attn_qkv",
+    "self_attn.o_proj": "attn_output",
+    "mlp.gate_up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+}
+# GGUF architecture (family) -> its LoRA modules; each is tested against llama.cpp's converter, transformers
+# + PEFT probe signals and routed generation in tests/test_families.py
+ARCH_MODULES = {"llama": MODULES, "qwen2": MODULES, "qwen3": MODULES, "gemma3": MODULES, "phi3": PHI3_MODULES}
 ROPE_PERMUTED_ARCHS = {"llama"}  # q/k rows are permuted by convert_hf_to_gguf for these
 HF_ARCHS = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2",
-            "Qwen3ForCausalLM": "qwen3"}
+            "Qwen3ForCausalLM": "qwen3", "Gemma3ForCausalLM": "gemma3", "Phi3ForCausalLM": "phi3"}
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?:model\.)?layers\.(\d+)\.(\w+\.\w+)\.lora_([AB])(?:\.\w+)?\.weight$")
+_BIAS_KEY = re.compile(r"^(?:base_model\.model\.)?(?:model\.)?layers\.(\d+)\.(\w+\.\w+)\.lora_B(?:\.\w+)?\.bias$")
 _SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": "bf16", "F64": np.float64}
 
 
@@ -58,6 +74,9 @@ class BaseSpec:
         base = Path(base)
         if base.is_file() and base.suffix == ".gguf":
             info = BaseInfo.read(base)
+            if info.arch not in ARCH_MODULES:
+                raise ConversionError(f"{base}: architecture {info.arch!r} is not supported by the LoRA "
+                                      f"converter (supported families: {sorted(ARCH_MODULES)})")
             return cls(info.arch, info.n_layer, info.n_head, info.n_head_kv,
                        {k: v[:2] for k, v in info.shapes.items()}, base)
         cfg_path = base / "config.json" if base.is_dir() else base
@@ -69,15 +88,19 @@ class BaseSpec:
             raise ConversionError(f"{cfg_path}: not valid JSON: {e}") from e
         hf_arch = (cfg.get("architectures") or ["?"])[0]
         if hf_arch not in HF_ARCHS:
-            raise ConversionError(f"{cfg_path}: architecture {hf_arch!r} is not supported "
+            raise ConversionError(f"{cfg_path}: architecture {hf_arch!r} is not supported by the LoRA converter "
                                   f"(supported: {sorted(HF_ARCHS)})")
         hidden, inter = cfg["hidden_size"], cfg["intermediate_size"]
         n_head = cfg["num_attention_heads"]
         n_kv = cfg.get("num_key_value_heads", n_head)
         hd = cfg.get("head_dim") or hidden // n_head
-        per_layer = {"attn_q": (hidden, n_head * hd), "attn_k": (hidden, n_kv * hd), "attn_v": (hidden, n_kv * hd),
-                     "attn_output": (n_head * hd, hidden), "ffn_gate": (hidden, inter), "ffn_up": (hidden, inter),
-                     "ffn_down": (inter, hidden)}
+        if HF_ARCHS[hf_arch] == "phi3":
+            per_layer = {"attn_qkv": (hidden, (n_head + 2 * n_kv) * hd), "attn_output": (n_head * hd, hidden),
+                         "ffn_up": (hidden, 2 * inter), "ffn_down": (inter, hidden)}
+        else:
+            per_layer = {"attn_q": (hidden, n_head * hd), "attn_k": (hidden, n_kv * hd),
+                         "attn_v": (hidden, n_kv * hd), "attn_output": (n_head * hd, hidden),
+                         "ffn_gate": (hidden, inter), "ffn_up": (hidden, inter), "ffn_down": (inter, hidden)}
         n_layer = cfg["num_hidden_layers"]
         shapes = {f"blk.{i}.{m}.weight": s for i in range(n_layer) for m, s in per_layer.items()}
         return cls(HF_ARCHS[hf_arch], n_layer, n_head, n_kv, shapes, cfg_path)
@@ -140,16 +163,23 @@ def peft_to_pairs(adapter_dir: str | Path, base: BaseSpec) -> tuple[dict[str, tu
     if cfg.get("modules_to_save"):
         raise ConversionError(f"{cfg_path}: modules_to_save {cfg['modules_to_save']} holds full weights, "
                               "which a GGUF LoRA cannot carry")
+    modules = ARCH_MODULES[base.arch]
     tensors = read_safetensors(adapter_dir / "adapter_model.safetensors")
     halves: dict[tuple[int, str], dict[str, np.ndarray]] = {}
     for key, arr in tensors.items():
         if "embed" in key or "lm_head" in key:
             raise ConversionError(f"{adapter_dir}: tensor {key!r} adapts embeddings or lm_head, which "
                                   "logo-edge does not support; retrain without them in target_modules")
+        if (mb := _BIAS_KEY.match(key)) is not None:
+            raise ConversionError(f"{adapter_dir}: {base.arch} layer {mb.group(1)} {mb.group(2)}: tensor {key!r} "
+                                  "is a lora_B bias (lora_bias=true), which a GGUF LoRA cannot carry "
+                                  "(llama.cpp adds B A x only); retrain with lora_bias=false")
         m = _KEY.match(key)
-        if m is None or m.group(2) not in MODULES:
-            raise ConversionError(f"{adapter_dir}: tensor {key!r} is not a LoRA on a supported module "
-                                  f"({', '.join(MODULES)}); the adapter was made for another architecture")
+        if m is None or m.group(2) not in modules:
+            mod = f"module {m.group(2)!r}" if m else f"tensor {key!r}"
+            raise ConversionError(f"{adapter_dir}: {mod} is not a LoRA on a supported module of the "
+                                  f"{base.arch} family ({', '.join(modules)}); it has no GGUF counterpart there: "
+                                  f"the adapter was made for another architecture (tensor {key!r})")
         halves.setdefault((int(m.group(1)), m.group(2)), {})[m.group(3)] = arr
     if not halves:
         raise ConversionError(f"{adapter_dir}: the adapter has no LoRA tensors")
@@ -161,7 +191,7 @@ def peft_to_pairs(adapter_dir: str | Path, base: BaseSpec) -> tuple[dict[str, tu
         if set(ab) != {"A", "B"}:
             raise ConversionError(f"{adapter_dir}: layer {layer} {hf_mod} has only lora_{''.join(ab)}")
         a, b = ab["A"], ab["B"]
-        stem = f"blk.{layer}.{MODULES[hf_mod]}.weight"
+        stem = f"blk.{layer}.{modules[hf_mod]}.weight"
         if stem not in base.shapes:
             raise ConversionError(f"{adapter_dir}: layer {layer} does not exist in the base model "
                                   f"{base.source.name} ({base.n_layer} layers)")

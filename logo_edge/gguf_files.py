@@ -124,7 +124,7 @@ class _StrictReader(GGUFReader):
                                "(tensors must follow each other, aligned)")
             if start_offs + offset + n_bytes > len(self.data):
                 raise _Corrupt(f"tensor {name!r} ({n_bytes} bytes at offset {offset}) ends past the end of the "
-                               f"file ({len(self.data)} bytes); truncated?")
+                               f"file ({len(self.data)} bytes); the file is truncated or corrupt")
             expected = offset + -(-n_bytes // self.alignment) * self.alignment
         super()._build_tensors(start_offs, fields)
 

@@ -43,8 +43,34 @@ class PoolAdapter:
     calibrate_s: float = 0.0  # time spent computing `stats` (the matrix products)
 
 
+def _resolve_target(info, target_module: str, block: int) -> tuple[str, int | None]:
+    """The probe tensor for `target_module` in this base, and how many of its output rows are the query.
+
+    A family with no separate query projection (phi3: fused q/k/v, GGUF attn_qkv with rows [q; k; v])
+    is probed on the query rows of the fused projection: attn_q resolves to attn_qkv, and so does attn_qkv
+    itself. Returns (module, None) when every output row is read."""
+    shapes = info.shapes
+    if target_module == "attn_q" and f"blk.{block}.attn_q.weight" not in shapes \
+            and f"blk.{block}.attn_qkv.weight" in shapes:
+        target_module = "attn_qkv"
+    tensor = f"blk.{block}.{target_module}.weight"
+    if tensor not in shapes:
+        raise AdapterError(f"the {info.arch} base model {info.path.name} has no {tensor} to probe "
+                           f"(target module {target_module!r})")
+    if target_module != "attn_qkv":
+        return target_module, None
+    n_out = shapes[tensor][1]
+    n_heads = info.n_head + 2 * info.n_head_kv
+    if not info.n_head or n_out % n_heads:
+        raise AdapterError(f"the {info.arch} base model {info.path.name}: {tensor} has {n_out} output rows, "
+                           f"not (n_head + 2 n_head_kv) = {n_heads} heads; its query rows cannot be found")
+    return target_module, n_out // n_heads * info.n_head
+
+
 class AdapterPool:
-    """Adapters checked against one base model, probed at one target block and module."""
+    """Adapters checked against one base model, probed at one target block and module.
+
+    With a fused q/k/v projection (phi3), the attn_q target is the query rows of attn_qkv (`query_rows`)."""
 
     def __init__(self, model: Model, target_block: int = -1, target_module: str = "attn_q",
                  max_loaded_mb: float = 1024, probe_blocks: int = PROBE_BLOCKS):
@@ -56,6 +82,7 @@ class AdapterPool:
         if not 0 <= block < n_layer:
             raise AdapterError(f"target block {target_block} is out of range for a model with {n_layer} blocks")
         self.model = model
+        target_module, self.query_rows = _resolve_target(model.info, target_module, block)
         if not isinstance(probe_blocks, (int, np.integer)) or isinstance(probe_blocks, bool) or probe_blocks < 1:
             raise AdapterError(f"probe_blocks must be an integer >= 1, got {probe_blocks!r}")
         self.target_block = block
@@ -64,7 +91,8 @@ class AdapterPool:
         self.window_tensors = [f"blk.{b}.{target_module}.weight" for b in self.blocks]
         self.target_tensor = self.window_tensors[-1]
         self.adapters: list[PoolAdapter] = []
-        self._bank = ProbeBank(len(self.blocks), model.n_embd, model.info.shapes[self.target_tensor][1])
+        d_out = self.query_rows or model.info.shapes[self.target_tensor][1]
+        self._bank = ProbeBank(len(self.blocks), model.n_embd, d_out)
         self._states: dict[str, np.ndarray] = {}  # probe input -> calibration states (n_prompts, n_blocks, d_in)
         self._stats: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}  # stats() per bank, cached
         self.max_loaded_bytes = int(max_loaded_mb * 2**20)
@@ -81,8 +109,7 @@ class AdapterPool:
                                "rename the file or pass another name")
         index, rank, reason = None, None, None
         if self.target_tensor in lora.pairs:  # folded into the bank: the pool keeps no other copy
-            index = self._bank.add([(*lora.pairs[t], lora.scale(t)) if t in lora.pairs else None
-                                    for t in self.window_tensors])
+            index = self._bank.add([self._entry(lora, t) if t in lora.pairs else None for t in self.window_tensors])
             rank = int(self._bank.ranks[index])
         else:
             reason = f"no LoRA on {self.target_tensor} (the probe target); it has {len(lora.stems)} other tensors"
@@ -95,6 +122,11 @@ class AdapterPool:
         self.adapters.append(adapter)
         self._stats.clear()
         return adapter
+
+    def _entry(self, lora, tensor: str) -> tuple[np.ndarray, np.ndarray, float]:
+        """(A, B, c) of one probe-window tensor; a fused q/k/v keeps B's query rows: o = c B[:n_q] A h."""
+        a, b = lora.pairs[tensor]
+        return (a, b if self.query_rows is None else b[:self.query_rows], lora.scale(tensor))
 
     def add_many(self, sources: Iterable[str | Path] | str | Path) -> list[PoolAdapter]:
         """Add a directory of *.gguf adapters (sorted by name), a file, or a list of either."""
