@@ -54,6 +54,9 @@ def _resolve_target(info, target_module: str, block: int) -> tuple[str, int | No
             and f"blk.{block}.attn_qkv.weight" in shapes:
         target_module = "attn_qkv"
     tensor = f"blk.{block}.{target_module}.weight"
+    if target_module.startswith("ffn") and f"blk.{block}.ffn_gate.weight" not in shapes:
+        raise AdapterError(f"the {info.arch} base model {info.path.name} fuses its MLP projections (no ffn_gate): "
+                           f"target module {target_module!r} cannot be probed; use attn_q")
     if tensor not in shapes:
         raise AdapterError(f"the {info.arch} base model {info.path.name} has no {tensor} to probe "
                            f"(target module {target_module!r})")

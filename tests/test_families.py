@@ -150,6 +150,15 @@ def test_adapter_of_another_family_is_refused_at_load(tmp_path):
         eng.pool.add(tmp_path / "x.gguf", name="from-llama")
 
 
+def test_phi3_mlp_probe_target_is_refused():
+    """phi3 fuses gate and up: an MLP probe target cannot be read there, and says so at engine creation."""
+    from logo_edge.engine import Engine
+
+    _, d = fixture("phi3")
+    with pytest.raises(AdapterError, match="phi3 base model .* fuses its MLP projections .* 'ffn_up'"):
+        Engine(d / "base-f32.gguf", target_module="ffn_up")
+
+
 # ---- (b) probe signals
 
 # llama.cpp's CPU GELU (gemma's GEGLU MLP) reads an f16 table: from block 1 on its h differs from transformers'
