@@ -580,6 +580,8 @@ def _is_messages(prompt) -> bool:
 
 
 def _sampling(max_tokens, temperature, top_p, top_k, seed, stop, ignore_eos=False) -> SamplingConfig:
+    if stop is not None and not isinstance(stop, (str, list, tuple)):
+        raise RequestError(f"stop must be a string or a list of strings, got {type(stop).__name__} {stop!r}")
     stop = (stop,) if isinstance(stop, str) else tuple(stop or ())
     return SamplingConfig(max_tokens, temperature, top_p, top_k, seed, stop, ignore_eos)
 
