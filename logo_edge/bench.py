@@ -10,6 +10,7 @@ Rows, per (prompt tokens, generated tokens), interleaved in one process (warm-up
 Peak RSS per row comes from a fresh process per row that loads only what that row needs.
 Sweeps: pool size N (start-up, probe and route time, memory; a process per N) and k (decode tok/s).
 CPU paths: prefill and decode with llama.cpp's extra buffer types (AMX, repacking) on vs off (bench_cpu.py).
+Chat: a scripted multi-turn conversation, TTFT per turn for base, routed and kept mixtures (bench_chat.py).
 
     logo-edge bench              # the full run (about 10 minutes on 2 cores)
     logo-edge bench --quick      # one small case and tiny sweeps, under 90 s
@@ -361,6 +362,8 @@ def add_args(p) -> None:
     p.add_argument("--quick", action="store_true", help="one small case, tiny sweeps, no torch row (< 90 s)")
     p.add_argument("--sweeps", action=BooleanOptionalAction, default=True, help="pool-size and k sweeps")
     p.add_argument("--torch", action=BooleanOptionalAction, default=True, help="the PyTorch/PEFT row")
+    p.add_argument("--chat", action=BooleanOptionalAction, default=True, help="a multi-turn chat, timed per turn "
+                   "(bench_chat.py)")
     p.add_argument("--n-sizes", type=int, nargs="+", default=[10, 100, 1000], help="pool sizes to sweep")
     p.add_argument("--k-values", type=int, nargs="+", default=[1, 3, 8, 20], help="k values to sweep")
     p.add_argument("--server", action="store_true", help="logo-edge serve vs llama-cpp-python's server: req/s, "
@@ -409,6 +412,10 @@ def run_bench(args) -> int:
     from .bench_cpu import cpu_paths_section
 
     cpu_paths_section(model_path, 64 if args.quick else TARGET_CASE[0], 16 if args.quick else 64, threads, repeats)
+    if args.chat:
+        from .bench_chat import chat_section
+
+        chat_section(model_path, adapters, threads, repeats=repeats, quick=args.quick)
     _print_targets(meds, sweep_n, cases)
     return 0
 

@@ -81,7 +81,7 @@ def test_quick_bench_prints_every_row_with_finite_numbers(capsys):
 
 
 def check_quick_output(out: str) -> None:
-    """Rows 1-3 with seven finite positive numbers, the ratio line, memory, both sweeps, the targets."""
+    """Rows 1-3 with seven finite positive numbers, the ratio line, memory, both sweeps, the chat, the targets."""
     for label in ("1  llama.cpp base model", "2  llama.cpp + k adapters by hand", "3  logo-edge routed, exact"):
         line = next(ln for ln in out.splitlines() if ln.startswith(label))
         nums = _numbers(line[len(label):])
@@ -98,3 +98,52 @@ def check_quick_output(out: str) -> None:
     assert sweep and all(float(x) > 0 for x in sweep.groups())
     assert re.search(r"^ +3 +[0-9.]+ +[0-9.]+", out, re.M)  # k = 3 in the k sweep
     assert re.search(r"routed decode tok/s / same adapters by hand +[0-9.]+ +>= 0.97 +(PASS|FAIL)", out)
+    assert "every row generated the same tokens per turn: yes; the same prompt tokens: yes" in out  # chat section
+
+
+@pytest.mark.slow
+def test_chat_section_compares_rows_like_with_like(tiny, capsys):
+    """The multi-turn chat section on the tiny model: every row sees the same prompt tokens and generates the
+    same number of tokens at every turn; row 4 keeps its mixture exactly when the engine's rule says so."""
+    from logo_edge.bench_chat import ROWS, chat_section
+
+    pool = [tiny / "gguf" / f"{n}.gguf" for n in ("qv_r8", "all7_r4", "rs_r16", "qkd_r2", "pattern_r8")]
+    res = chat_section(tiny / "tiny-f32.gguf", pool, threads=1, quick=True)
+    turns, gen = res["turns"], res["gen"]
+    assert gen == 8 and res["tasks"] == ["sentiment"] * 3 + ["addition"] and res["same_task_turns"] == [2, 3]
+    for t in range(4):
+        assert {turns[r][t]["n_tok"] for r in ROWS} == {gen}, t
+        assert len({turns[r][t]["prompt"] for r in ROWS}) == 1, t
+        assert all(turns[r][t]["same_prompt"] for r in ROWS)  # row 1's own token ids are the engine's
+        for r in ROWS:
+            x = turns[r][t]
+            assert math.isfinite(x["ttft"]) and 0 < x["ttft"] <= x["total"], (r, t)
+    assert all(turns["base"][t]["cached"] > 0 for t in (1, 2, 3))  # the history's prefix is reused
+    assert res["tokens_ok"] and res["prompts_ok"]
+    assert {x["mixture"] for r in ("routed0", "approx") for x in turns[r]} == {"new"}  # keep=0: never kept
+    assert turns["fixed"][3]["weights"] == pytest.approx(turns["routed0"][3]["weights"])  # row 3's choice
+    check_kept(turns["routed"], res["keep"])
+    out = capsys.readouterr().out
+    assert re.search(r"every row generated the same tokens per turn: yes; the same prompt tokens: yes", out)
+    assert re.search(r"^  target: same-task turn 3, routed exact \(row 4\) TTFT / base \(row 2\) " + NUM, out, re.M)
+    # the tiny model's random adapters may route apart turn to turn; with keep=1 any routing agrees:
+    res = chat_section(tiny / "tiny-f32.gguf", pool, threads=1, quick=True, keep=1.0)
+    assert res["kept_turns"] == [2, 3, 4]  # every turn continuing its conversation (half the prompt cached)
+    check_kept(res["turns"]["routed"], 1.0)
+
+
+def check_kept(turns: list[dict], keep: float) -> None:
+    """Row 4's record per turn against the engine's rule: kept = the history is mostly cached and the new routing
+    is within total variation `keep` of the mixture set (the previous turn's); else new weights, no reuse."""
+    from logo_edge.engine import KEEP_MIN_PREFIX
+
+    assert turns[0]["mixture"] == "new"
+    for prev, now in zip(turns, turns[1:]):
+        continuing = prev["prompt"] >= max(KEEP_MIN_PREFIX, now["prompt"] // 2)  # at least what it can reuse
+        names = set(prev["weights"]) | set(now["weights"])
+        tv = 0.5 * sum(abs(now["weights"].get(n, 0.0) - prev["weights"].get(n, 0.0)) for n in names)
+        if now["mixture"] == "kept":
+            assert continuing and now["weights"] == prev["weights"] and now["cached"] >= prev["prompt"]
+        else:
+            assert not continuing or tv > keep, (prev, now)
+            assert now["cached"] == 0  # a new mixture prefills the whole prompt again

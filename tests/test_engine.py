@@ -98,7 +98,7 @@ def test_record_has_every_adapter_settings_and_timings(tiny_engine):
     assert sum(a["rank"] is not None for a in rec["adapters"]) == 2
     assert rec["settings"] == dict(signal="norm", k=2, k_used=2, calibration="zscore", target_block=3,
                                    probe_blocks=4, target_module="attn_q",
-                                   probe_input="residual", merge="mixture", prefill="exact")
+                                   probe_input="residual", merge="mixture", prefill="exact", mixture="new")
     t = rec["timings"]
     assert t["probe_s"] > 0 and t["prefill_s"] > 0 and t["decode_s"] > 0 and t["prompt_tokens"] > 5
 
@@ -310,3 +310,29 @@ def test_a_conversation_keeps_its_mixture_while_routing_agrees(tiny):
     assert rerouted["routing"]["settings"]["mixture"] == "new"
     with pytest.raises(RoutingError, match="keep"):
         RouteConfig(keep=2)
+
+
+def test_ignore_eos_generates_exactly_max_tokens():
+    """ignore_eos masks end-of-generation: exactly max_tokens, the same text up to where the default stopped."""
+    from logo_edge.defaults import default_model_path
+
+    try:
+        model = default_model_path()
+    except ModelLoadError as e:
+        pytest.skip(str(e))
+    from logo_edge.engine import RouteConfig
+
+    msgs = [{"role": "user", "content": "Reply with one word: yes or no. Is the sky blue?"}]  # SmolLM2 says "No"
+    with Engine(model, n_ctx=256, routing=RouteConfig(calibration="raw")) as eng:  # no pool: nothing to calibrate
+        short = eng.create_chat_completion(msgs, adapters="base", max_tokens=12)
+        assert short["choices"][0]["finish_reason"] == "stop" and short["usage"]["completion_tokens"] < 12
+        eng.forget_prompts()
+        full = eng.create_chat_completion(msgs, adapters="base", max_tokens=12, ignore_eos=True)
+        assert full["choices"][0]["finish_reason"] == "length" and full["usage"]["completion_tokens"] == 12
+        text = short["choices"][0]["message"]["content"]
+        assert text and full["choices"][0]["message"]["content"].startswith(text)
+        chunks = list(eng.create_chat_completion(msgs, adapters="base", max_tokens=12, ignore_eos=True,
+                                                 temperature=0.9, seed=1, stream=True))  # sampled, streamed
+        assert chunks[-1]["usage"]["completion_tokens"] == 12
+        assert not any(eng.model.token_text(t) in "".join(c["choices"][0]["delta"].get("content", "")
+                                                          for c in chunks) for t in eng.model.eog_tokens)
