@@ -19,6 +19,10 @@ something failed).
    server: a live `logo-edge serve` on the same model gets fuzzed JSON bodies; every answer must be
    2xx/4xx, and after every batch the server must still answer /health and a normal request.
 3. cache: the calibration cache, truncated, flipped, replaced, or missing its hash, is rebuilt, never used.
+4. kills (logo_edge/battery_kills.py): an adapter conversion and a calibration cache write, SIGKILLed at random
+   moments, leave the old file or the complete new one, never a partial file (partial must be 0).
+5. soak (logo_edge/battery_soak.py; only with `--parts soak`): 10,000 Engine requests and 2,000 server
+   requests over 120 adapters with an LRU budget of ~12: no error, flat RSS, handles alive == LRU.
 
 The model: --model/--adapters; else, in a source checkout, the tests' tiny model (tests/tiny.py,
 built once and cached); else the default model and the shipped pool.
@@ -70,7 +74,7 @@ class Figures:
     @property
     def bad(self) -> int:
         return sum(self.counts[k] for k in ("crashed", "hung", "memory", "untyped", "late", "5xx", "restarts",
-                                            "broken", "used_corrupt"))
+                                            "broken", "used_corrupt", "partial", "errors", "leak"))
 
 
 # ---------------------------------------------------------------- target
@@ -803,13 +807,13 @@ def check_cache(out: Path) -> Figures:
 # ---------------------------------------------------------------- the whole battery
 
 PLANS = {  # part -> (count, batch) ; quick fits ~2 minutes, full ~20 on 2 cores
-    "quick": dict(adapters=(150, 150), api=50, server=(50, 25)),
-    "full": dict(adapters=(2400, 400), api=400, server=(400, 50)),
+    "quick": dict(adapters=(150, 150), api=50, server=(50, 25), kills=12, soak=(300, 30)),
+    "full": dict(adapters=(2400, 400), api=400, server=(400, 50), kills=50, soak=(10000, 2000)),
 }
 
 
 def run(quick: bool = False, out: Path | None = None, model: str | None = None, adapters: str | None = None,
-        parts: tuple[str, ...] = ("adapters", "api", "server", "cache"), print_fn=print) -> list[Figures]:
+        parts: tuple[str, ...] = ("adapters", "api", "server", "cache", "kills"), print_fn=print) -> list[Figures]:
     plan = PLANS["quick" if quick else "full"]
     keep = out is not None
     out = Path(out) if out else Path(tempfile.mkdtemp(prefix="logo-edge-check-"))
@@ -831,6 +835,18 @@ def run(quick: bool = False, out: Path | None = None, model: str | None = None, 
         n, b = plan["server"]
         figs.append(fuzz_server(model_path, adapter_dir, n, b, out))
         print_fn(_line(figs[-1]))
+    if "kills" in parts:  # logo_edge/battery_kills.py: writers killed at random moments
+        from .battery_kills import run_kills
+
+        for f in run_kills(model_path, adapter_dir, plan["kills"], out):
+            figs.append(f)
+            print_fn(_line(f))
+    if "soak" in parts:  # logo_edge/battery_soak.py: opt-in (--parts soak), minutes in the full run
+        from .battery_soak import run_soak
+
+        for f in run_soak(model_path, *plan["soak"], quick, out):
+            figs.append(f)
+            print_fn(_line(f))
     print_fn(table(figs))
     if not keep and not any(f.bad for f in figs):
         shutil.rmtree(out, ignore_errors=True)
@@ -855,8 +871,9 @@ def table(figs: list[Figures]) -> str:
                 "accepted": c["accepted"] + c["ok"] + c["2xx"]}
         rows.append(f"{f.part:<18}" + "".join(f"{vals.get(k, c[k]):>12}" for k, _ in COLUMNS) + f"{f.seconds:>9.0f}")
     for f in figs:
-        extra = {k: v for k, v in sorted(f.counts.items()) if k.isdigit() or k in ("unnamed", "silent", "broken",
-                                                                                  "used_corrupt", "rebuilt")}
+        extra = {k: v for k, v in sorted(f.counts.items()) if k.isdigit() or k in (
+            "unnamed", "silent", "broken", "used_corrupt", "rebuilt", "partial", "errors", "leak", "old_left",
+            "new_left", "absent", "temp_left", "finished", "handles_alive", "lru_len", "rss_start_mb", "rss_end_mb")}
         if extra:
             rows.append(f"  {f.part}: " + ", ".join(f"{k}: {v}" for k, v in extra.items()))
         for what, detail, file in f.fail:
@@ -874,8 +891,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="keep inputs, logs and failing files here")
     p.add_argument("--model", help="base GGUF (default: the tests' tiny model in a checkout, else the default)")
     p.add_argument("--adapters", help="directory of GGUF adapters for --model (the seeds and the pool)")
-    p.add_argument("--parts", nargs="+", default=["cache", "adapters", "api", "server"],
-                   choices=["cache", "adapters", "api", "server"])
+    p.add_argument("--parts", nargs="+", default=["cache", "adapters", "api", "server", "kills"],
+                   choices=["cache", "adapters", "api", "server", "kills", "soak"],
+                   help="soak (battery_soak.py, ~10 min in the full run) runs only when named")
     p.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:

@@ -6,6 +6,7 @@ error naming the file and the problem instead of a NULL from the C side.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Collection
@@ -311,13 +312,42 @@ def write_lora(path: str | Path, arch: str, alpha: float, pairs: dict[str, tuple
     q8_0 needs rows divisible by the block size (32); other tensors fall back to f16, as
     llama.cpp's converter does.
     """
-    from gguf import GGUFWriter
-    from gguf.quants import quantize
-
     if outtype not in WRITE_TYPES:
         raise ValueError(f"unknown outtype {outtype!r}: choose one of {sorted(WRITE_TYPES)}")
     path = Path(path)
-    tmp = path.with_name(path.name + ".part")
+    # a temporary file of this process beside the target, flushed to disk, then renamed over it (os.replace,
+    # atomic on POSIX): a writer killed at any moment leaves the old file or the new one, never a partial one
+    # at `path` (a stale NAME.<pid>.part may remain); concurrent writers never share a temporary file
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.part")
+    try:
+        _write_lora_to(tmp, arch, alpha, pairs, outtype, name, extra)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_dir(path.parent)
+    return path
+
+
+def _fsync_dir(d: Path) -> None:
+    """Make a rename in `d` durable (where the platform lets a directory be opened)."""
+    try:
+        fd = os.open(d, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_lora_to(tmp: Path, arch, alpha, pairs, outtype, name, extra) -> None:
+    from gguf import GGUFWriter
+    from gguf.quants import quantize
+
     w = GGUFWriter(tmp, arch)
     w.add_type("adapter")
     w.add_string("adapter.type", "lora")
@@ -342,5 +372,3 @@ def write_lora(path: str | Path, arch: str, alpha: float, pairs: dict[str, tuple
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    tmp.replace(path)
-    return path

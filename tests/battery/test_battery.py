@@ -99,3 +99,37 @@ def test_battery_adapter_files_and_cache(tiny, request, tmp_path):
 def test_battery_requests(tiny, request, tmp_path):
     """Fuzzed Python API calls and HTTP bodies: typed errors / 4xx only, no 5xx, hang or dead server."""
     _battery(request, tiny, tmp_path, ("api", "server"))
+
+
+@pytest.mark.slow
+@pytest.mark.battery
+def test_battery_kills_leave_old_or_new_file_never_partial(tiny, tmp_path):
+    """~12 SIGKILLs at random moments of an adapter conversion (over an older valid adapter) and of a
+    calibration cache write: the old file or the complete new one is left, never a partial file."""
+    from logo_edge.battery_kills import run_kills
+
+    figs = run_kills(tiny / "tiny-f32.gguf", tiny / "gguf", 12, tmp_path)
+    report = battery.table(figs)
+    print(report)
+    for f in figs:
+        assert f.counts["kills"] == 12, report
+        assert f.counts["partial"] == 0 and f.bad == 0, report
+        assert f.counts["old_left"] + f.counts["new_left"] + f.counts["absent"] == 12, report
+
+
+@pytest.mark.slow
+@pytest.mark.battery
+def test_battery_soak_quick(tiny, tmp_path):
+    """Quick soak: 300 Engine requests (and 30 over HTTP) rotating over 120 adapters with an LRU budget of
+    ~12: no error, handles alive == the LRU within its budget, no gross RSS growth."""
+    from logo_edge.battery_soak import run_soak
+
+    figs = run_soak(tiny / "tiny-f32.gguf", 300, 30, True, tmp_path)
+    report = battery.table(figs)
+    print(report)
+    eng = figs[0]
+    assert eng.counts["tried"] == 300 and eng.counts["errors"] == 0, report
+    assert eng.counts["handles_alive"] == eng.counts["lru_len"] > 0, report
+    assert eng.counts["adapters_used"] >= 100, report
+    assert figs[1].counts["tried"] == 30 and figs[1].counts["errors"] == 0, report
+    assert sum(f.bad for f in figs) == 0, report
