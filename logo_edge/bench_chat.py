@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from .bench import _log
+from .engine import _common_prefix
 
 SCRIPT = ("sentiment", "sentiment", "sentiment", "addition", "addition", "sql", "sentiment", "sentiment")
 ROWS = {
@@ -85,15 +86,6 @@ def _timed(chunks) -> tuple[float, float, dict]:
         last = c
     end = time.perf_counter()
     return (first or end) - t0, end - t0, last
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 class ChatRows:
