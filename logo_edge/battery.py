@@ -34,6 +34,7 @@ the full run: `pytest -m battery --battery-full tests/battery` (or LOGO_EDGE_BAT
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import http.client
 import json
@@ -734,6 +735,19 @@ def fuzz_server(model: Path, adapters: Path, count: int, batch: int, out: Path, 
 # ---------------------------------------------------------------- 3. calibration cache
 
 
+@contextlib.contextmanager
+def restored_env(name: str):
+    """Whatever the block does to os.environ[name], it is as before afterwards."""
+    saved = os.environ.get(name)
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = saved
+
+
 def check_cache(out: Path) -> Figures:
     """Corrupt a calibration cache file in several ways; each must be detected, rebuilt and never used."""
     import numpy as np
@@ -765,9 +779,8 @@ def check_cache(out: Path) -> Figures:
         yield "hash tampered", lambda: h.write_text("0" * 64)
         yield "pickle", lambda: p.write_bytes(b"\x80\x04K\x01.")
 
-    old = os.environ.get("LOGO_EDGE_CACHE")
-    os.environ["LOGO_EDGE_CACHE"] = str(out / "cache")
-    try:
+    with restored_env("LOGO_EDGE_CACHE"):
+        os.environ["LOGO_EDGE_CACHE"] = str(out / "cache")
         first = calibration.calibration_states(model, [0, 1], "attn_q", "residual", probe)
         path = calibration.states_path(model, [0, 1], "attn_q", "residual")
         for what, corrupt in corruptions(path):
@@ -795,11 +808,6 @@ def check_cache(out: Path) -> Figures:
         if leftovers:
             fig.notes.append(f"temporary files left: {leftovers}")
             fig.counts["used_corrupt"] += 1
-    finally:
-        if old is None:
-            os.environ.pop("LOGO_EDGE_CACHE", None)
-        else:
-            os.environ["LOGO_EDGE_CACHE"] = old
     fig.seconds = time.monotonic() - t0
     return fig
 

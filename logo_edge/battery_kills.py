@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .battery import Figures
+from .battery import Figures, restored_env
 
 
 def _kill_at_random(job, window_s: float, rng: random.Random) -> bool:
@@ -179,8 +179,7 @@ def kill_calibration(kills: int, work: Path, seed: int = 0) -> Figures:
         rows = iter(good)
         calibration.calibration_states(model, blocks, "attn_q", "residual", lambda _p: next(rows))
 
-    saved = os.environ.get("LOGO_EDGE_CACHE")
-    try:
+    with restored_env("LOGO_EDGE_CACHE"):
         os.environ["LOGO_EDGE_CACHE"] = str(d / "ref")
         job()
         ref_path = calibration.states_path(model, blocks, "attn_q", "residual")
@@ -232,11 +231,6 @@ def kill_calibration(kills: int, work: Path, seed: int = 0) -> Figures:
             if not np.array_equal(again, good):
                 fig.counts["used_corrupt"] += 1
                 fig.fail.append(("used_corrupt", "after a kill, calibration_states returned other states", None))
-    finally:
-        if saved is None:
-            os.environ.pop("LOGO_EDGE_CACHE", None)
-        else:
-            os.environ["LOGO_EDGE_CACHE"] = saved
     fig.seconds = time.monotonic() - t0
     return fig
 

@@ -18,9 +18,12 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from peft_tools import peft_mixture, random_lora
+
 HERE = Path(__file__).resolve()
 ROOT = HERE.parents[1]
-MAKERS = [HERE, *sorted((ROOT / "convert").glob("*.py")), ROOT / "logo_edge" / "gguf_files.py"]
+MAKERS = [HERE, HERE.with_name("peft_tools.py"), *sorted((ROOT / "convert").glob("*.py")),
+          ROOT / "logo_edge" / "gguf_files.py"]
 N_LAYER = 3
 STD = {"q": ["q_proj"], "attn": ["q_proj", "k_proj", "v_proj", "o_proj"], "mlp": ["gate_proj", "up_proj", "down_proj"]}
 FUSED = {"q": ["qkv_proj"], "attn": ["qkv_proj", "o_proj"], "mlp": ["gate_up_proj", "down_proj"]}
@@ -147,7 +150,6 @@ def build(fam: Family | str, progress=print) -> Path:
     if (out / "done").exists():
         return out
     import torch
-    from peft import LoraConfig, get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from logo_edge.convert.base import convert_base
@@ -181,14 +183,7 @@ def build(fam: Family | str, progress=print) -> Path:
         convert_base(tmp / "hf", tmp / "base-f32.gguf", "f32")
     jobs = []
     for i, (name, kw) in enumerate({**adapters(fam), BIASED: biased(fam)}.items()):
-        base = AutoModelForCausalLM.from_pretrained(tmp / "hf", dtype=torch.float32).eval()
-        peft_model = get_peft_model(base, LoraConfig(init_lora_weights=False, lora_dropout=0.0, **kw))
-        g = torch.Generator().manual_seed(100 + i)
-        with torch.no_grad():
-            for pname, p in peft_model.named_parameters():
-                if "lora_" in pname:
-                    p.copy_(torch.randn(p.shape, generator=g) * 0.15)
-        peft_model.save_pretrained(tmp / "peft" / name)
+        random_lora(tmp / "hf", kw, 100 + i, tmp / "peft" / name)
         if name != BIASED:
             (tmp / "gguf").mkdir(exist_ok=True)
             (tmp / "ref").mkdir(exist_ok=True)
@@ -226,23 +221,7 @@ def peft_probe_mats(fam: Family, d: Path, name: str, block: int):
 
 def peft_mixture_model(d: Path, weights: dict):
     """transformers + PEFT with every adapter of `weights` active and its scaling multiplied by w."""
-    import torch
-    from peft import PeftModel
-    from peft.tuners.lora import LoraLayer
-    from transformers import AutoModelForCausalLM
-
-    base = AutoModelForCausalLM.from_pretrained(d / "hf", dtype=torch.float32).eval()
-    names = list(weights)
-    model = PeftModel.from_pretrained(base, d / "peft" / names[0], adapter_name=names[0])
-    for n in names[1:]:
-        model.load_adapter(d / "peft" / n, adapter_name=n)
-    model.base_model.set_adapter(names)
-    for mod in model.modules():
-        if isinstance(mod, LoraLayer):
-            for n in names:
-                if n in mod.scaling:
-                    mod.scaling[n] *= weights[n]
-    return model.eval()
+    return peft_mixture(d / "hf", d / "peft", weights)
 
 
 if __name__ == "__main__":

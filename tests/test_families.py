@@ -7,9 +7,9 @@ import shutil
 
 import numpy as np
 import pytest
-from families import BIASED, FAMILIES, N_LAYER, adapters, build, peft_mixture_model, peft_probe_mats, peft_scale
 from gguf import GGUFReader
 
+from families import BIASED, FAMILIES, N_LAYER, adapters, build, peft_mixture_model, peft_probe_mats, peft_scale
 from logo_edge.convert.lora import convert_lora
 from logo_edge.errors import AdapterError, ConversionError
 from logo_edge.gguf_files import tensor_array

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from peft_tools import peft_mixture
 from tiny import ADAPTERS, N_LAYER
 
 pytestmark = pytest.mark.slow
@@ -90,22 +91,7 @@ def test_signals_match_pytorch(tiny, hf_tiny, probe_input, signal, block):
 
 def peft_mixture_model(tiny, weights: dict):
     """transformers + PEFT with every adapter of `weights` active and its scaling multiplied by w."""
-    from peft import PeftModel
-    from peft.tuners.lora import LoraLayer
-    from transformers import LlamaForCausalLM
-
-    base = LlamaForCausalLM.from_pretrained(tiny / "hf", torch_dtype=torch.float32).eval()
-    names = list(weights)
-    model = PeftModel.from_pretrained(base, tiny / "peft" / names[0], adapter_name=names[0])
-    for n in names[1:]:
-        model.load_adapter(tiny / "peft" / n, adapter_name=n)
-    model.base_model.set_adapter(names)
-    for mod in model.modules():
-        if isinstance(mod, LoraLayer):
-            for n in names:
-                if n in mod.scaling:
-                    mod.scaling[n] *= weights[n]
-    return model.eval()
+    return peft_mixture(tiny / "hf", tiny / "peft", weights)
 
 
 def greedy(model, tokens, n):

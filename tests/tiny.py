@@ -12,10 +12,13 @@ import json
 import shutil
 from pathlib import Path
 
+from peft_tools import random_lora
+
 HERE = Path(__file__).resolve()
 ROOT = HERE.parents[1]
 # every file whose code produces the fixtures: a change to any of them rebuilds them
-MAKERS = [HERE, *sorted((ROOT / "convert").glob("*.py")), ROOT / "logo_edge" / "gguf_files.py"]
+MAKERS = [HERE, HERE.with_name("peft_tools.py"), *sorted((ROOT / "convert").glob("*.py")),
+          ROOT / "logo_edge" / "gguf_files.py"]
 ALL7 = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 N_LAYER = 4
 
@@ -81,14 +84,7 @@ def build(progress=print) -> Path:
     convert_base(tmp / "hf", tmp / "tiny-f32.gguf", "f32")
     for i, (name, kw) in enumerate({**ADAPTERS, **UNPROBEABLE}.items()):
         progress(f"tiny adapters: {name}")
-        base = LlamaForCausalLM.from_pretrained(tmp / "hf").eval()
-        peft_model = get_peft_model(base, LoraConfig(init_lora_weights=False, lora_dropout=0.0, **kw))
-        g = torch.Generator().manual_seed(100 + i)
-        with torch.no_grad():
-            for pname, p in peft_model.named_parameters():
-                if "lora_" in pname:
-                    p.copy_(torch.randn(p.shape, generator=g) * 0.15)
-        peft_model.save_pretrained(tmp / "peft" / name)
+        random_lora(tmp / "hf", kw, 100 + i, tmp / "peft" / name)
         (tmp / "gguf").mkdir(exist_ok=True)
         convert_lora(tmp / "peft" / name, tmp / "hf", tmp / "gguf" / f"{name}.gguf", "f32", name=name)
     (tmp / "done").write_text("ok")
