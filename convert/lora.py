@@ -2,6 +2,9 @@
 
     python -m logo_edge.convert.lora ADAPTER_DIR --base BASE.gguf|HF_DIR -o out.gguf [--outtype f32|f16|q8_0]
 
+ADAPTER_DIR may also be an mlx-lm LoRA dir (`mlx_lm.lora`: adapter_config.json + adapters.safetensors):
+convert_lora hands it to logo_edge.convert.mlx, which reuses this module's base spec and module tables.
+
 Scales: llama.cpp applies alpha / r per tensor with one alpha per file. Each module's
 PEFT scale c_m (lora_alpha / r, or / sqrt(r) with rsLoRA, alpha_pattern honoured) is kept
 exactly: alpha is written as c * r of the first module and any module whose c_m differs
@@ -221,7 +224,12 @@ def peft_to_pairs(adapter_dir: str | Path, base: BaseSpec) -> tuple[dict[str, tu
 
 def convert_lora(adapter_dir: str | Path, base: str | Path, out: str | Path, outtype: str = "f32",
                  name: str | None = None) -> Path:
-    """Convert a PEFT LoRA dir to a GGUF adapter for `base` (a GGUF file or an HF model dir)."""
+    """Convert a PEFT LoRA dir, or an mlx-lm one (via convert_mlx), to a GGUF adapter for `base`
+    (a GGUF file or an HF model dir)."""
+    from logo_edge.convert.mlx import convert_mlx, is_mlx_adapter  # mlx.py builds on this module
+
+    if is_mlx_adapter(adapter_dir):
+        return convert_mlx(adapter_dir, base, out, outtype, name)
     spec = BaseSpec.load(base)
     pairs, alpha = peft_to_pairs(adapter_dir, spec)
     name = name or Path(adapter_dir).resolve().name
@@ -230,7 +238,7 @@ def convert_lora(adapter_dir: str | Path, base: str | Path, out: str | Path, out
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("adapter_dir")
+    ap.add_argument("adapter_dir", help="PEFT LoRA dir, or mlx-lm LoRA dir (adapters.safetensors)")
     ap.add_argument("--base", required=True, help="base model GGUF, or HF model dir with config.json")
     ap.add_argument("-o", "--out", required=True)
     ap.add_argument("--outtype", default="f32", choices=["f32", "f16", "q8_0"])
