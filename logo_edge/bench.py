@@ -304,27 +304,6 @@ def _row_worker(spec: dict) -> dict:
     return out
 
 
-def _pool_worker(spec: dict) -> dict:
-    """Start-up, memory and routing time of an engine over N adapters (N = 0: the engine and its probe)."""
-    from .engine import Engine
-
-    t0 = time.perf_counter()
-    eng = Engine(Path(spec["model"]), spec["adapters"] or None, n_ctx=spec["n_ctx"], n_threads=spec["threads"],
-                 flash_attn=False)
-    bank_mb = eng.pool.bank.nbytes / MB if spec["adapters"] else 0.0  # the bank is built on first use
-    out = {"startup_s": time.perf_counter() - t0, "rss_mb": rss_mb(), "bank_mb": bank_mb}
-    times = []
-    for rep in range(spec["repeats"] + 1):
-        for toks in spec["prompts"]:
-            t = _route_times(eng, toks)
-            if rep:
-                times.append(t)
-    probe, route, routing = (statistics.median(x) * 1e3 for x in zip(*times))
-    out.update(probe_ms=probe, route_ms=route, routing_ms=routing, rss_after_mb=rss_mb(), peak_mb=peak_rss_mb())
-    eng.close()
-    return out
-
-
 def _route_times(eng, tokens) -> tuple[float, float, float]:
     """(probe, route, routing = whole eng.route() minus the probe) in s; with no pool, the probe alone."""
     eng.forget_prompts()  # every routed request is a new prompt
@@ -340,7 +319,9 @@ def _route_times(eng, tokens) -> tuple[float, float, float]:
 def worker_main(argv: list[str]) -> int:
     """`python -m logo_edge.bench --worker SPEC.json`: one measurement in a clean process."""
     spec = json.loads(Path(argv[argv.index("--worker") + 1]).read_text())
-    out = {"row": _row_worker, "pool": _pool_worker}[spec["kind"]](spec)
+    from .bench_pool import pool_worker
+
+    out = {"row": _row_worker, "pool": pool_worker}[spec["kind"]](spec)
     print(json.dumps(out))
     return 0
 
@@ -366,6 +347,8 @@ def add_args(p) -> None:
                    "(bench_chat.py)")
     p.add_argument("--n-sizes", type=int, nargs="+", default=[10, 100, 1000], help="pool sizes to sweep")
     p.add_argument("--k-values", type=int, nargs="+", default=[1, 3, 8, 20], help="k values to sweep")
+    p.add_argument("--pool-sweep", action="store_true", help="only the pool size sweep: start-up, add, routing "
+                   "and memory against N (bench_pool.py)")
     p.add_argument("--server", action="store_true", help="logo-edge serve vs llama-cpp-python's server: req/s, "
                    "tok/s, p50/p95 at 1, 4, 8 clients (bench_server.py)")
     from .bench_server import add_server_args
@@ -382,6 +365,20 @@ def run_bench(args) -> int:
 
     model_path = Path(args.model) if args.model else defaults.default_model_path()
     threads = args.threads or os.cpu_count() or 1
+    if args.pool_sweep:
+        from .bench_pool import sweep_pool, targets
+
+        runner = RowRunner(model_path, None, args.k, 512, threads, need=("engine",))
+        try:
+            prompts = [fit_prompt(runner.eng, n, seed=0) for n in args.prompt_tokens]
+        finally:
+            runner.close()
+        res = sweep_pool(model_path, args.n_sizes, prompts, threads, max(1, args.repeats))
+        print("\ntargets")
+        for name, value, op, limit in targets(res):
+            ok = value <= limit if op == "<=" else value >= limit
+            print(f"  {name:<48} {value:9.3f}  {op} {limit:<5} {'PASS' if ok else 'FAIL'}")
+        return 0
     repeats = 1 if args.quick else max(1, args.repeats)
     cases = [(64, 16)] if args.quick else [(p, g) for p in args.prompt_tokens for g in args.gen_tokens]
     n_ctx = max(p + g for p, g in cases) + 64
@@ -464,33 +461,11 @@ def _row_memory(common, rows, plans, case, torch_info) -> None:
 
 
 def _sweep_n(model_path, sizes, plans, cases, threads, repeats) -> dict:
-    """Pool size N: a process per N (clean RSS and start-up), random q,v rank-8 adapters."""
-    paths = random_pool(model_path, max(sizes), "qv")
+    """Pool size N: start-up, add, routing and memory in fresh processes (bench_pool.py)."""
+    from .bench_pool import sweep_pool
+
     prompts = [plans[c][0][0] for c in cases if c[1] == cases[0][1]]  # one prompt per prompt length
-    res = {}
-    for n in [0] + sorted(sizes):
-        _log(f"N sweep: engine with {n} adapters in a fresh process")
-        res[n] = call_worker("logo_edge.bench", dict(kind="pool", model=str(model_path),
-                                                      adapters=[str(p) for p in paths[:n]], threads=threads,
-                                                      n_ctx=max(len(p) for p in prompts) + 64, prompts=prompts,
-                                                      repeats=repeats))
-        res[n]["files_mb"] = sum(p.stat().st_size for p in paths[:n]) / MB
-    print(f"\npool size sweep (random q,v rank-8 f16 adapters; a process per N; routing on prompts of "
-          f"{', '.join(str(len(p)) for p in prompts)} tokens)")
-    print(f"{'N':>5} {'start-up s':>10} {'probe ms':>9} {'route ms':>9} {'routing ms':>10} {'RSS start MB':>12} "
-          f"{'RSS MB':>7} {'+RSS vs N=0':>11} {'bank MB':>8} {'files MB':>9}")
-    rss0 = res[0].get("rss_after_mb", float("nan"))
-    for n, r in res.items():
-        if "error" in r:
-            print(f"{n:>5} {r['error']}")
-            continue
-        print(f"{n:>5} {r['startup_s']:10.2f} {r['probe_ms']:9.1f} {r['route_ms']:9.2f} {r['routing_ms']:10.2f} "
-              f"{r['rss_mb']:12.0f} {r['rss_after_mb']:7.0f} {r['rss_after_mb'] - rss0:11.1f} {r['bank_mb']:8.1f} "
-              f"{r['files_mb']:9.1f}")
-    print("  route = o_i of every adapter + signals + top-k (what grows with N); routing = eng.route() minus the "
-          "probe; the probe is one base-model prefill, independent of N; RSS after start-up and after routing "
-          "(N=0: the engine and its probe context alone)")
-    return res
+    return sweep_pool(model_path, sizes, prompts, threads, repeats)
 
 
 def _sweep_k(model_path, ks, threads, repeats, gen) -> dict:
@@ -569,11 +544,10 @@ def _print_targets(meds, sweep_n, cases) -> None:
               ("PyTorch/PEFT total / logo-edge routed total", ("torch", "routed", "total"), ">=", 5)]
     checks = [(name, _ratio(getattr(m[a], f), getattr(m[b], f)), op, lim) for name, (a, b, f), op, lim in checks
               if a in m and b in m]
-    if sweep_n and "routing_ms" in sweep_n[max(sweep_n)] and "rss_after_mb" in sweep_n[0]:
-        n = max(sweep_n)
-        checks.append((f"routing ms per request, N={n}", sweep_n[n]["routing_ms"], "<=", 10))
-        checks.append((f"RSS MB over the engine with no pool, N={n}",
-                       sweep_n[n]["rss_after_mb"] - sweep_n[0]["rss_after_mb"], "<=", 100))
+    if sweep_n:
+        from .bench_pool import targets
+
+        checks += targets(sweep_n)
     for name, value, op, limit in checks:
         ok = value <= limit if op == "<=" else value >= limit
         print(f"  {name:<48} {value:9.3f}  {op} {limit:<5} {'PASS' if ok else 'FAIL'}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from .errors import LogoEdgeError
 
@@ -15,11 +16,12 @@ def _engine(args):
 
     adapters = args.adapters if args.adapters is not None else defaults.default_pool()
     routing = RouteConfig(signal=args.signal, k=args.k, probe_input=args.probe_input, merge=args.merge,
-                          calibration=args.calibration, prefill=args.prefill, keep=args.keep)
+                          calibration=args.calibration, prefill=args.prefill, keep=args.keep,
+                          shortlist=args.shortlist)
     return Engine(args.model, adapters, n_ctx=args.n_ctx, n_threads=args.threads, n_gpu_layers=args.gpu_layers,
                   target_block=args.target_block, target_module=args.target_module,
                   probe_blocks=args.probe_blocks, routing=routing,
-                  max_loaded_mb=args.max_loaded_mb)
+                  max_loaded_mb=args.max_loaded_mb, pool_index=args.pool_index)
 
 
 def _adapters_choice(args):
@@ -179,11 +181,73 @@ def cmd_eval(args) -> int:
             manifest = src[0] / "manifest.json" if len(src) == 1 and src[0].is_dir() else None
             print(_json.dumps(score_alone(eng, args.n, Path(args.out), manifest), indent=1))
             return 0
+        if args.approx:
+            from .eval_approx import approx_report
+
+            print(_json.dumps(approx_report(eng, args.n_route, Path(args.out)), indent=1))
+            print(f"report: {Path(args.out) / 'approx.md'}")
+            return 0
         summary = run_eval(eng, args.n, Path(args.out), quick=args.quick, tasks=args.tasks, n_route=args.n_route,
                            windows=args.windows)
     print(_json.dumps(summary, indent=1))
     print(f"report: {Path(args.out) / 'report.md'}")
     return 0
+
+
+def cmd_pool(args) -> int:
+    from . import pool_ops
+
+    pool = Path(args.pool).expanduser() if args.pool else pool_ops.user_pool_dir()
+    if args.action == "list":
+        entries = pool_ops.list_pool(pool, args.model)
+        if args.json:
+            print(json.dumps([e.to_dict() for e in entries], indent=1))
+            return 0
+        print(f"{pool}: {len(entries)} adapter(s)")
+        width = max([len(e.name) for e in entries] + [4])
+        print(f"{'name':<{width}}  {'rank':>4}  {'blocks':>6}  {'size MB':>7}  {'probeable':>9}  modules / source")
+        for e in entries:
+            print(f"{e.name:<{width}}  {e.rank:>4}  {e.blocks:>6}  {e.size / 2**20:7.2f}  "
+                  f"{'yes' if e.probeable else 'no':>9}  {','.join(e.modules)}  {e.origin}")
+    elif args.action == "add":
+        if args.name and len(args.sources) > 1:
+            raise LogoEdgeError("--name names one adapter; give one source with it")
+        for src in args.sources:
+            e = pool_ops.add_source(pool, src, name=args.name, base=args.model, replace=args.replace)
+            print(f"added {e.name} ({e.origin}) -> {e.path}")
+    elif args.action == "rm":
+        for name in args.names:
+            print(f"removed {pool_ops.remove(pool, name)}")
+    elif args.action == "rename":
+        print(f"renamed -> {pool_ops.rename(pool, args.old, args.new)}")
+    elif args.action == "verify":
+        bad = 0
+        for name, problem in pool_ops.verify(pool, args.model):
+            bad += problem is not None
+            print(f"{'ok ' if problem is None else 'BAD'} {name}" + (f": {problem}" if problem else ""))
+        print(f"{pool}: {bad} problem(s)")
+        return 1 if bad else 0
+    return 0
+
+
+def _add_pool_parsers(sub) -> None:
+    p = sub.add_parser("pool", help="a pool directory of adapters: list, add, rm, rename, verify")
+    p.add_argument("--pool", help="the pool directory (default: $LOGO_EDGE_POOL or ~/.local/share/logo-edge/pool)")
+    p.add_argument("--model", help="base model GGUF adapters are checked against (default: the default model)")
+    acts = p.add_subparsers(dest="action", required=True)
+    a = acts.add_parser("list", help="name, rank, blocks, size, probeable, modules and source of each adapter")
+    a.add_argument("--json", action="store_true")
+    a = acts.add_parser("add", help="add GGUF LoRA files, or PEFT / mlx-lm adapter directories (converted)")
+    a.add_argument("sources", nargs="+")
+    a.add_argument("--name", help="the adapter's name in the pool (default: its own name)")
+    a.add_argument("--replace", action="store_true", help="replace an adapter of the same name")
+    a = acts.add_parser("rm", help="remove adapters by name")
+    a.add_argument("names", nargs="+")
+    a = acts.add_parser("rename", help="rename an adapter")
+    a.add_argument("old")
+    a.add_argument("new")
+    acts.add_parser("verify", help="read and validate every adapter against the base; exit 1 on a problem")
+    p.set_defaults(fn=cmd_pool)
 
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -206,6 +270,11 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calibration", default=d.calibration, choices=list(CALIBRATIONS),
                    help="raw: the paper's signal; ratio / zscore: relative to each adapter's signal on "
                         "generic prompts (for pools of mixed recipes)")
+    p.add_argument("--shortlist", type=int, default=d.shortlist,
+                   help="route pools larger than this in two stages: the target block ranks every adapter, the "
+                        f"whole window is read for the best SHORTLIST (default {d.shortlist}; 0 = every adapter)")
+    p.add_argument("--no-pool-index", dest="pool_index", action="store_false",
+                   help="read every adapter file at start-up instead of mapping the pool's persisted index")
     p.add_argument("--keep", type=float, default=d.keep,
                    help="a conversation keeps its mixture while a turn's routing is within this total variation "
                         f"distance of it, reusing the cached history (default {d.keep}; 0 re-routes every turn)")
@@ -290,11 +359,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="eval-out")
     p.add_argument("--tasks", nargs="+", help="only these tasks (default: every pool task + the unseen ones)")
     p.add_argument("--quick", action="store_true", help="a few methods only (base, oracle, LoGo-norm k=3)")
+    p.add_argument("--approx", action="store_true", help="what float16 window storage and the shortlist cost: "
+                   "hit rates and agreement with the exact route on --n-route prompts per task (writes approx.md)")
     p.add_argument("--alone", action="store_true", help="each adapter alone vs base on its own task (writes "
                    "alone.md, and the scores into the pool's manifest.json)")
     p.set_defaults(fn=cmd_eval)
 
-    p = sub.add_parser("convert-lora", help="PEFT LoRA dir -> GGUF adapter")
+    _add_pool_parsers(sub)
+
+    from .hub import add_pull_args
+
+    add_pull_args(sub.add_parser("pull", help="LoRA adapters from the Hugging Face Hub into a pool"))
+
+    p = sub.add_parser("convert-lora", help="PEFT or mlx-lm LoRA dir -> GGUF adapter")
     p.add_argument("adapter_dir")
     p.add_argument("--base", required=True, help="base model GGUF or HF model dir")
     p.add_argument("-o", "--out", required=True)

@@ -28,7 +28,7 @@ from .gguf_files import read_lora, write_lora
 from .llm import Context, ContextConfig, LoraHandle, Model, ProbeCapture
 from .pool import AdapterPool
 from .record import AdapterScore, RoutingRecord, Timings
-from .router import RouterConfig, Routing, route_signals
+from .router import TARGET_NORM, RouterConfig, Routing, route_signals, shortlist_norms
 
 PROBE_INPUTS = ("residual", "normed")
 # mixture: each selected adapter set with scale w_i (the paper's); packed: the same sum built as one
@@ -57,9 +57,17 @@ class RouteConfig:
     # of adapters) is at most `keep`. The cached history is then reused, exact under the kept mixture,
     # instead of prefilled again under slightly different weights. 0 re-routes every turn.
     keep: float = 0.25
+    # Over a pool larger than `shortlist`, the norm signal is routed in two stages: the target block alone
+    # (one float32 product over every adapter) ranks all, and the whole window is computed for the best
+    # `shortlist` of them. 0 computes the window for every adapter. Exact whenever the pool is no larger.
+    shortlist: int = 32
 
     def __post_init__(self) -> None:
         RouterConfig(self.signal, self.k, self.calibration)  # validates signal, k and calibration
+        if not isinstance(self.shortlist, int) or isinstance(self.shortlist, bool) or self.shortlist < 0:
+            raise RoutingError(f"shortlist must be an integer >= 0 (0 = off), got {self.shortlist!r}")
+        if 0 < self.shortlist < self.k:
+            raise RoutingError(f"shortlist ({self.shortlist}) must be 0 or at least k ({self.k})")
         if self.probe_input not in PROBE_INPUTS:
             raise RoutingError(f"probe_input must be one of {PROBE_INPUTS}, got {self.probe_input!r}")
         if self.merge not in MERGES:
@@ -115,9 +123,11 @@ class Engine:
                  flash_attn: bool | None = None,
                  target_block: int = -1, target_module: str = "attn_q", probe_blocks: int = defaults.PROBE_BLOCKS,
                  routing: RouteConfig | None = None, max_loaded_mb: float = 1024, verbose: bool = False,
-                 extra_bufts: bool | None = None):
+                 extra_bufts: bool | None = None, pool_index: bool = True):
         # extra_bufts: llama.cpp's fast CPU weight layouts (AMX, repacking); None = on where the
-        # self-check found them safe on this CPU (logo_edge.selfcheck), off where they crash or disagree
+        # self-check found them safe on this CPU (logo_edge.selfcheck), off where they crash or disagree.
+        # pool_index: keep the pool's probe bank and calibration in a persisted index (logo_edge.pool_index),
+        # mapped at the next start instead of re-reading every adapter file
         self.model = Model(model or defaults.default_model_path(), n_gpu_layers=n_gpu_layers, verbose=verbose,
                            extra_bufts=extra_bufts)
         self.routing = routing or RouteConfig()
@@ -125,7 +135,9 @@ class Engine:
         self._probe_ctx: Context | None = None
         self._probe_cache: tuple[list[int], int] = ([], 0)  # tokens in the probe context, blocks complete
         self._probe_memo: dict[tuple, np.ndarray] = {}  # recent probes' h by (tokens, block, module, input)
-        self.pool = AdapterPool(self.model, target_block, target_module, max_loaded_mb, probe_blocks)
+        self._probe_reused = 0  # prompt tokens the last probe found in its cache
+        self.pool = AdapterPool(self.model, target_block, target_module, max_loaded_mb, probe_blocks,
+                                use_index=pool_index)
         if self.routing.calibration != "raw":  # calibrate adapters as they enter the pool
             self.calibrate(self.routing.probe_input)
         if adapters is None and model is None:  # Engine(): the default model with the shipped pool
@@ -249,6 +261,7 @@ class Engine:
         module = module or self.pool.target_module
         key = (tuple(tokens), tuple(blocks), module, probe_input)
         if key in self._probe_memo:  # the same request routes the same way, bit for bit
+            self._probe_reused = len(tokens)
             return self._probe_memo[key]
         cap = ProbeCapture(self._probe_ctx, blocks, module, probe_input)
         # the probe context keeps its cache: complete below the last block read, so a later probe that
@@ -258,6 +271,7 @@ class Engine:
         n_keep = _common_prefix(cached, tokens) if last <= depth else 0
         self._probe_cache = ([], 0)
         h = cap.run(tokens, keep_cache=True, n_keep=n_keep)
+        self._probe_reused = n_keep
         self._probe_cache = (list(tokens), min(last, depth) if n_keep else last)
         if len(self._probe_memo) >= 16:
             self._probe_memo.pop(next(iter(self._probe_memo)))
@@ -265,11 +279,18 @@ class Engine:
         return h
 
     def _probe_in_place(self, tokens: list[int], probe_input: str) -> np.ndarray:
-        """probe-cache mode: probe in the generation context and keep the base K/V of tokens[:-1]."""
+        """probe-cache mode: probe in the generation context and keep the base K/V of tokens[:-1].
+
+        A continuing conversation reuses what the context holds from the previous turn in this mode (its
+        prompt's base K/V and its answer's, computed under that turn's mixture: the approximation this
+        mode makes), so a turn prefills only its new tokens."""
+        n_keep = min(_common_prefix(self._cache, tokens), len(tokens) - 1) if self._cache_approx else 0
         self.ctx.set_adapters([], [])
+        self._active, self._mixture = set(), ("mixture", {})
         cap = ProbeCapture(self.ctx, self.pool.blocks, self.pool.target_module, probe_input, stop_early=False)
         self._cache = []
-        h = cap.run(tokens, keep_cache=True)
+        h = cap.run(tokens, keep_cache=True, n_keep=n_keep)
+        self._probe_reused = n_keep
         self.ctx.cache_truncate(len(tokens) - 1)  # the last token is decoded again under the mixture
         self._cache, self._cache_approx = list(tokens[:-1]), True
         return h
@@ -310,20 +331,29 @@ class Engine:
         if cfg.calibration != "raw":
             self.calibrate(cfg.probe_input)
         bank = self.pool.bank
-        stats = self.pool.stats(cfg.probe_input, cfg.signal) if cfg.calibration != "raw" else None
+        calibrated = cfg.calibration != "raw"
+        stats = self.pool.stats(cfg.probe_input, cfg.signal) if calibrated else None
         rcfg = RouterConfig(cfg.signal, cfg.k, cfg.calibration)
-        routing = route_signals(bank.signals(h, cfg.signal), self.pool.names, rcfg, self.pool.unprobeable, stats)
+        considered = None
+        if cfg.signal == "norm" and 0 < cfg.shortlist < len(bank) and bank.n_blocks > 1:
+            stats1 = self.pool.stats(cfg.probe_input, TARGET_NORM) if calibrated else None
+            raw, considered = shortlist_norms(bank, h, cfg.shortlist, cfg.calibration, stats1)
+        else:
+            raw = bank.signals(h, cfg.signal)
+        routing = route_signals(raw, self.pool.names, rcfg, self.pool.unprobeable, stats, considered)
         t2 = time.perf_counter()
         rank = {i: r + 1 for r, i in enumerate(routing.selected)}
         scores = [AdapterScore(n, _finite(routing.signals[i]), float(routing.weights[i]), rank.get(i),
                                routing.excluded.get(n), _finite(routing.scores[i]))
                   for i, n in enumerate(routing.names)]
         settings = dict(signal=cfg.signal, k=cfg.k, k_used=len(routing.selected), calibration=cfg.calibration,
+                        shortlist=None if considered is None else int(considered.sum()),
                         target_block=self.pool.target_block, probe_blocks=len(self.pool.blocks),
                         target_module=self.pool.target_module,
                         probe_input=cfg.probe_input, merge=cfg.merge, prefill=cfg.prefill)
         rec = RoutingRecord("routed", settings, scores, Timings(probe_s=t1 - t0, route_s=t2 - t1,
-                                                               prompt_tokens=len(tokens)))
+                                                               prompt_tokens=len(tokens),
+                                                               probe_cached_tokens=self._probe_reused))
         return routing, rec
 
     def _plan(self, tokens: list[int], adapters: AdapterChoice, cfg: RouteConfig):

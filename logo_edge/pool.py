@@ -22,7 +22,10 @@ from .defaults import PROBE_BLOCKS
 from .errors import AdapterError, RoutingError
 from .gguf_files import read_lora
 from .llm import PROBE_INPUTS, LoraHandle, Model
+from .pool_index import Entry, PoolIndex, index_key, index_root
 from .router import ProbeBank
+
+LARGE_POOL = 256  # adapter files beyond which a new index stores the earlier window blocks in float16
 
 
 @dataclass
@@ -41,6 +44,7 @@ class PoolAdapter:
     nbytes: int = 0  # size of the full adapter's tensors (what loading it into llama.cpp costs)
     stats: dict[str, Stats] = field(default_factory=dict, repr=False)  # probe input -> signal stats
     calibrate_s: float = 0.0  # time spent computing `stats` (the matrix products)
+    max_rank: int = 0  # the largest rank over all its tensors
 
 
 def _resolve_target(info, target_module: str, block: int) -> tuple[str, int | None]:
@@ -73,10 +77,16 @@ def _resolve_target(info, target_module: str, block: int) -> tuple[str, int | No
 class AdapterPool:
     """Adapters checked against one base model, probed at one target block and module.
 
-    With a fused q/k/v projection (phi3), the attn_q target is the query rows of attn_qkv (`query_rows`)."""
+    With a fused q/k/v projection (phi3), the attn_q target is the query rows of attn_qkv (`query_rows`).
+
+    With `use_index`, `add_many` keeps what routing needs in a persisted index (pool_index.py) and maps
+    it at the next start instead of re-reading every file; the probe bank is then memory-mapped. In a
+    pool directory an adapter's name is its file name (without .gguf); a file given alone is named by
+    its general.name."""
 
     def __init__(self, model: Model, target_block: int = -1, target_module: str = "attn_q",
-                 max_loaded_mb: float = 1024, probe_blocks: int = PROBE_BLOCKS):
+                 max_loaded_mb: float = 1024, probe_blocks: int = PROBE_BLOCKS, use_index: bool = False,
+                 window_dtype=ProbeBank.WINDOW_DTYPE):
         if target_module not in PROBE_INPUTS:
             raise AdapterError(f"target module {target_module!r} cannot be probed; choose one of "
                                f"{sorted(PROBE_INPUTS)}")
@@ -95,16 +105,21 @@ class AdapterPool:
         self.target_tensor = self.window_tensors[-1]
         self.adapters: list[PoolAdapter] = []
         d_out = self.query_rows or model.info.shapes[self.target_tensor][1]
-        self._bank = ProbeBank(len(self.blocks), model.n_embd, d_out)
+        self._bank = ProbeBank(len(self.blocks), model.n_embd, d_out, window_dtype)
         self._states: dict[str, np.ndarray] = {}  # probe input -> calibration states (n_prompts, n_blocks, d_in)
         self._stats: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}  # stats() per bank, cached
         self.max_loaded_bytes = int(max_loaded_mb * 2**20)
         self._loaded: OrderedDict[int, None] = OrderedDict()  # indices with a llama.cpp handle, LRU first
+        self.use_index = use_index
+        self._index: PoolIndex | None = None
+        self._entries: list[Entry] = []  # with an index: each adapter's entry, in pool order
 
     # ---- loading
 
     def add(self, path: str | Path, name: str | None = None) -> PoolAdapter:
         """Validate one GGUF LoRA against the base and add it; AdapterError leaves the pool unchanged."""
+        if self._index is not None:
+            return self._add_indexed([Path(path)], [name])[0]
         lora = read_lora(path, self.model.info, only=self.window_tensors)  # validates all, keeps the window
         name = name or lora.name
         if any(a.name == name for a in self.adapters):
@@ -119,7 +134,7 @@ class AdapterPool:
             warnings.warn(f"adapter {name!r} ({lora.path.name}) cannot be probed: {reason}; it will not be "
                           "routed to, but can still be used by name", UserWarning, stacklevel=2)
         adapter = PoolAdapter(name, lora.path, lora.stems, lora.alpha, index, rank, reason,
-                              nbytes=lora.path.stat().st_size)
+                              nbytes=lora.path.stat().st_size, max_rank=max(lora.ranks.values(), default=0))
         for probe_input, states in self._states.items():
             self._calibrate(adapter, probe_input, states)
         self.adapters.append(adapter)
@@ -132,21 +147,115 @@ class AdapterPool:
         return (a, b if self.query_rows is None else b[:self.query_rows], lora.scale(tensor))
 
     def add_many(self, sources: Iterable[str | Path] | str | Path) -> list[PoolAdapter]:
-        """Add a directory of *.gguf adapters (sorted by name), a file, or a list of either."""
+        """Add a directory of *.gguf adapters (sorted by name, each named by its file name), a file, or a
+        list of either."""
         if isinstance(sources, (str, Path)):
             sources = [sources]
         files: list[Path] = []
+        names: list[str | None] = []
+        dirs: list[Path] = []
         for src in map(Path, sources):
             if src.is_dir():
-                found = sorted(src.glob("*.gguf"))
+                found = sorted(p for p in src.glob("*.gguf") if p.is_file())
                 if not found:
                     raise AdapterError(f"{src}: no *.gguf adapters in this directory")
                 files += found
+                names += [p.stem for p in found]
+                dirs.append(src)
             else:
+                if not src.is_file():
+                    raise AdapterError(f"{src}: no such adapter file or pool directory")
                 files.append(src)
-        added = [self.add(p) for p in files]
+                names.append(None)
+                dirs.append(src.parent)
+        if self.use_index:
+            if self._index is None and not self.adapters:
+                key = index_key(self.model.path, self.blocks, self.target_module, self.query_rows, dirs)
+                # a large pool keeps its earlier window blocks in float16 (half the memory; the cost in
+                # hit rate: `logo-edge eval --approx`), a small one exactly
+                dtype = np.float16 if len(files) > LARGE_POOL else np.float32
+                self._index = PoolIndex(index_root(key), len(self.blocks), self.model.n_embd, self._bank.Q.shape[1],
+                                        dtype)
+            return self._add_indexed(files, names)
+        added = [self.add(p, n) for p, n in zip(files, names)]
         self._bank.shrink()
         return added
+
+    # ---- the persisted index
+
+    def _read(self, path: Path) -> dict:
+        """What the index keeps of one file: validated (AdapterError), folded, calibrated."""
+        lora = read_lora(path, self.model.info, only=self.window_tensors)
+        out = dict(name=lora.name, alpha=lora.alpha, stems=lora.stems, ranks=lora.ranks, rows=None, reason=None,
+                   stats={}, calibrate_s=0.0)
+        if self.target_tensor not in lora.pairs:
+            out["reason"] = (f"no LoRA on {self.target_tensor} (the probe target); it has {len(lora.stems)} "
+                             "other tensors")
+            return out
+        bank = self._bank
+        entries = [self._entry(lora, t) if t in lora.pairs else None for t in self.window_tensors]
+        r, folded = ProbeBank.fold_entries(entries, bank.d_in, bank.Q.shape[1])
+        t, w, q = ProbeBank.rows_of(r, folded, len(self.blocks), bank.d_in, bank.Q.shape[1],
+                                    np.dtype(self._index.meta_window_dtype))
+        one = ProbeBank.from_arrays(t, w, q, [0], [r])
+        t0 = time.perf_counter()
+        out["stats"] = {pi: one.stats(0, states) for pi, states in self._states.items()}
+        out.update(rows=(r, t, w, q), calibrate_s=time.perf_counter() - t0)
+        return out
+
+    def _add_indexed(self, files: list[Path], names: list[str | None]) -> list[PoolAdapter]:
+        """Add files through the index (new or changed ones are read, the others mapped); the pool is
+        unchanged on AdapterError."""
+        for p in files:
+            if not p.is_file():
+                raise AdapterError(f"{p}: adapter file not found")
+        files = [p.resolve() for p in files]
+        have = {Path(e.path) for e in self._entries}
+        for p in files:
+            if p in have:
+                raise AdapterError(f"{p}: this file is already in the pool")
+        if len(set(files)) != len(files):
+            raise AdapterError("the same adapter file is given twice: "
+                               + ", ".join(sorted({str(p) for p in files if files.count(p) > 1})))
+        if len(files) == 1 and self._entries:
+            entries = [self._index.add(files[0], self._read)]
+        else:
+            entries = self._index.sync([Path(e.path) for e in self._entries] + files, self._read)[len(self._entries):]
+        names = [n or e.name for n, e in zip(names, entries)]
+        taken = set(self.names)
+        for n, p in zip(names, files):
+            if n in taken:  # the index keeps the file's rows; the pool does not take it
+                raise AdapterError(f"{p}: an adapter named {n!r} is already in the pool; rename the file or pass "
+                                   "another name")
+            taken.add(n)
+        self._rebind(self._entries + entries, self.names + names)
+        added = self.adapters[-len(entries):]
+        for a in added:
+            if a.unprobeable_reason:
+                warnings.warn(f"adapter {a.name!r} ({a.path.name}) cannot be probed: {a.unprobeable_reason}; it "
+                              "will not be routed to, but can still be used by name", UserWarning, stacklevel=3)
+        return added
+
+    def _rebind(self, entries: list[Entry], names: list[str]) -> None:
+        """Make the pool's adapters and bank those of `entries` (kept handles and LRU follow their files)."""
+        old = {a.path: a for a in self.adapters}
+        loaded = [self.adapters[i].path for i in self._loaded]
+        probed = {id(e): i for i, e in enumerate(e for e in entries if e.offset is not None)}
+        adapters = []
+        for e, name in zip(entries, names):
+            path = Path(e.path)
+            a = old.get(path)
+            stats = {pi: {k: tuple(v) for k, v in s.items()} for pi, s in e.stats.items()}
+            if a is None:
+                a = PoolAdapter(name, path, e.stems, e.alpha, None, e.rank, e.reason, nbytes=e.size,
+                                calibrate_s=e.calibrate_s, max_rank=e.max_rank)
+            a.name, a.bank_index, a.stats = name, probed.get(id(e)), stats
+            adapters.append(a)
+        self._bank = self._index.bank(entries)
+        self._entries, self.adapters = entries, adapters
+        where = {a.path: i for i, a in enumerate(adapters)}
+        self._loaded = OrderedDict((where[p], None) for p in loaded if p in where)
+        self._stats.clear()
 
     def remove(self, name: str, in_use: set[int] = frozenset()) -> PoolAdapter:
         """Take an adapter out of the pool and free its llama.cpp handle; later adapters move down one index.
@@ -155,6 +264,15 @@ class AdapterPool:
         i = self.index(name)
         if i in in_use:
             raise AdapterError(f"adapter {name!r} is set in a context that is generating; remove it after")
+        if self._index is not None:
+            a = self.adapters[i]
+            if a.handle is not None:
+                a.handle.free()
+                a.handle = None
+            self._index.remove(a.path)
+            self._loaded.pop(i, None)
+            self._rebind(self._entries[:i] + self._entries[i + 1:], self.names[:i] + self.names[i + 1:])
+            return a
         a = self.adapters.pop(i)
         if a.handle is not None:
             a.handle.free()
@@ -209,8 +327,12 @@ class AdapterPool:
                                f"({len(self.blocks)} blocks of {self.model.n_embd})")
         self._states[probe_input] = states
         self._stats.clear()
-        for a in self.adapters:
+        computed = [a for a in self.adapters if self._index is None or probe_input not in a.stats]  # indexed: kept
+        for a in computed:
             self._calibrate(a, probe_input, self._states[probe_input])
+        if self._index is not None and computed:
+            self._index.set_stats({str(a.path): {probe_input: a.stats[probe_input]} for a in computed
+                                   if probe_input in a.stats})
 
     def _calibrate(self, adapter: PoolAdapter, probe_input: str, states: np.ndarray) -> None:
         if adapter.bank_index is None:

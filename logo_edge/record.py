@@ -25,6 +25,7 @@ class Timings:
     decode_s: float = 0.0
     prompt_tokens: int = 0
     cached_tokens: int = 0
+    probe_cached_tokens: int = 0  # prompt tokens the probe did not process again (its cache held them)
     completion_tokens: int = 0
 
     @property

@@ -40,17 +40,32 @@ class ProbeBank:
     Rows of all adapters are concatenated (no padding to the largest rank) in arrays that grow by
     doubling; `shrink` drops the spare capacity. The bank is the only copy the pool keeps.
 
+    Storage: the target block's M and Q in float32 (`T`, `Q`: the first routing stage reads T for every
+    adapter; Q serves the entropy signal), the other window blocks' M (`W`: read for a shortlist, or for
+    every adapter when the pool is small) in float32, or float16 for a large pool (`window_dtype`; products
+    accumulate in float32). At 1,000 rank-8 adapters of a 576-wide model over 8 blocks float16 makes it
+    101 MB instead of 166 MB, of which the norm signal reads 18 MB per request plus its shortlist's rows.
+    A bank can also sit over memory-mapped arrays (`from_arrays`, the pool index), read-only: it is then
+    changed through the index, not `add`.
+
     The norm signal over a window is the norm of the adapter's outputs at every window block stacked,
     sqrt(sum_j ||o_ij||^2); a window of one block is the paper's ||o_i||. Outputs (for the entropy
     signal) are the target block's.
     """
 
-    def __init__(self, n_blocks: int, d_in: int, d_out: int):
-        self._M = np.zeros((n_blocks, 0, d_in), np.float32)
+    WINDOW_DTYPE = np.float32  # float16 for large pools (the index chooses; `window_dtype`)
+
+    def __init__(self, n_blocks: int, d_in: int, d_out: int, window_dtype=WINDOW_DTYPE):
+        # window_dtype=np.float16 halves the earlier blocks' memory (large pools, pool_index.py); the cost is
+        # measured by `logo-edge eval --approx`
+        self.window_dtype = np.dtype(window_dtype)
+        self._T = np.zeros((0, d_in), np.float32)  # target block rows of M
+        self._W = [np.zeros((0, d_in), self.window_dtype) for _ in range(n_blocks - 1)]  # earlier blocks' M
         self._Q = np.zeros((0, d_out), np.float32)  # target block: Q transposed, rows contiguous
         self._rows = 0
         self.offsets = np.zeros(0, np.intp)  # first row of each adapter
         self.ranks = np.zeros(0, np.intp)
+        self.writable = True
 
     @classmethod
     def of(cls, entries: Sequence[Sequence[Entry | None]]) -> "ProbeBank":
@@ -64,11 +79,26 @@ class ProbeBank:
         bank.shrink()
         return bank
 
-    def add(self, entries: Sequence[Entry | None]) -> int:
-        """Fold one adapter's window entries into the bank; returns its index. RoutingError leaves it unchanged."""
-        n_blocks, d_in, d_out = self._M.shape[0], self._M.shape[2], self._Q.shape[1]
-        if len(entries) != n_blocks or entries[-1] is None:
-            raise RoutingError(f"a probe bank entry needs one (A, B, c) or None per window block ({n_blocks}), "
+    @classmethod
+    def from_arrays(cls, t: np.ndarray, w: Sequence[np.ndarray], q: np.ndarray, offsets, ranks) -> "ProbeBank":
+        """A read-only bank over arrays laid out as this class stores them (T (rows, d_in) float32, W one
+        (rows, d_in) float16 array per earlier window block, Q (rows, d_out) float32), e.g. memory-mapped
+        from a pool index.
+        Rows outside every adapter's [offset, offset + rank) must be zero (they are summed, not read)."""
+        bank = cls.__new__(cls)
+        bank._T, bank._W, bank._Q = t, list(w), q
+        bank.window_dtype = w[0].dtype if len(w) else np.dtype(cls.WINDOW_DTYPE)
+        bank._rows = t.shape[0]
+        bank.offsets = np.asarray(offsets, np.intp)
+        bank.ranks = np.asarray(ranks, np.intp)
+        bank.writable = False
+        return bank
+
+    @staticmethod
+    def fold_entries(entries: Sequence[Entry | None], d_in: int, d_out: int):
+        """One adapter's window entries folded: (rank, [(block j, M_j, Q_j)]); RoutingError if they do not fit."""
+        if entries[-1] is None:
+            raise RoutingError(f"a probe bank entry needs one (A, B, c) or None per window block ({len(entries)}), "
                                "and its target (last) block")
         r = max(e[0].shape[0] for e in entries if e is not None)
         folded = []
@@ -79,17 +109,44 @@ class ProbeBank:
                     raise RoutingError(f"probe bank entry for block {j}: A {a.shape} / B {b.shape} do not match "
                                        f"d_in={d_in}, d_out={d_out}")
                 folded.append((j, *fold(a, b, c)))
-        if self._rows + r > self._M.shape[1]:  # grow by doubling: adding N adapters copies O(N) rows
-            cap = max(2 * self._M.shape[1], self._rows + r, 64)
-            m = np.zeros((n_blocks, cap, d_in), np.float32)
-            q = np.zeros((cap, d_out), np.float32)
-            m[:, :self._rows], q[:self._rows] = self.M, self.Q
-            self._M, self._Q = m, q
-        o = self._rows
-        for j, m, q in folded:
-            self._M[j, o:o + m.shape[0]] = m
+        return r, folded
+
+    @staticmethod
+    def rows_of(r: int, folded, n_blocks: int, d_in: int, d_out: int, window_dtype=WINDOW_DTYPE):
+        """The (T, W, Q) rows one folded adapter occupies, in the bank's dtypes (zero where it has no LoRA)."""
+        t = np.zeros((r, d_in), np.float32)
+        w = [np.zeros((r, d_in), window_dtype) for _ in range(n_blocks - 1)]
+        q = np.zeros((r, d_out), np.float32)
+        for j, m, qj in folded:
             if j == n_blocks - 1:
-                self._Q[o:o + m.shape[0]] = q.T
+                t[:m.shape[0]], q[:m.shape[0]] = m, qj.T
+            else:
+                w[j][:m.shape[0]] = m
+        return t, w, q
+
+    def add(self, entries: Sequence[Entry | None]) -> int:
+        """Fold one adapter's window entries into the bank; returns its index. RoutingError leaves it unchanged."""
+        if not self.writable:
+            raise RoutingError("this probe bank is read-only (memory-mapped from a pool index); add through the pool")
+        n_blocks, d_in, d_out = self.n_blocks, self._T.shape[1], self._Q.shape[1]
+        if len(entries) != n_blocks:
+            raise RoutingError(f"a probe bank entry needs one (A, B, c) or None per window block ({n_blocks}), "
+                               "and its target (last) block")
+        r, folded = self.fold_entries(entries, d_in, d_out)
+        if self._rows + r > self._T.shape[0]:  # grow by doubling: adding N adapters copies O(N) rows
+            cap = max(2 * self._T.shape[0], self._rows + r, 64)
+            t = np.zeros((cap, d_in), np.float32)
+            w = [np.zeros((cap, d_in), self.window_dtype) for _ in range(n_blocks - 1)]
+            q = np.zeros((cap, d_out), np.float32)
+            t[:self._rows], q[:self._rows] = self.T, self.Q
+            for new, old in zip(w, self.W):
+                new[:self._rows] = old
+            self._T, self._W, self._Q = t, w, q
+        o = self._rows
+        t, w, q = self.rows_of(r, folded, n_blocks, d_in, d_out, self.window_dtype)
+        self._T[o:o + r], self._Q[o:o + r] = t, q
+        for j in range(n_blocks - 1):
+            self._W[j][o:o + r] = w[j]
         self._rows += r
         self.offsets = np.append(self.offsets, o)
         self.ranks = np.append(self.ranks, r)
@@ -97,9 +154,12 @@ class ProbeBank:
 
     def remove(self, i: int) -> None:
         """Drop adapter i's rows; later adapters move down one index."""
+        if not self.writable:
+            raise RoutingError("this probe bank is read-only (memory-mapped from a pool index); remove through "
+                               "the pool")
         o, r = int(self.offsets[i]), int(self.ranks[i])
         keep = np.r_[0:o, o + r:self._rows]
-        self._M, self._Q = self.M[:, keep].copy(), self.Q[keep].copy()
+        self._T, self._W, self._Q = self.T[keep].copy(), [w[keep].copy() for w in self.W], self.Q[keep].copy()
         self._rows -= r
         self.offsets = np.delete(self.offsets, i)
         self.offsets[i:] -= r
@@ -107,15 +167,23 @@ class ProbeBank:
 
     def shrink(self) -> None:
         """Release the spare capacity left by growing."""
-        if self._M.shape[1] > self._rows:
-            self._M, self._Q = self.M.copy(), self.Q.copy()
+        if self.writable and self._T.shape[0] > self._rows:
+            self._T, self._W, self._Q = self.T.copy(), [w.copy() for w in self.W], self.Q.copy()
 
     @property
-    def M(self) -> np.ndarray:  # (n_blocks, rows, d_in)
-        return self._M[:, :self._rows]
+    def T(self) -> np.ndarray:  # (rows, d_in) float32: the target block's M
+        return self._T[:self._rows]
 
     @property
-    def Q(self) -> np.ndarray:  # (rows, d_out)
+    def W(self) -> list[np.ndarray]:  # per earlier window block, (rows, d_in) float16: its M
+        return [w[:self._rows] for w in self._W]
+
+    @property
+    def M(self) -> np.ndarray:  # (n_blocks, rows, d_in) float32, the whole window (a copy: for tests)
+        return np.stack([w.astype(np.float32) for w in self.W] + [self.T])
+
+    @property
+    def Q(self) -> np.ndarray:  # (rows, d_out) float32
         return self._Q[:self._rows]
 
     def __len__(self) -> int:
@@ -123,41 +191,80 @@ class ProbeBank:
 
     @property
     def n_blocks(self) -> int:
-        return self.M.shape[0]
+        return len(self._W) + 1
+
+    @property
+    def d_in(self) -> int:
+        return self._T.shape[1]
 
     @property
     def nbytes(self) -> int:
-        """Memory held, spare capacity included."""
-        return self._M.nbytes + self._Q.nbytes + self.offsets.nbytes + self.ranks.nbytes
+        """Memory held (or mapped), spare capacity included."""
+        return (self._T.nbytes + sum(w.nbytes for w in self._W) + self._Q.nbytes + self.offsets.nbytes
+                + self.ranks.nbytes)
 
     def _window(self, h: np.ndarray) -> np.ndarray:
         h = np.asarray(h, np.float32)
         window = h[None] if h.ndim == 1 else h
-        if window.shape != (self.n_blocks, self.M.shape[2]):
+        if window.shape != (self.n_blocks, self.d_in):
             raise RoutingError(f"probe state has shape {h.shape}; the bank reads {self.n_blocks} block(s) of "
-                               f"{self.M.shape[2]}")
+                               f"{self.d_in}")
         return window
 
-    def _squares(self, states: np.ndarray, rows: slice, first: int = 0) -> tuple[np.ndarray, np.ndarray]:
-        """For states (n, n_blocks, d_in): the sum over window blocks j >= first of (M_j h_j)^2 per bank row,
-        and the target block's M h; both (n, rows) float64. One matrix product per block."""
-        sq = np.zeros((states.shape[0], self.M[0, rows].shape[0]))
-        for j in range(first, self.n_blocks):
-            z = (states[:, j] @ self.M[j, rows].T).astype(np.float64)
-            sq += np.square(z)
+    def _row_index(self, among: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Bank rows of adapters `among` (concatenated) and where each adapter's rows start in them."""
+        ranks = self.ranks[among]
+        starts = np.concatenate([[0], np.cumsum(ranks)[:-1]]).astype(np.intp)
+        rows = np.repeat(self.offsets[among] - starts, ranks) + np.arange(int(ranks.sum()))
+        return rows, starts
+
+    def _squares(self, states: np.ndarray, rows=slice(None), first: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """For states (n, n_blocks, d_in): the sum over window blocks j >= first of (M_j h_j)^2 per bank row
+        (`rows`: a slice or index array), and the target block's M h; both (n, rows) float64. One matrix
+        product per block, float32 accumulation; float16 rows are converted in the product's operand only."""
+        z = (states[:, -1] @ self.T[rows].T).astype(np.float64)
+        sq = np.square(z)
+        for j in range(first, self.n_blocks - 1):
+            sq += np.square((states[:, j] @ self._W[j][:self._rows][rows].astype(np.float32).T).astype(np.float64))
         return sq, z
 
-    def norms(self, h: np.ndarray, last: int | None = None) -> np.ndarray:
+    def norms(self, h: np.ndarray, last: int | None = None, among=None) -> np.ndarray:
         """sqrt(sum over window blocks of ||o_ij||^2) per adapter, without forming o: h is (n_blocks, d_in).
-        With `last`, only the window's last `last` blocks count (last=1: the paper's signal)."""
+        With `last`, only the window's last `last` blocks count (last=1: the paper's signal, the target
+        block alone: one float32 product over T). With `among` (adapter indices), only those adapters,
+        in that order: the cost is theirs alone."""
         first = 0 if last is None else max(0, self.n_blocks - last)
-        sq, _ = self._squares(self._window(h)[None], slice(None), first)
-        return np.sqrt(np.add.reduceat(sq[0], self.offsets))
+        window = self._window(h)[None]
+        if among is None:
+            sq, _ = self._squares(window, slice(None), first)
+            return np.sqrt(self._per_adapter(sq[0]))
+        among = np.asarray(among, np.intp)
+        if len(among) == 0:
+            return np.zeros(0)
+        rows, starts = self._row_index(among)
+        sq, _ = self._squares(window, rows, first)
+        return np.sqrt(np.add.reduceat(sq[0], starts))
 
     def outputs(self, h: np.ndarray) -> np.ndarray:
         """o_i = c_i B_i (A_i h) at the target block for every adapter: (N, d_out) float64."""
-        z = self.M[-1] @ self._window(h)[-1]  # (rows,)
-        return np.add.reduceat(z[:, None] * self.Q, self.offsets, axis=0).astype(np.float64)
+        z = self.T @ self._window(h)[-1]  # (rows,)
+        return self._per_adapter(z[:, None] * self.Q).astype(np.float64)
+
+    def _per_adapter(self, x: np.ndarray) -> np.ndarray:
+        """Sums of x's rows (rows, ...) per adapter -> (N, ...). Offsets need not increase (an index appends
+        in its own order) and rows of no adapter may lie between (a removed adapter's, in an index: never
+        rewritten in place, since other processes may map them): those form segments of their own."""
+        if not len(self):
+            return np.zeros((0, *x.shape[1:]), x.dtype)
+        order = np.argsort(self.offsets, kind="stable")
+        starts = self.offsets[order]
+        ends = starts + self.ranks[order]
+        gaps = ends[ends < np.r_[starts[1:], x.shape[0]]]  # the first row of each run of rows of no adapter
+        bounds = np.sort(np.r_[starts, gaps])
+        sums = np.add.reduceat(x, bounds, axis=0)[np.searchsorted(bounds, starts)]
+        out = np.empty_like(sums)
+        out[order] = sums
+        return out
 
     def signals(self, h: np.ndarray, signal: str) -> np.ndarray:
         """The raw `signal` of every adapter (nan where its output is not finite): the norm over the
@@ -172,16 +279,21 @@ class ProbeBank:
 
     def stats(self, i: int, states: np.ndarray) -> dict[str, tuple[float, float]]:
         """Mean and standard deviation of every signal of adapter i over `states` (n_prompts, n_blocks, d_in)
-        (calibration prompts): the norm over the window, the others at the target block, as routing takes them."""
+        (calibration prompts), as routing takes them: the norm over the window, the others at the target
+        block, and `norm@target` (the target block's norm alone: the shortlist's first stage)."""
         states = np.asarray(states, np.float32)
-        if states.ndim != 3 or states.shape[1:] != (self.n_blocks, self.M.shape[2]):
+        if states.ndim != 3 or states.shape[1:] != (self.n_blocks, self.d_in):
             raise RoutingError(f"calibration states of shape {states.shape} do not fit the bank's "
-                               f"{self.n_blocks} block(s) of {self.M.shape[2]}")
+                               f"{self.n_blocks} block(s) of {self.d_in}")
         rows = slice(self.offsets[i], self.offsets[i] + self.ranks[i])
         sq, z = self._squares(states, rows)  # (n_prompts, r)
         o = z @ self.Q[rows].astype(np.float64)  # the target block's outputs (n_prompts, d_out)
         signals = {name: np.sqrt(sq.sum(axis=1)) if name == "norm" else fn(o) for name, fn in SIGNALS.items()}
+        signals[TARGET_NORM] = np.sqrt(np.square(z).sum(axis=1))
         return {name: (float(v.mean()), float(v.std())) for name, v in signals.items()}
+
+
+TARGET_NORM = "norm@target"  # the calibration statistic of the shortlist's first stage
 
 
 # ---- signals: (N, d_out) adapter outputs -> (N,) scores; a registry, extend by adding an entry
@@ -306,10 +418,38 @@ def route(outputs: np.ndarray, names: Sequence[str], config: RouterConfig,
     return route_signals(raw, names, config, unprobeable, stats)
 
 
+NOT_SHORTLISTED = "not shortlisted (below the shortlist at the target block)"
+
+
+def shortlist_norms(bank: ProbeBank, h: np.ndarray, size: int, calibration: str,
+                    stats1: tuple[np.ndarray, np.ndarray] | None) -> tuple[np.ndarray, np.ndarray]:
+    """The window norm of the `size` adapters that score best on the target block alone, nan for the rest:
+    (raw signals (N,), shortlisted (N,) bool). Stage one reads the target block's float32 rows of every
+    adapter (calibrated like the window's, with the target block's own statistics `stats1`); stage two
+    reads the whole window for the shortlist only."""
+    s1 = bank.norms(h, last=1)
+    to_score, _ = CALIBRATIONS[calibration]
+    with np.errstate(all="ignore"):
+        mean, sd = stats1 if stats1 is not None else (np.ones(len(s1)), np.ones(len(s1)))
+        score = to_score(s1, np.asarray(mean, np.float64), np.asarray(sd, np.float64))
+    score = np.where(np.isfinite(score), score, -np.inf)
+    top = np.argpartition(-score, size - 1)[:size] if size < len(score) else np.arange(len(score))
+    top = np.sort(top)
+    raw = np.full(len(s1), np.nan)
+    raw[top] = bank.norms(h, among=top)
+    considered = np.zeros(len(s1), bool)
+    considered[top] = True
+    return raw, considered
+
+
 def route_signals(raw: np.ndarray, names: Sequence[str], config: RouterConfig,
                   unprobeable: dict[str, str] | None = None,
-                  stats: tuple[np.ndarray, np.ndarray] | None = None) -> Routing:
-    """`route` from raw signals already computed, one per probeable adapter (nan = not usable)."""
+                  stats: tuple[np.ndarray, np.ndarray] | None = None,
+                  considered: np.ndarray | None = None) -> Routing:
+    """`route` from raw signals already computed, one per probeable adapter (nan = not usable).
+
+    `considered` (bool per probeable adapter): a shortlist; the others are not ranked, and their nan
+    signal is not a fault (no warning)."""
     unprobeable = dict(unprobeable or {})
     names = list(names)
     rows = np.array([i for i, n in enumerate(names) if n not in unprobeable], int)
@@ -326,8 +466,12 @@ def route_signals(raw: np.ndarray, names: Sequence[str], config: RouterConfig,
         scores[rows] = to_score(np.asarray(raw, np.float64), np.asarray(mean, np.float64),
                                 np.asarray(sd, np.float64))
     excluded = dict(unprobeable)
+    if considered is not None:
+        for i in rows[~considered]:
+            excluded[names[i]] = NOT_SHORTLISTED
+        rows = rows[considered]  # only the considered ones are ranked, or can be faulty
     eligible = np.zeros(len(names), bool)
-    ok = np.isfinite(signals[rows]) & np.isfinite(scores[rows])  # (N_probed,)
+    ok = np.isfinite(signals[rows]) & np.isfinite(scores[rows])
     eligible[rows[ok]] = True
     for i in rows[~ok]:  # rare: name each excluded adapter
         excluded[names[i]] = "non-finite adapter output or signal"

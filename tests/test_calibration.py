@@ -41,6 +41,8 @@ def test_bank_stats_equal_a_plain_loop():
             for h in states]
     assert stats["norm"] == pytest.approx(loop_stats([loop_norm(np.concatenate(o)) for o in outs]), rel=1e-5)
     assert stats["entropy"] == pytest.approx(loop_stats([loop_entropy(list(o[-1])) for o in outs]), rel=1e-4)
+    # the target block alone (the shortlist's first stage)
+    assert stats["norm@target"] == pytest.approx(loop_stats([loop_norm(o[-1]) for o in outs]), rel=1e-5)
     with pytest.raises(RoutingError, match="do not fit the bank's 3 block"):
         bank.stats(1, states[:, :2])
 

@@ -98,7 +98,8 @@ def test_record_has_every_adapter_settings_and_timings(tiny_engine):
     assert sum(a["rank"] is not None for a in rec["adapters"]) == 2
     assert rec["settings"] == dict(signal="norm", k=2, k_used=2, calibration="zscore", target_block=3,
                                    probe_blocks=4, target_module="attn_q",
-                                   probe_input="residual", merge="mixture", prefill="exact", mixture="new")
+                                   probe_input="residual", merge="mixture", prefill="exact", mixture="new",
+                                   shortlist=None)  # None: the pool is no larger than the shortlist, all read
     t = rec["timings"]
     assert t["probe_s"] > 0 and t["prefill_s"] > 0 and t["decode_s"] > 0 and t["prompt_tokens"] > 5
 
@@ -199,10 +200,12 @@ def test_probe_window_is_clipped_at_block_0_and_ends_at_the_target(tiny):
         assert h.shape == (2, eng.model.n_embd)
 
 
-def test_directory_and_name_from_metadata(tiny, tmp_path):
+def test_names_in_a_directory_are_file_names_and_alone_from_metadata(tiny, tmp_path):
     shutil.copy(tiny / "gguf" / "qv_r8.gguf", tmp_path / "renamed-file.gguf")
     with Engine(tiny / "tiny-f32.gguf", tmp_path, n_ctx=128) as eng:
-        assert eng.pool.names == ["qv_r8"]  # general.name wins over the file stem
+        assert eng.pool.names == ["renamed-file"]  # in a pool directory the file name is the name (`pool rename`)
+    with Engine(tiny / "tiny-f32.gguf", tmp_path / "renamed-file.gguf", n_ctx=128) as eng:
+        assert eng.pool.names == ["qv_r8"]  # a file given alone: its general.name
 
 
 def test_loaded_adapters_stay_within_the_budget_and_never_under_the_context(tiny):
@@ -310,6 +313,24 @@ def test_a_conversation_keeps_its_mixture_while_routing_agrees(tiny):
     assert rerouted["routing"]["settings"]["mixture"] == "new"
     with pytest.raises(RoutingError, match="keep"):
         RouteConfig(keep=2)
+
+
+def test_probe_cache_mode_reuses_the_previous_turn(tiny):
+    """probe-cache: a continuing turn probes (and prefills) only its new tokens; the record says how many
+    the probe reused. Exact probing always reuses its own base-model prefix too."""
+    files = [tiny / "gguf" / f"{n}.gguf" for n in ("qv_r8", "all7_r4", "rs_r16")]
+    turn1 = [{"role": "user", "content": "tell me about rivers and markets and the proof of energy " * 3}]
+    with Engine(tiny / "tiny-f32.gguf", files, n_ctx=512, kv_type="f32") as eng:
+        for prefill in ("probe-cache", "exact"):
+            eng.forget_prompts()
+            a = eng.create_chat_completion(turn1, max_tokens=6, prefill=prefill, keep=0)
+            msgs = turn1 + [{"role": "assistant", "content": a["choices"][0]["message"]["content"]},
+                            {"role": "user", "content": "and more"}]
+            b = eng.create_chat_completion(msgs, max_tokens=6, prefill=prefill, keep=0)["routing"]["timings"]
+            first = a["routing"]["timings"]["prompt_tokens"]
+            assert b["probe_cached_tokens"] >= first - 1, prefill  # the first turn's prompt was not probed again
+            if prefill == "probe-cache":  # and not prefilled again (exact re-prefills under a new mixture)
+                assert b["cached_tokens"] == b["prompt_tokens"] - 1
 
 
 def test_ignore_eos_generates_exactly_max_tokens():

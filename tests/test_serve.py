@@ -103,6 +103,9 @@ def test_models_and_adapters_are_listed(server):
     listed = httpx.get(server["url"] + "/lora-adapters").json()
     assert [a["id"] for a in listed] == list(range(len(ADAPTERS)))
     assert {a["name"]: a["rank"] for a in listed}["rs_r16"] == 16 and all(a["probeable"] for a in listed)
+    pool = httpx.get(server["url"] + "/v1/pool").json()["data"]  # the rows of `logo-edge pool list`
+    assert [p["name"] for p in pool] == [a["name"] for a in listed]
+    assert {p["name"]: (p["rank"], p["probeable"]) for p in pool} == {a["name"]: (a["rank"], True) for a in listed}
 
 
 # ---- errors: each a 4xx naming the problem, and the server keeps serving
@@ -154,7 +157,7 @@ def test_api_key_is_checked_everywhere_but_health(tiny):
     with live_server("--model", str(tiny / "tiny-f32.gguf"), "--adapters", str(tiny / "gguf" / "qv_r8.gguf"),
                      "--n-ctx", "256", env={"LOGO_EDGE_API_KEY": "sekret"}) as url:
         assert httpx.get(url + "/health").status_code == 200
-        for path in ("/v1/models", "/lora-adapters"):
+        for path in ("/v1/models", "/lora-adapters", "/v1/pool"):
             r = httpx.get(url + path)
             assert r.status_code == 401 and "API key" in r.json()["error"]["message"]
         import openai

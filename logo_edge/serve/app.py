@@ -93,6 +93,12 @@ def create_app(cfg: ServeConfig, workers: Workers) -> FastAPI:
     async def lora_adapters():
         return [_adapter_card(i, a) for i, a in enumerate(workers.engine.pool.adapters)]
 
+    @app.get("/v1/pool")
+    async def pool():  # the same rows as `logo-edge pool list`, from the running pool (pool_ops)
+        from ..pool_ops import engine_entries
+
+        return {"object": "list", "data": [e.to_dict() for e in engine_entries(workers.engine)]}
+
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatCompletionRequest):
         kwargs = _generation_kwargs(req, cfg, workers, req.max_completion_tokens)

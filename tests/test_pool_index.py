@@ -1,0 +1,252 @@
+"""The persisted pool index (logo_edge/pool_index.py) and the two-stage shortlist route.
+
+Every check compares against a pool built from scratch (no index, every file read) on the same files:
+the index must change how fast a pool starts, never what it routes to."""
+
+import os
+import shutil
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from logo_edge.errors import AdapterError
+from logo_edge.router import CALIBRATIONS, ProbeBank, shortlist_norms
+
+PROMPTS = ["What is 12 + 30?", "Translate 'cat' into French.", "SELECT name FROM users;", "Is this review happy?"]
+
+
+@pytest.fixture()
+def pool_dir(tiny, tmp_path, monkeypatch):
+    """A pool directory of 12 random q,v adapters for the tiny base, in a fresh cache."""
+    import logo_edge.engine  # noqa: F401  (finds the native library in the real cache first)
+    from logo_edge.bench import _write_random
+    from logo_edge.gguf_files import BaseInfo
+
+    monkeypatch.setenv("LOGO_EDGE_CACHE", str(tmp_path / "cache"))  # a fresh index (and calibration) cache
+    info = BaseInfo.read(tiny / "tiny-f32.gguf")
+    d = tmp_path / "pool"
+    d.mkdir()
+    for i in range(12):
+        _write_random(info, d / f"a{i:02d}.gguf", ["attn_q", "attn_v"], rank=2 + i % 5, seed=i)
+    shutil.copy(tiny / "gguf" / "v_only.gguf", d / "v_only.gguf")  # an adapter the probe cannot read
+    return d
+
+
+def engine(tiny, adapters, **kw):
+    from logo_edge.engine import Engine
+
+    with pytest.warns(UserWarning, match="v_only"):
+        return Engine(tiny / "tiny-f32.gguf", adapters, n_ctx=256, kv_type="f32", flash_attn=False, probe_blocks=3,
+                      **kw)
+
+
+def routes(eng, **over):
+    out = []
+    for p in PROMPTS:
+        eng.forget_prompts()
+        rec = eng.route(p, **over)
+        out.append(([(a.name, a.rank) for a in rec.selected], [a.weight for a in rec.adapters],
+                    [a.signal for a in rec.adapters]))
+    return out
+
+
+def assert_same(got, want):
+    for (sel_g, w_g, s_g), (sel_w, w_w, s_w) in zip(got, want):
+        assert sel_g == sel_w
+        np.testing.assert_allclose(w_g, w_w, rtol=1e-6, atol=1e-9)
+        np.testing.assert_allclose(np.array(s_g, float), np.array(s_w, float), rtol=1e-6, equal_nan=True)
+
+
+class Reads:
+    """Counts the adapter files the pool reads (validates and folds)."""
+
+    def __init__(self, monkeypatch):
+        import logo_edge.pool as pool_mod
+
+        self.files = []
+        real = pool_mod.read_lora
+
+        def counting(path, *a, **kw):
+            self.files.append(os.path.basename(str(path)))
+            return real(path, *a, **kw)
+
+        monkeypatch.setattr(pool_mod, "read_lora", counting)
+
+
+def test_indexed_pool_routes_as_a_pool_built_from_scratch(tiny, pool_dir, monkeypatch):
+    scratch = engine(tiny, pool_dir, pool_index=False)
+    want = routes(scratch)
+    want_stats = {a.name: a.stats for a in scratch.pool.adapters}
+    scratch.close()
+    first = engine(tiny, pool_dir)  # builds the index
+    assert_same(routes(first), want)
+    first.close()
+    reads = Reads(monkeypatch)
+    again = engine(tiny, pool_dir)  # maps it: no file is read
+    try:
+        assert reads.files == []
+        assert isinstance(again.pool.bank.T, np.memmap)
+        assert again.pool.names == sorted(p.stem for p in pool_dir.glob("*.gguf"))
+        assert again.pool.unprobeable.keys() == {"v_only"}
+        assert_same(routes(again), want)
+        for a in again.pool.adapters:
+            for pi, stats in want_stats[a.name].items():
+                for sig, (m, sd) in stats.items():
+                    assert a.stats[pi][sig] == pytest.approx((m, sd), rel=1e-9)
+        # generation through the mapped pool loads the real adapter files
+        out = again.create_completion(PROMPTS[0], max_tokens=4)
+        assert out["routing"]["mode"] == "routed"
+    finally:
+        again.close()
+
+
+def test_changed_added_removed_and_touched_files_are_reindexed_alone(tiny, pool_dir, monkeypatch):
+    from logo_edge.bench import _write_random
+    from logo_edge.gguf_files import BaseInfo
+
+    engine(tiny, pool_dir).close()
+    info = BaseInfo.read(tiny / "tiny-f32.gguf")
+    _write_random(info, pool_dir / "a03.gguf", ["attn_q"], rank=3, seed=99)  # changed content
+    _write_random(info, pool_dir / "new.gguf", ["attn_q", "attn_k"], rank=4, seed=77)  # added
+    (pool_dir / "a05.gguf").unlink()  # removed
+    st = (pool_dir / "a07.gguf").stat()
+    os.utime(pool_dir / "a07.gguf", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # touched, same bytes
+    reads = Reads(monkeypatch)
+    eng = engine(tiny, pool_dir)
+    try:
+        assert sorted(reads.files) == ["a03.gguf", "new.gguf"]
+        got = routes(eng)
+    finally:
+        eng.close()
+    scratch = engine(tiny, pool_dir, pool_index=False)
+    try:
+        assert_same(got, routes(scratch))
+    finally:
+        scratch.close()
+
+
+def test_hot_add_and_remove_through_the_index_equal_scratch(tiny, pool_dir, tmp_path):
+    from logo_edge.bench import _write_random
+    from logo_edge.gguf_files import BaseInfo
+
+    extra = tmp_path / "elsewhere" / "late.gguf"
+    extra.parent.mkdir()
+    _write_random(BaseInfo.read(tiny / "tiny-f32.gguf"), extra, ["attn_q", "attn_v"], rank=6, seed=42)
+    eng = engine(tiny, pool_dir)
+    try:
+        eng.add_adapter(extra)
+        eng.remove_adapter("a02")
+        with pytest.raises(AdapterError, match="already in the pool"):
+            eng.add_adapter(extra)
+        got = routes(eng)
+        names = eng.pool.names
+    finally:
+        eng.close()
+    files = [p for p in sorted(pool_dir.glob("*.gguf")) if p.stem != "a02"]
+    scratch = engine(tiny, files + [extra], pool_index=False)
+    try:
+        # a file given alone is named by its general.name (here its stem too)
+        assert scratch.pool.names == names
+        assert_same(got, routes(scratch))
+    finally:
+        scratch.close()
+
+
+def test_a_killed_writer_or_a_broken_index_is_recovered(tiny, pool_dir, capfd):
+    from logo_edge.pool_index import PoolIndex
+
+    eng = engine(tiny, pool_dir)
+    want = routes(eng)
+    root = eng.pool._index.root
+    eng.close()
+    t = next(root.glob("t.*.f32"))
+    with open(t, "ab") as f:  # rows a killed writer appended but never committed
+        f.write(b"\x7f" * 4096)
+    eng = engine(tiny, pool_dir)
+    assert_same(routes(eng), want)
+    eng.close()
+    (root / "meta.json").write_text("{not json")
+    eng = engine(tiny, pool_dir)
+    try:
+        assert "unreadable" in capfd.readouterr().err
+        assert_same(routes(eng), want)
+    finally:
+        eng.close()
+    assert PoolIndex(root, 3, 7, 7).meta["rows"] == 0  # another shape: not this index, rebuilt
+
+
+def test_a_bad_file_fails_the_pool_naming_it_and_keeps_the_good_ones_indexed(tiny, pool_dir, monkeypatch):
+    from logo_edge.engine import Engine
+
+    (pool_dir / "zz_bad.gguf").write_bytes(b"GGUF" + b"\0" * 64)
+    with pytest.raises(AdapterError, match="zz_bad.gguf"):
+        Engine(tiny / "tiny-f32.gguf", pool_dir, n_ctx=256, kv_type="f32", flash_attn=False, probe_blocks=3)
+    (pool_dir / "zz_bad.gguf").unlink()
+    reads = Reads(monkeypatch)
+    engine(tiny, pool_dir).close()
+    assert reads.files == []  # everything before the bad file was committed
+
+
+def test_shortlist_is_exact_when_it_covers_the_pool_and_reads_the_window_of_its_members(tiny, pool_dir):
+    eng = engine(tiny, pool_dir)
+    try:
+        exact = routes(eng, shortlist=0)
+        assert_same(routes(eng, shortlist=32), exact)  # 12 probeable adapters <= 32: no shortlist
+        for p in PROMPTS:
+            eng.forget_prompts()
+            rec = eng.route(p, shortlist=4)
+            assert rec.settings["shortlist"] == 4
+            considered = [a for a in rec.adapters if a.note is None]
+            assert len(considered) == 4 and all(a.signal is not None for a in considered)
+            assert {a.name for a in rec.selected} <= {a.name for a in considered}
+            eng.forget_prompts()
+            full = {a.name: a.signal for a in eng.route(p, shortlist=0).adapters}
+            for a in considered:  # the shortlist's window norms are the exact ones
+                assert a.signal == pytest.approx(full[a.name], rel=1e-6)
+    finally:
+        eng.close()
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(n=st.integers(2, 12), size=st.integers(1, 12), seed=st.integers(0, 10_000),
+       calibration=st.sampled_from(["raw", "ratio", "zscore"]))
+def test_shortlist_takes_the_best_target_scores(n, size, seed, calibration):
+    rng = np.random.default_rng(seed)
+    entries = [[(rng.normal(size=(r, 6)), rng.normal(size=(5, r)), 1.0) for _ in range(3)]
+               for r in rng.integers(1, 5, size=n)]
+    bank, h = ProbeBank.of(entries), rng.normal(size=(3, 6))
+    mean, sd = rng.uniform(0.5, 2, size=n), rng.uniform(0.5, 2, size=n)
+    raw, considered = shortlist_norms(bank, h, size, calibration, None if calibration == "raw" else (mean, sd))
+    score1 = CALIBRATIONS[calibration][0](bank.norms(h, last=1), mean, sd) if calibration != "raw" \
+        else bank.norms(h, last=1)
+    assert considered.sum() == min(size, n)
+    assert score1[considered].min() >= score1[~considered].max(initial=-np.inf)
+    np.testing.assert_allclose(raw[considered], bank.norms(h)[considered], rtol=1e-6)
+    assert np.isnan(raw[~considered]).all()
+
+
+def test_a_second_engine_on_the_same_index_never_changes_the_first_ones_routes(tiny, pool_dir, tmp_path):
+    """Found under load: engine A hot-adds a file from elsewhere into the directory's index; engine B, opened
+    on the directory alone, drops that entry. A maps the same files: its routes must not move."""
+    from logo_edge.bench import _write_random
+    from logo_edge.gguf_files import BaseInfo
+
+    extra = tmp_path / "elsewhere" / "late.gguf"
+    extra.parent.mkdir()
+    _write_random(BaseInfo.read(tiny / "tiny-f32.gguf"), extra, ["attn_q", "attn_v"], rank=6, seed=42)
+    a = engine(tiny, pool_dir)
+    try:
+        a.add_adapter(extra)
+        want = routes(a)
+        b = engine(tiny, pool_dir)  # syncs the index to the directory: `late` is dropped there
+        try:
+            assert "late" not in b.pool.names
+            b.remove_adapter("a04")
+            assert_same(routes(a), want)
+        finally:
+            b.close()
+        assert_same(routes(a), want)
+    finally:
+        a.close()
