@@ -68,17 +68,19 @@ def pool_worker(spec: dict) -> dict:
         return out
     times = {0: [], 1: []}
     shortlisted = eng.routing
-    for rep in range(spec["repeats"] + 1):
-        for toks in spec["prompts"]:
-            for exact in (0, 1):
-                eng.routing = replace(shortlisted, shortlist=0) if exact else shortlisted
+    for exact in (0, 1):  # the default route first: its memory is measured before the exact one maps all
+        eng.routing = replace(shortlisted, shortlist=0) if exact else shortlisted
+        for rep in range(spec["repeats"] + 1):
+            for toks in spec["prompts"]:
                 t = _route_times(eng, toks)
                 if rep:
                     times[exact].append(t)
+        if not exact:
+            out["rss_after_mb"] = rss_mb()
     eng.routing = shortlisted
     probe, route, routing = (statistics.median(x) * 1e3 for x in zip(*times[0]))
     out.update(probe_ms=probe, route_ms=route, routing_ms=routing,
-               exact_ms=statistics.median(t[2] for t in times[1]) * 1e3, rss_after_mb=rss_mb())
+               exact_ms=statistics.median(t[2] for t in times[1]) * 1e3, rss_exact_mb=rss_mb())
     new = Path(spec["extra"])
     t = time.perf_counter()
     read_lora(new, eng.model.info)  # what validation alone costs (every tensor read and checked)
@@ -125,7 +127,7 @@ def _print(res: dict, prompts) -> None:
           f"{', '.join(str(len(p)) for p in prompts)} tokens; model load {res[0].get('model_s', float('nan')):.2f} s, "
           "the same at every N)")
     print(f"{'N':>5} {'cold s':>7} {'warm s':>7} {'add ms':>7} {'valid. ms':>9} {'probe ms':>8} {'route ms':>8} "
-          f"{'exact ms':>8} {'+RSS MB':>7} {'bank MB':>7} {'read MB':>7} {'files MB':>8}")
+          f"{'exact ms':>8} {'+RSS MB':>7} {'+exact':>6} {'bank MB':>7} {'read MB':>7} {'files MB':>8}")
     rss0 = res[0].get("rss_after_mb", float("nan"))
     for n, r in res.items():
         if r.get("error"):
@@ -136,11 +138,13 @@ def _print(res: dict, prompts) -> None:
             continue
         print(f"{n:>5} {r['cold_s']:7.2f} {r['startup_s']:7.3f} {r['add_ms']:7.1f} {r['validate_ms']:9.1f} "
               f"{r['probe_ms']:8.1f} {r['routing_ms']:8.2f} {r['exact_ms']:8.2f} {r['rss_after_mb'] - rss0:7.1f} "
+              f"{r['rss_exact_mb'] - rss0:6.1f} "
               f"{r['bank_mb']:7.1f} {r['target_mb']:7.1f} {r['files_mb']:8.1f}")
     print("  cold/warm = the pool's start-up (first: indexing every file; next: mapping the index); add = "
           "Engine.add_adapter of one more file, of which valid. = reading and checking its tensors; route = "
           "eng.route() minus the probe with the default shortlist, exact = every adapter's whole window; +RSS = "
-          "after routing, over the engine with no pool; bank = the mapped probe bank, read = its float32 target "
+          "after the default routes, over the engine with no pool (+exact: after the exact ones too, which map "
+          "the whole bank); bank = the mapped probe bank, read = its float32 target "
           "block, what stage one reads per request")
 
 

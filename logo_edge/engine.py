@@ -28,7 +28,7 @@ from .gguf_files import read_lora, write_lora
 from .llm import Context, ContextConfig, LoraHandle, Model, ProbeCapture
 from .pool import AdapterPool
 from .record import AdapterScore, RoutingRecord, Timings
-from .router import TARGET_NORM, RouterConfig, Routing, route_signals, shortlist_norms
+from .router import TARGET_NORM, RouterConfig, Routing, one_blas_thread, route_signals, shortlist_norms
 
 PROBE_INPUTS = ("residual", "normed")
 # mixture: each selected adapter set with scale w_i (the paper's); packed: the same sum built as one
@@ -330,22 +330,12 @@ class Engine:
         t1 = time.perf_counter()
         if cfg.calibration != "raw":
             self.calibrate(cfg.probe_input)
-        bank = self.pool.bank
-        calibrated = cfg.calibration != "raw"
-        stats = self.pool.stats(cfg.probe_input, cfg.signal) if calibrated else None
-        rcfg = RouterConfig(cfg.signal, cfg.k, cfg.calibration)
-        considered = None
-        if cfg.signal == "norm" and 0 < cfg.shortlist < len(bank) and bank.n_blocks > 1:
-            stats1 = self.pool.stats(cfg.probe_input, TARGET_NORM) if calibrated else None
-            raw, considered = shortlist_norms(bank, h, cfg.shortlist, cfg.calibration, stats1)
-        else:
-            raw = bank.signals(h, cfg.signal)
-        routing = route_signals(raw, self.pool.names, rcfg, self.pool.unprobeable, stats, considered)
+        routing, considered = self.route_state(h, cfg)
         t2 = time.perf_counter()
         rank = {i: r + 1 for r, i in enumerate(routing.selected)}
-        scores = [AdapterScore(n, _finite(routing.signals[i]), float(routing.weights[i]), rank.get(i),
-                               routing.excluded.get(n), _finite(routing.scores[i]))
-                  for i, n in enumerate(routing.names)]
+        signals, calibrated = _finite_list(routing.signals), _finite_list(routing.scores)
+        scores = [AdapterScore(n, signals[i], w, rank.get(i), routing.excluded.get(n), calibrated[i])
+                  for i, (n, w) in enumerate(zip(routing.names, routing.weights.tolist()))]
         settings = dict(signal=cfg.signal, k=cfg.k, k_used=len(routing.selected), calibration=cfg.calibration,
                         shortlist=None if considered is None else int(considered.sum()),
                         target_block=self.pool.target_block, probe_blocks=len(self.pool.blocks),
@@ -355,6 +345,23 @@ class Engine:
                                                                prompt_tokens=len(tokens),
                                                                probe_cached_tokens=self._probe_reused))
         return routing, rec
+
+    def route_state(self, h: np.ndarray, cfg: RouteConfig | None = None) -> tuple[Routing, np.ndarray | None]:
+        """Route from probe states h (n_blocks, d_in) as a request would: (routing, the shortlist's mask or
+        None when every adapter's window was read)."""
+        cfg = cfg or self.routing
+        bank = self.pool.bank
+        calibrated = cfg.calibration != "raw"
+        stats = self.pool.stats(cfg.probe_input, cfg.signal) if calibrated else None
+        considered = None
+        with one_blas_thread():
+            if cfg.signal == "norm" and 0 < cfg.shortlist < len(bank) and bank.n_blocks > 1:
+                stats1 = self.pool.stats(cfg.probe_input, TARGET_NORM) if calibrated else None
+                raw, considered = shortlist_norms(bank, h, cfg.shortlist, cfg.calibration, stats1)
+            else:
+                raw = bank.signals(h, cfg.signal)
+        rcfg = RouterConfig(cfg.signal, cfg.k, cfg.calibration)
+        return route_signals(raw, self.pool.names, rcfg, self.pool.unprobeable, stats, considered), considered
 
     def _plan(self, tokens: list[int], adapters: AdapterChoice, cfg: RouteConfig):
         """Decide the mixture: (pool indices, weights, record)."""
@@ -566,6 +573,12 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 
 def _finite(x) -> float | None:
     return None if x is None or not np.isfinite(x) else float(x)
+
+
+def _finite_list(x: np.ndarray) -> list[float | None]:
+    """x as Python floats, None where not finite (one pass in numpy: a record lists every adapter)."""
+    x = np.asarray(x, np.float64)
+    return [v if ok else None for ok, v in zip(np.isfinite(x).tolist(), x.tolist())]
 
 
 

@@ -68,9 +68,7 @@ def approx_report(eng, n_route: int, out_dir: Path, shortlists=(5, 3, 2), seed: 
         own = pool.names.index(task)
         routes = {name: route_signals(p.bank.signals(h, cfg.signal), p.names, rc, p.unprobeable, stats(p, cfg.signal))
                   for name, p in (("exact", exact), ("float16", half))}
-        eng.forget_prompts()
-        rec = eng.route(tokens)
-        routes["shipped"] = [pool.names.index(a.name) for a in rec.selected]
+        routes["shipped"] = eng.route_state(h)[0]  # the same probe states: only the storage and route differ
         for m in shortlists:
             if f"m = {m}" in modes:
                 raw, considered = shortlist_norms(pool.bank, h, m, cfg.calibration, stats(pool, TARGET_NORM))

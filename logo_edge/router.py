@@ -7,12 +7,36 @@ and a ProbeBank of every adapter's probe-module A/B over the probe window (folde
 from __future__ import annotations
 
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import numpy as np
 
 from .errors import RoutingError
+
+
+@contextmanager
+def one_blas_thread():
+    """numpy's BLAS on one thread for the routing products: they are small (the largest reads 18 MB), and
+    waking BLAS threads right after the probe, while llama.cpp's own threads still hold the cores, cost
+    up to 3 ms a product (threadpoolctl; a no-op without it)."""
+    global _CONTROLLER
+    if _CONTROLLER is None:
+        try:
+            from threadpoolctl import ThreadpoolController
+        except ImportError:
+            _CONTROLLER = False
+        else:
+            _CONTROLLER = ThreadpoolController()
+    if not _CONTROLLER:
+        yield
+        return
+    with _CONTROLLER.limit(limits=1, user_api="blas"):
+        yield
+
+
+_CONTROLLER = None
 
 Entry = tuple[np.ndarray, np.ndarray, float]  # (A (r, d_in), B (d_out, r), c) of one adapted weight
 
@@ -86,7 +110,9 @@ class ProbeBank:
         from a pool index.
         Rows outside every adapter's [offset, offset + rank) must be zero (they are summed, not read)."""
         bank = cls.__new__(cls)
-        bank._T, bank._W, bank._Q = t, list(w), q
+        # plain ndarray views of memory maps: numpy's memmap subclass adds overhead to every slice
+        bank._T, bank._W, bank._Q = (np.asarray(t).view(np.ndarray), [np.asarray(x).view(np.ndarray) for x in w],
+                                     np.asarray(q).view(np.ndarray))
         bank.window_dtype = w[0].dtype if len(w) else np.dtype(cls.WINDOW_DTYPE)
         bank._rows = t.shape[0]
         bank.offsets = np.asarray(offsets, np.intp)
@@ -222,10 +248,14 @@ class ProbeBank:
         """For states (n, n_blocks, d_in): the sum over window blocks j >= first of (M_j h_j)^2 per bank row
         (`rows`: a slice or index array), and the target block's M h; both (n, rows) float64. One matrix
         product per block, float32 accumulation; float16 rows are converted in the product's operand only."""
-        z = (states[:, -1] @ self.T[rows].T).astype(np.float64)
+        def product(m: np.ndarray, h: np.ndarray) -> np.ndarray:  # (rows, d_in) x (n, d_in) -> (n, rows)
+            m = m.astype(np.float32, copy=False)
+            return (m @ h[0] if len(h) == 1 else h @ m.T).reshape(len(h), -1).astype(np.float64)  # one h: gemv
+
+        z = product(self.T[rows], states[:, -1])
         sq = np.square(z)
         for j in range(first, self.n_blocks - 1):
-            sq += np.square((states[:, j] @ self._W[j][:self._rows][rows].astype(np.float32).T).astype(np.float64))
+            sq += np.square(product(self._W[j][:self._rows][rows], states[:, j]))
         return sq, z
 
     def norms(self, h: np.ndarray, last: int | None = None, among=None) -> np.ndarray:
