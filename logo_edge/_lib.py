@@ -91,7 +91,21 @@ ggml_tensor_overhead = _ggml_base.ggml_tensor_overhead
 ggml_tensor_overhead.argtypes = []
 ggml_tensor_overhead.restype = ctypes.c_size_t
 
+# const char * ggml_op_name(enum ggml_op op);  const char * ggml_type_name(enum ggml_type type);
+ggml_op_name = _ggml_base.ggml_op_name
+ggml_op_name.argtypes = [ctypes.c_int]
+ggml_op_name.restype = ctypes.c_char_p
+ggml_type_name = _ggml_base.ggml_type_name
+ggml_type_name.argtypes = [ctypes.c_int]
+ggml_type_name.restype = ctypes.c_char_p
+
 GGML_TYPE_F32 = 0
+# enum ggml_op values the probe checks (ggml.h of the pinned tree; tests compare them with ggml_op_name)
+GGML_OP_ADD = 2
+GGML_OP_MUL = 7
+GGML_OP_NORM = 24
+GGML_OP_RMS_NORM = 25
+GGML_OP_COUNT = 101  # ggml_op_name indexes a table of this many names: never pass it more
 GGML_OBJECT_SIZE = 32  # struct ggml_object { size_t offs, size; ggml_object * next; enum type; char pad[4]; }
 
 

@@ -18,7 +18,6 @@ Chat: a scripted multi-turn conversation, TTFT per turn for base, routed and kep
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import resource
@@ -222,13 +221,12 @@ class RowRunner:
                                                 prefill=PREFILL_OF.get(row, "exact")))
 
     def _llama(self, tokens, gen, loras, scales) -> Sample:
-        from ._lib import llama_cpp
+        from .llm import set_lora_mixture
 
-        n = len(loras)
-        arr = (llama_cpp.llama_adapter_lora_p_ctypes * max(1, n))(*loras)
-        sc = (ctypes.c_float * max(1, n))(*scales)
-        llama_cpp.llama_set_adapters_lora(self.llm._ctx.ctx, arr if n else None, n, sc if n else None)
-        self.llm.reset()  # it does not know the mixture changed: never reuse its cache
+        try:
+            set_lora_mixture(self.llm._ctx.ctx, loras, scales)  # AdapterError naming the code if refused
+        finally:
+            self.llm.reset()  # it does not know the mixture changed: never reuse its cache
         return timed(self.llm.create_completion(tokens, max_tokens=gen, temperature=0.0, stream=True))
 
     def _lora(self, path: str):

@@ -16,6 +16,8 @@ order rotated each turn); every row generates exactly `gen` tokens per turn (end
   4  logo-edge routed, exact, the default keep: a continuing turn that routes close keeps its mixture and cache
   5  logo-edge probe-cache (approximate), keep=0
   6  logo-edge with the mixture row 3 chose at this turn set by hand: row 3 without probe and routing
+  7  logo-edge routed, exact, the default keep decided on the mixture's own states (keep_probe="mixture"):
+     a kept turn prefills its new tokens once, under the mixture, and routes on the states they reach
 TTFT is measured from outside: from the call to the first streamed chunk carrying text.
 """
 
@@ -39,6 +41,7 @@ ROWS = {
     "routed": "4 routed exact, keep default",
     "approx": "5 probe-cache approx, keep=0",
     "fixed": "6 row 3's mixture by hand",
+    "mixkeep": "7 routed exact, keep on mixture",
 }
 TARGET = 1.3  # a same-task turn late in a conversation: routed (exact) TTFT / base TTFT
 
@@ -101,7 +104,9 @@ class ChatRows:
 
         self.engines = {"base": engine(None), "routed0": engine(adapters, keep=0),
                         "routed": engine(adapters, **({} if keep is None else {"keep": keep})),
-                        "approx": engine(adapters, keep=0, prefill="probe-cache"), "fixed": engine(adapters)}
+                        "approx": engine(adapters, keep=0, prefill="probe-cache"), "fixed": engine(adapters),
+                        "mixkeep": engine(adapters, keep_probe="mixture",
+                                          **({} if keep is None else {"keep": keep}))}
         self.keep = self.engines["routed"].routing.keep
         self.llm = llama_cpp.Llama(str(model_path), n_ctx=n_ctx, n_batch=512, n_threads=threads,
                                    n_threads_batch=threads, verbose=False)
@@ -157,9 +162,10 @@ class ChatRows:
 
 
 def _order(t: int) -> list[str]:
-    """Rows 1-5 rotated each turn (no row always first or last); row 6 right after row 3, whose choice it uses."""
-    five = ["llama", "base", "routed0", "routed", "approx"]
-    order = five[t % 5:] + five[: t % 5]
+    """Rows 1-5 and 7 rotated each turn (no row always first or last); row 6 right after row 3, whose choice it
+    uses."""
+    five = ["llama", "base", "routed0", "routed", "approx", "mixkeep"]
+    order = five[t % 6:] + five[: t % 6]
     order.insert(order.index("routed0") + 1, "fixed")
     return order
 
@@ -230,8 +236,12 @@ def _summary(res, tasks: list[str], gen: int) -> dict:
         "tokens_ok": all(x.n_tok == gen for ts in res.values() for x in ts),
         "prompts_ok": all(x.same_prompt for ts in res.values() for x in ts),
         "kept_turns": [t + 1 for t, x in enumerate(res["routed"]) if x.mixture == "kept"],
-        "same_task_vs_base": {r: med(r, same) for r in ("llama", "routed0", "routed", "approx", "fixed")},
-        "switch_vs_base": {r: med(r, switch) for r in ("routed0", "routed", "approx")},
+        "kept_turns_mixture": [t + 1 for t, x in enumerate(res["mixkeep"]) if x.mixture == "kept"],
+        "same_task_vs_base": {r: med(r, same) for r in ("llama", "routed0", "routed", "approx", "fixed",
+                                                        "mixkeep")},
+        "switch_vs_base": {r: med(r, switch) for r in ("routed0", "routed", "approx", "mixkeep")},
+        "target_mixture": {"routed_vs_base": _ratio(res, "mixkeep", "base", target_turn), "limit": TARGET,
+                           "pass": _ratio(res, "mixkeep", "base", target_turn) <= TARGET},
         "target": {"turn": target_turn + 1, "routed_vs_base": value, "routed_vs_llama":
                    _ratio(res, "routed", "llama", target_turn), "limit": TARGET, "pass": value <= TARGET},
     }
@@ -268,6 +278,11 @@ def _print_summary(s: dict) -> None:
     print(f"  TTFT / logo-edge base, median over same-task turns {s['same_task_turns']}: "
           f"{fmt(s['same_task_vs_base'])}")
     print(f"  TTFT / logo-edge base, median over task switches {s['switch_turns']}: {fmt(s['switch_vs_base'])}")
+    print(f"  row 7 kept its mixture at turns {s['kept_turns_mixture'] or 'none'} (row 4, deciding on the base "
+          f"probe: {s['kept_turns'] or 'none'})")
     g = s["target"]
     print(f"  target: same-task turn {g['turn']}, routed exact (row 4) TTFT / base (row 2) {g['routed_vs_base']:.2f} "
           f"<= {g['limit']} {'PASS' if g['pass'] else 'FAIL'} (/ llama-cpp-python base: {g['routed_vs_llama']:.2f})")
+    m = s["target_mixture"]
+    print(f"  target, keep decided on the mixture's states: row 7 TTFT / base (row 2) at turn {g['turn']} "
+          f"{m['routed_vs_base']:.2f} <= {m['limit']} {'PASS' if m['pass'] else 'FAIL'}")

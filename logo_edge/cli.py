@@ -17,7 +17,7 @@ def _engine(args):
     adapters = args.adapters if args.adapters is not None else defaults.default_pool()
     routing = RouteConfig(signal=args.signal, k=args.k, probe_input=args.probe_input, merge=args.merge,
                           calibration=args.calibration, prefill=args.prefill, keep=args.keep,
-                          shortlist=args.shortlist)
+                          shortlist=args.shortlist, keep_probe=args.keep_probe)
     return Engine(args.model, adapters, n_ctx=args.n_ctx, n_threads=args.threads, n_gpu_layers=args.gpu_layers,
                   target_block=args.target_block, target_module=args.target_module,
                   probe_blocks=args.probe_blocks, routing=routing,
@@ -278,6 +278,9 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--keep", type=float, default=d.keep,
                    help="a conversation keeps its mixture while a turn's routing is within this total variation "
                         f"distance of it, reusing the cached history (default {d.keep}; 0 re-routes every turn)")
+    p.add_argument("--keep-probe", default=d.keep_probe, choices=["base", "mixture"],
+                   help="what a continuing turn's keep decision routes on: the base-model probe (a separate pass), "
+                        "or the states its new tokens reach under the kept mixture while prefilled (one pass)")
     p.add_argument("--max-loaded-mb", type=float, default=1024,
                    help="memory budget for full adapters loaded into llama.cpp (LRU beyond it)")
     p.add_argument("--target-block", type=int, default=-1, help="last block to probe (default: the model's last)")

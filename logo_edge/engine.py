@@ -39,6 +39,7 @@ MERGES = ("mixture", "packed", "fusion")
 # the probe runs in the generation context and its base-model K/V of the prompt are kept; only the last
 # prompt token is decoded again under the mixture, saving the second prefill.
 PREFILLS = ("exact", "probe-cache")
+KEEP_PROBES = ("base", "mixture")  # what a continuing turn's keep decision routes on (RouteConfig.keep_probe)
 KEEP_MIN_PREFIX = 48  # tokens of cached history below which a request is not a continuing conversation
 
 
@@ -61,6 +62,12 @@ class RouteConfig:
     # (one float32 product over every adapter) ranks all, and the whole window is computed for the best
     # `shortlist` of them. 0 computes the window for every adapter. Exact whenever the pool is no larger.
     shortlist: int = 32
+    # What a continuing turn's keep decision routes on. "base": the base-model probe, as every route (a
+    # separate pass over the new tokens). "mixture": the states the new tokens reach under the mixture kept
+    # so far, captured while they are prefilled for the answer: a kept turn makes one pass, not two. The
+    # answer is exact under the mixture the record names either way; when the mixture's own states route
+    # away from it, the turn is routed again from the base probe (the extra pass is then lost).
+    keep_probe: str = "base"
 
     def __post_init__(self) -> None:
         RouterConfig(self.signal, self.k, self.calibration)  # validates signal, k and calibration
@@ -74,6 +81,8 @@ class RouteConfig:
             raise RoutingError(f"merge must be one of {MERGES}, got {self.merge!r}")
         if self.prefill not in PREFILLS:
             raise RoutingError(f"prefill must be one of {PREFILLS}, got {self.prefill!r}")
+        if self.keep_probe not in KEEP_PROBES:
+            raise RoutingError(f"keep_probe must be one of {KEEP_PROBES}, got {self.keep_probe!r}")
         if not (isinstance(self.keep, (int, float)) and 0 <= self.keep <= 1):
             raise RoutingError(f"keep must be a weight tolerance in [0, 1], got {self.keep!r}")
 
@@ -332,6 +341,12 @@ class Engine:
             self.calibrate(cfg.probe_input)
         routing, considered = self.route_state(h, cfg)
         t2 = time.perf_counter()
+        rec = self._record(routing, considered, cfg, tokens)
+        rec.timings.probe_s, rec.timings.route_s = t1 - t0, t2 - t1
+        rec.timings.probe_cached_tokens = self._probe_reused
+        return routing, rec
+
+    def _record(self, routing: Routing, considered, cfg: RouteConfig, tokens: list[int]) -> RoutingRecord:
         rank = {i: r + 1 for r, i in enumerate(routing.selected)}
         signals, calibrated = _finite_list(routing.signals), _finite_list(routing.scores)
         scores = [AdapterScore(n, signals[i], w, rank.get(i), routing.excluded.get(n), calibrated[i])
@@ -341,10 +356,7 @@ class Engine:
                         target_block=self.pool.target_block, probe_blocks=len(self.pool.blocks),
                         target_module=self.pool.target_module,
                         probe_input=cfg.probe_input, merge=cfg.merge, prefill=cfg.prefill)
-        rec = RoutingRecord("routed", settings, scores, Timings(probe_s=t1 - t0, route_s=t2 - t1,
-                                                               prompt_tokens=len(tokens),
-                                                               probe_cached_tokens=self._probe_reused))
-        return routing, rec
+        return RoutingRecord("routed", settings, scores, Timings(prompt_tokens=len(tokens)))
 
     def route_state(self, h: np.ndarray, cfg: RouteConfig | None = None) -> tuple[Routing, np.ndarray | None]:
         """Route from probe states h (n_blocks, d_in) as a request would: (routing, the shortlist's mask or
@@ -366,10 +378,14 @@ class Engine:
     def _plan(self, tokens: list[int], adapters: AdapterChoice, cfg: RouteConfig):
         """Decide the mixture: (pool indices, weights, record)."""
         if adapters is None or adapters == "auto":
+            fast = self._keep_on_mixture_states(tokens, cfg) if cfg.keep_probe == "mixture" else None
+            if fast is not None:
+                return fast
             routing, rec = self._route(tokens, cfg)
             idx, weights = [i for i, _ in routing.mixture()], [w for _, w in routing.mixture()]
             kept = self._keepable(tokens, idx, weights, cfg)
             rec.settings["mixture"] = "kept" if kept else "new"
+            rec.settings["keep_rule"] = "base probe"
             if kept:  # the record shows the mixture that answered; signals and scores are this turn's
                 idx, weights = list(kept), list(kept.values())
                 order = {i: r + 1 for r, i in enumerate(sorted(kept, key=lambda i: -kept[i]))}
@@ -394,6 +410,46 @@ class Engine:
         settings = dict(merge=cfg.merge, target_block=self.pool.target_block,
                         target_module=self.pool.target_module)
         return idx, weights, RoutingRecord(mode, settings, scores, Timings(prompt_tokens=len(tokens)))
+
+    def _keep_on_mixture_states(self, tokens: list[int], cfg: RouteConfig):
+        """keep_probe="mixture": prefill a continuing turn's new tokens under the mixture set now, reading the
+        probe window's states on the way, and route on them; (idx, weights, record) when that routing is within
+        `keep` of the mixture (kept: the tokens stay in the cache for the answer), else None (routed afresh)."""
+        merge, current = self._mixture
+        if cfg.keep <= 0 or cfg.prefill != "exact" or merge != cfg.merge or not current:
+            return None
+        reused = _common_prefix(self._cache, tokens)
+        if reused < max(KEEP_MIN_PREFIX, len(tokens) // 2) or len(self.pool) == 0:
+            return None
+        n_keep = min(reused, len(tokens) - 1)
+        self.ctx.cache_truncate(n_keep)
+        self._cache = self._cache[:n_keep]
+        if cfg.calibration != "raw":
+            self.calibrate(cfg.probe_input)
+        t0 = time.perf_counter()
+        cap = ProbeCapture(self.ctx, self.pool.blocks, self.pool.target_module, cfg.probe_input, stop_early=False)
+        try:
+            h = cap.run(tokens, keep_cache=True, n_keep=n_keep)  # under the mixture: the answer's own K/V
+        except Exception:
+            self.ctx.cache_truncate(0)  # leave the engine usable
+            self._cache = []
+            raise
+        self._cache = list(tokens)
+        t1 = time.perf_counter()
+        routing, considered = self.route_state(h, cfg)
+        t2 = time.perf_counter()
+        new = dict(routing.mixture())
+        tv = 0.5 * sum(abs(new.get(i, 0.0) - current.get(i, 0.0)) for i in set(new) | set(current))
+        if tv > cfg.keep:
+            return None
+        rec = self._record(routing, considered, cfg, tokens)
+        rec.settings.update(mixture="kept", keep_rule="mixture states")
+        order = {i: r + 1 for r, i in enumerate(sorted(current, key=lambda i: -current[i]))}
+        for j, a in enumerate(rec.adapters):  # the record shows the mixture that answered
+            a.weight, a.rank = current.get(j, 0.0), order.get(j)
+        tm = rec.timings
+        tm.route_s, tm.prefill_s, tm.cached_tokens = t2 - t1, t1 - t0, reused
+        return list(current), list(current.values()), rec
 
     def _keepable(self, tokens: list[int], idx: list[int], weights: list[float], cfg: RouteConfig) -> dict | None:
         """The mixture set now, if this request continues its conversation and routes close to it again (total
@@ -493,8 +549,10 @@ class Engine:
         try:
             self._apply(idx, weights, cfg.merge, keep_cache=rec.settings.get("prefill") == "probe-cache")
             t0 = time.perf_counter()
-            tm.cached_tokens = self._prefill(tokens)
-            tm.prefill_s = time.perf_counter() - t0
+            reused = self._prefill(tokens)
+            # a turn kept on its mixture's states was prefilled while routed: the record has its figures already
+            tm.cached_tokens = min(reused, tm.cached_tokens) if tm.cached_tokens else reused
+            tm.prefill_s += time.perf_counter() - t0
             yield from self._decode(sampling, rec)
         except Exception:
             self.ctx.cache_truncate(0)  # leave the engine usable after any failure

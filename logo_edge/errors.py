@@ -33,6 +33,20 @@ class DecodeError(LogoEdgeError):
         self.code = code
 
 
+class NativeCallError(LogoEdgeError):
+    """A llama.cpp call other than llama_decode reported failure; `call` and `code` say which and how."""
+
+    def __init__(self, call: str, code: int, meaning: str):
+        super().__init__(f"{call} returned {code}: {meaning}")
+        self.call = call
+        self.code = code
+
+
+class ProbeError(LogoEdgeError, RuntimeError):
+    """The probe could not read h from the model's graph: a tensor is missing, not f32, or not built the
+    way the probe reads it (another norm graph)."""
+
+
 class RoutingError(LogoEdgeError):
     """Routing settings are invalid (k < 1, unknown signal, empty pool...)."""
 

@@ -17,7 +17,7 @@ import numpy as np
 
 from . import _lib
 from ._lib import llama_cpp
-from .errors import AdapterError, ContextOverflowError, DecodeError, ModelLoadError
+from .errors import AdapterError, ContextOverflowError, DecodeError, ModelLoadError, NativeCallError, ProbeError
 from .gguf_files import BaseInfo
 
 _internals = _lib._internals
@@ -150,6 +150,7 @@ class LoraHandle:
 
 
 KV_TYPES = {"f32": 0, "f16": 1}  # GGML_TYPE_F32, GGML_TYPE_F16
+_UNSURE = object()  # in Context._adapters after a failed llama_set_adapters_lora
 
 
 @dataclass(frozen=True)
@@ -214,9 +215,23 @@ class Context:
     def cache_len(self) -> int:
         return int(llama_cpp.llama_memory_seq_pos_max(self.memory, 0)) + 1
 
-    def cache_truncate(self, p0: int = 0) -> None:
-        """Drop cached positions >= p0."""
-        llama_cpp.llama_memory_seq_rm(self.memory, 0, p0, -1)
+    def cache_truncate(self, p0: int = 0, reset_ok: bool = False) -> int:
+        """Drop cached positions >= p0; returns how many leading positions are kept: p0, or 0 after a reset.
+
+        A memory that cannot drop the end of a sequence (recurrent or hybrid models: llama_memory_seq_rm
+        returns false) has the whole sequence cleared instead; then with `reset_ok` this returns 0 (the
+        caller must decode from position 0), without it NativeCallError says so. Either way the context
+        is left usable: its cache is empty, never half-truncated."""
+        if llama_cpp.llama_memory_seq_rm(self.memory, 0, p0, -1):
+            return p0
+        llama_cpp.llama_memory_clear(self.memory, False)  # one sequence per context: this clears it, always
+        if reset_ok or p0 == 0:
+            return 0
+        raise NativeCallError(
+            "llama_memory_seq_rm", False,
+            f"this model's memory cannot drop the cached positions >= {p0} (a recurrent or hybrid "
+            "model keeps no per-token state to roll back to); the whole sequence was cleared instead, "
+            "nothing is kept. Call cache_truncate(p0, reset_ok=True) and decode from the position it returns")
 
     # ---- adapters
 
@@ -225,19 +240,20 @@ class Context:
         key = tuple((h.key, float(s)) for h, s in zip(handles, scales))
         if key == self._adapters:
             return False
-        n = len(handles)
-        arr = (llama_cpp.llama_adapter_lora_p_ctypes * max(n, 1))(*[h.ptr for h in handles])
-        sc = (ctypes.c_float * max(n, 1))(*scales)
-        rc = llama_cpp.llama_set_adapters_lora(self.ptr, arr if n else None, n, sc if n else None)
-        if rc != 0:
-            raise AdapterError(f"llama_set_adapters_lora failed with code {rc}")
+        try:
+            set_lora_mixture(self.ptr, [h.ptr for h in handles], scales)
+        except AdapterError:
+            # llama.cpp may hold the old mixture or the new: list both (adapter_keys, so none is freed while
+            # maybe set) plus a marker no request equals, so the next set_adapters calls llama.cpp again
+            self._adapters = self._adapters + key + ((_UNSURE, 0.0),)
+            raise
         self._adapters = key
         return True
 
     @property
     def adapter_keys(self) -> set[int]:
         """Keys (LoraHandle.key) of the adapters set in this context."""
-        return {k for k, _ in self._adapters}
+        return {k for k, _ in self._adapters if k is not _UNSURE}
 
     # ---- decoding
 
@@ -268,13 +284,62 @@ class Context:
         return np.ctypeslib.as_array(ptr, shape=(self.model.n_vocab,)).copy()
 
 
+def set_lora_mixture(ctx_ptr, adapter_ptrs: Sequence, scales: Sequence[float]) -> None:
+    """llama_set_adapters_lora on a context pointer (ours or a llama_cpp.Llama's); AdapterError on failure."""
+    n = len(adapter_ptrs)
+    arr = (llama_cpp.llama_adapter_lora_p_ctypes * max(n, 1))(*adapter_ptrs)
+    sc = (ctypes.c_float * max(n, 1))(*scales)
+    rc = llama_cpp.llama_set_adapters_lora(ctx_ptr, arr if n else None, n, sc if n else None)
+    if rc != 0:  # the pinned llama.cpp returns 0 or aborts: a code means a libllama with another contract
+        raise AdapterError(f"llama_set_adapters_lora returned {rc}: llama.cpp did not set the mixture of {n} "
+                           "adapter(s); the pinned llama.cpp only returns 0, so this libllama is another "
+                           "version: rebuild it with `logo-edge build`")
+
+
+_NORM_OPS = (_lib.GGML_OP_RMS_NORM, _lib.GGML_OP_NORM)
+
+
+def _op_name(op: int) -> str:
+    return _lib.ggml_op_name(op).decode() if 0 <= op < _lib.GGML_OP_COUNT else f"op {op}"
+
+
+def _block0_residual(attn_norm: _lib.GGMLTensor) -> int:
+    """Address of the residual entering block 0, read as x in attn_norm-0 = MUL(RMS_NORM or NORM(x), w) (the
+    embeddings have no stable name); ProbeError when the model builds that norm another way."""
+    norm = _lib.GGMLTensor.from_address(attn_norm.src[0]) if attn_norm.src[0] else None
+    if attn_norm.op == _lib.GGML_OP_MUL and norm is not None and norm.op in _NORM_OPS and norm.src[0]:
+        return norm.src[0]
+    found = _op_name(attn_norm.op) + (f"({_op_name(norm.op)}(...), ...)" if norm is not None else "()")
+    raise ProbeError(
+        f"block 0's residual is read as x in {attn_norm.name.decode()} = MUL(RMS_NORM or NORM(x), weight), but "
+        f"this model's graph has {found} there: another norm graph, which the probe does not know. Probe the "
+        "normed input (probe_input='normed') or a window that starts at block 1")
+
+
+def _last_column(t: int, tensor: _lib.GGMLTensor, n_embd: int) -> np.ndarray:
+    """The last token's column of an f32 (n_embd, n_tokens) activation: h, (n_embd,)."""
+    name = tensor.name.decode()
+    if tensor.type != _lib.GGML_TYPE_F32:
+        raise ProbeError(f"the probe reads f32 activations, but {name} is {_lib.ggml_type_name(tensor.type).decode()}")
+    ne0, ne1 = tensor.ne[0], tensor.ne[1]
+    if ne0 != n_embd or tensor.nb[0] != 4 or tensor.ne[2] * tensor.ne[3] != 1:
+        raise ProbeError(f"the probe reads contiguous ({n_embd}, n_tokens) activations, but {name} has "
+                         f"ne={list(tensor.ne)} nb={list(tensor.nb)}")
+    h = np.empty(ne0, np.float32)
+    _lib.ggml_backend_tensor_get(t, h.ctypes.data, tensor.nb[1] * (ne1 - 1), ne0 * 4)
+    return h
+
+
 class ProbeCapture:
     """Arms the eval callback for one decode and copies the last token's column of graph tensors.
 
     `block` is one block (run returns h, (n_embd,)) or an ascending window of blocks (run returns
     (len(window), n_embd), one row per block), all read in the same decode. The callback is set with
     the patch's llama_set_eval_callback only around `run`, so no Python runs per graph node during
-    generation. With `stop_early` the rest of the graph is skipped once the last block's h is read.
+    generation. With `stop_early` the callback returns false once the last block's h is read: ggml stops
+    the graph split computing that block (all of a CPU-only graph); later splits of a partly offloaded
+    model still run (ggml-backend.cpp, ggml_backend_sched_compute_splits). `nodes_asked` counts the
+    graph nodes the last run's callback was asked about (what ran, with stop_early).
     """
 
     def __init__(self, ctx: Context, block: int | Sequence[int], module: str, inp: str, stop_early: bool = True):
@@ -306,24 +371,27 @@ class ProbeCapture:
                 name, self._via_src = f"{normed}-0", row
             self._targets[name.encode()] = row
         self._rows: list[np.ndarray | None] = [None] * len(blocks)
+        self._error: ProbeError | None = None
+        self.nodes_asked = 0
+        self.n_reused = 0  # cached leading tokens the last run reused (n_keep, or 0 after a cache reset)
         self._cb = _lib.EvalCallback(self._callback)
 
     def _callback(self, t, ask, _ud):
         tensor = _lib.GGMLTensor.from_address(t)
         row = self._targets.get(tensor.name)
         if ask:
+            self.nodes_asked += 1
             return row is not None
         if row is None:
             return True
-        if row == self._via_src:  # attn_norm = mul(rms_norm(x), w): x = src[0].src[0]
-            t = _lib.GGMLTensor.from_address(tensor.src[0]).src[0]
-            tensor = _lib.GGMLTensor.from_address(t)
-        if tensor.type != _lib.GGML_TYPE_F32:
-            return True  # leaves the row empty: run() says which
-        ne0, ne1 = tensor.ne[0], tensor.ne[1]
-        h = np.empty(ne0, np.float32)
-        _lib.ggml_backend_tensor_get(t, h.ctypes.data, tensor.nb[1] * (ne1 - 1), ne0 * 4)
-        self._rows[row] = h
+        try:  # an exception must not escape: ctypes would print it and return false
+            if row == self._via_src:
+                t = _block0_residual(tensor)
+                tensor = _lib.GGMLTensor.from_address(t)
+            self._rows[row] = _last_column(t, tensor, self.ctx.model.n_embd)
+        except ProbeError as e:
+            self._error = e
+            return False  # nothing worth computing after: stop (run() raises it)
         return not (self.stop_early and row == len(self._rows) - 1)
 
     def run(self, tokens: list[int], keep_cache: bool = False, n_keep: int = 0) -> np.ndarray:
@@ -333,19 +401,23 @@ class ProbeCapture:
         below the (last) target block, which is all a later probe at the same (or a lower) block reads;
         then `n_keep` cached leading tokens can be reused instead of decoded again."""
         self._rows = [None] * len(self._rows)
+        self._error, self.nodes_asked, self.n_reused = None, 0, 0
         ctx = self.ctx
         _lib.llama_set_eval_callback(ctx.ptr, self._cb, None)
         ok = False
         try:
             n_keep = min(n_keep, len(tokens) - 1)  # the last token must be decoded: h is read there
-            ctx.cache_truncate(n_keep)
+            n_keep = ctx.cache_truncate(n_keep, reset_ok=True)  # 0 when the memory cannot drop a tail
             ctx.decode(tokens[n_keep:], n_keep, what="probe")
-            ok = True
+            ok = self._error is None
         finally:
             _lib.llama_set_eval_callback(ctx.ptr, _lib.EvalCallback(), None)
             if not (keep_cache and ok):
                 ctx.cache_truncate(0)
+        if self._error is not None:
+            raise self._error
+        self.n_reused = n_keep
         missing = [name.decode() for name, row in self._targets.items() if self._rows[row] is None]
         if missing:
-            raise RuntimeError(f"the probe did not see tensor(s) {', '.join(missing)} (or they were not f32)")
+            raise ProbeError(f"the probe did not see tensor(s) {', '.join(missing)} in the model's graph")
         return self._rows[0] if self._single else np.stack(self._rows)

@@ -99,7 +99,7 @@ def test_record_has_every_adapter_settings_and_timings(tiny_engine):
     assert rec["settings"] == dict(signal="norm", k=2, k_used=2, calibration="zscore", target_block=3,
                                    probe_blocks=4, target_module="attn_q",
                                    probe_input="residual", merge="mixture", prefill="exact", mixture="new",
-                                   shortlist=None)  # None: the pool is no larger than the shortlist, all read
+                                   shortlist=None, keep_rule="base probe")  # shortlist None: every window read
     t = rec["timings"]
     assert t["probe_s"] > 0 and t["prefill_s"] > 0 and t["decode_s"] > 0 and t["prompt_tokens"] > 5
 
@@ -313,6 +313,42 @@ def test_a_conversation_keeps_its_mixture_while_routing_agrees(tiny):
     assert rerouted["routing"]["settings"]["mixture"] == "new"
     with pytest.raises(RoutingError, match="keep"):
         RouteConfig(keep=2)
+
+
+def test_keep_decided_on_the_mixture_states_is_one_pass_and_exact(tiny):
+    """keep_probe="mixture": a continuing turn is prefilled once, under the kept mixture, and routed on the states
+    it reaches there; kept, the answer equals a fresh engine with that mixture set by hand. When those states
+    route away (keep tiny), the turn falls back to the base probe."""
+    from logo_edge.engine import RouteConfig
+
+    files = [tiny / "gguf" / f"{n}.gguf" for n in ("qv_r8", "all7_r4", "rs_r16", "qkd_r2", "pattern_r8")]
+    turn1 = [{"role": "user", "content": "tell me about rivers and markets and the proof of energy " * 3}]
+
+    def chat(keep):
+        with Engine(tiny / "tiny-f32.gguf", files, n_ctx=512, kv_type="f32",
+                    routing=RouteConfig(keep=keep, keep_probe="mixture")) as eng:
+            a = eng.create_chat_completion(turn1, max_tokens=6)
+            msgs = turn1 + [{"role": "assistant", "content": a["choices"][0]["message"]["content"]},
+                            {"role": "user", "content": "and more"}]
+            return a["routing"], msgs, eng.create_chat_completion(msgs, max_tokens=6)
+
+    rec1, msgs, kept = chat(1.0)
+    rec2 = kept["routing"]
+    assert rec1["settings"]["keep_rule"] == "base probe" and rec1["settings"]["mixture"] == "new"
+    assert rec2["settings"]["keep_rule"] == "mixture states" and rec2["settings"]["mixture"] == "kept"
+    assert rec2["timings"]["probe_s"] == 0  # no base-model pass on a kept turn
+    assert rec2["timings"]["cached_tokens"] >= rec1["timings"]["prompt_tokens"]
+    w1 = {x["name"]: x["weight"] for x in rec1["adapters"] if x["rank"]}
+    assert {x["name"]: x["weight"] for x in rec2["adapters"] if x["rank"]} == w1
+    with Engine(tiny / "tiny-f32.gguf", files, n_ctx=512, kv_type="f32") as fresh:
+        ref = fresh.create_chat_completion(msgs, max_tokens=6, adapters=w1)
+    assert kept["choices"][0]["message"]["content"] == ref["choices"][0]["message"]["content"]
+
+    _, _, fell_back = chat(1e-9)  # the mixture's states never route within 1e-9 of it: the base probe decides
+    assert fell_back["routing"]["settings"]["keep_rule"] == "base probe"
+    assert fell_back["routing"]["timings"]["probe_s"] > 0
+    with pytest.raises(RoutingError, match="keep_probe"):
+        RouteConfig(keep_probe="nope")
 
 
 def test_probe_cache_mode_reuses_the_previous_turn(tiny):

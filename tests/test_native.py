@@ -36,6 +36,115 @@ def test_struct_mirror_matches_the_library():
     assert ctypes.sizeof(_lib.GGMLTensor) + _lib.GGML_OBJECT_SIZE == _lib.ggml_tensor_overhead()
 
 
+class _InitParams(ctypes.Structure):  # struct ggml_init_params
+    _fields_ = [("mem_size", ctypes.c_size_t), ("mem_buffer", ctypes.c_void_p), ("no_alloc", ctypes.c_bool)]
+
+
+@pytest.fixture
+def ggml():
+    """ggml's own C API (libggml-base, beside libllama) and a 1 MiB ggml context to build tensors in."""
+    from logo_edge import _lib
+
+    lib = _lib._ggml_base
+    P, i64, sz = ctypes.c_void_p, ctypes.c_int64, ctypes.c_size_t
+    sigs = {"ggml_init": (P, [_InitParams]), "ggml_free": (None, [P]),
+            "ggml_new_tensor_2d": (P, [P, ctypes.c_int, i64, i64]), "ggml_add": (P, [P, P, P]),
+            "ggml_mul": (P, [P, P, P]), "ggml_rms_norm": (P, [P, P, ctypes.c_float]),
+            "ggml_norm": (P, [P, P, ctypes.c_float]), "ggml_scale": (P, [P, P, ctypes.c_float]),
+            "ggml_view_2d": (P, [P, P, i64, i64, sz, sz]), "ggml_transpose": (P, [P, P]),
+            "ggml_set_name": (P, [P, ctypes.c_char_p]), "ggml_set_input": (None, [P]),
+            "ggml_get_data": (P, [P]), "ggml_nbytes": (sz, [P]), "ggml_type_size": (sz, [ctypes.c_int]),
+            "ggml_row_size": (sz, [ctypes.c_int, i64]), "ggml_n_dims": (ctypes.c_int, [P]),
+            "ggml_is_transposed": (ctypes.c_bool, [P]), "ggml_op_desc": (ctypes.c_char_p, [P])}
+    for name, (res, args) in sigs.items():
+        getattr(lib, name).restype, getattr(lib, name).argtypes = res, args
+    ctx = lib.ggml_init(_InitParams(1 << 20, None, False))
+    assert ctx
+    yield lib, ctx
+    lib.ggml_free(ctx)
+
+
+def test_struct_mirror_reads_every_field_as_the_library_does(ggml):
+    """Every field the probe reads (type, ne, nb, op, src, name, data), and the others, against ggml's own
+    accessors on tensors ggml made: an independent check of each offset, not just the struct's size."""
+    from logo_edge import _lib
+
+    lib, ctx = ggml
+    T = _lib.GGMLTensor.from_address
+    a = lib.ggml_new_tensor_2d(ctx, 0, 64, 5)  # f32
+    b = lib.ggml_new_tensor_2d(ctx, 0, 64, 5)
+    q = lib.ggml_new_tensor_2d(ctx, 8, 64, 3)  # q8_0: blocks of 32, a row is not ne0 * type size
+    c = lib.ggml_add(ctx, a, b)
+    lib.ggml_set_name(c, b"sum-0")
+    lib.ggml_set_input(a)
+    for t, typ, ne in ((a, 0, (64, 5)), (q, 8, (64, 3))):
+        m = T(t)
+        assert m.type == typ and tuple(m.ne) == (*ne, 1, 1) and lib.ggml_n_dims(t) == 2
+        assert m.nb[0] == lib.ggml_type_size(typ) and m.nb[1] == lib.ggml_row_size(typ, ne[0])
+        assert m.nb[3] * m.ne[3] == lib.ggml_nbytes(t)
+        assert m.data == lib.ggml_get_data(t) and m.data  # allocated in the ggml context
+    assert T(q).nb[1] != 64 * T(q).nb[0]  # the q8_0 case tells nb[1] from ne0 * nb[0]
+    m = T(c)
+    assert m.op == _lib.GGML_OP_ADD and lib.ggml_op_desc(c) == b"ADD"  # the library reads op itself
+    assert (m.src[0], m.src[1], m.src[2]) == (a, b, None)
+    assert m.name == b"sum-0" == ctypes.string_at(_lib.ggml_get_name(c))
+    assert T(a).flags & 1 and not T(b).flags & 1  # GGML_TENSOR_FLAG_INPUT
+    v = lib.ggml_view_2d(ctx, a, 32, 2, T(a).nb[1], 8)
+    assert (T(v).view_src, T(v).view_offs, T(v).data) == (a, 8, T(a).data + 8)
+    tr = lib.ggml_transpose(ctx, a)
+    assert lib.ggml_is_transposed(tr) and (T(tr).nb[0], T(tr).nb[1]) == (T(a).nb[1], T(a).nb[0])
+    s = lib.ggml_scale(ctx, a, 0.25)
+    assert ctypes.cast(T(s).op_params, ctypes.POINTER(ctypes.c_float))[0] == 0.25
+    for op, name in ((_lib.GGML_OP_ADD, b"ADD"), (_lib.GGML_OP_MUL, b"MUL"), (_lib.GGML_OP_NORM, b"NORM"),
+                     (_lib.GGML_OP_RMS_NORM, b"RMS_NORM"), (_lib.GGML_OP_COUNT - 1, b"GLU")):
+        assert _lib.ggml_op_name(op) == name  # the enum values the probe checks, and the table's end
+
+
+def test_block0_residual_is_read_through_the_norm_only(ggml):
+    """attn_norm-0 = MUL(RMS_NORM or NORM(x), w) hands back x; any other graph is a ProbeError, never a
+    wrong tensor read silently."""
+    from logo_edge import _lib
+    from logo_edge.errors import ProbeError
+    from logo_edge.llm import _block0_residual
+
+    lib, ctx = ggml
+    T = _lib.GGMLTensor.from_address
+    x = lib.ggml_new_tensor_2d(ctx, 0, 16, 3)
+    w = lib.ggml_new_tensor_2d(ctx, 0, 16, 1)
+    for norm in (lib.ggml_rms_norm, lib.ggml_norm):
+        attn_norm = lib.ggml_mul(ctx, norm(ctx, x, 1e-6), w)
+        lib.ggml_set_name(attn_norm, b"attn_norm-0")
+        assert _block0_residual(T(attn_norm)) == x
+    for other, found in ((lib.ggml_mul(ctx, lib.ggml_scale(ctx, x, 2.0), w), r"MUL\(SCALE"),
+                         (lib.ggml_add(ctx, lib.ggml_rms_norm(ctx, x, 1e-6), w), r"ADD\(RMS_NORM"),
+                         (lib.ggml_mul(ctx, x, w), r"MUL\(NONE")):
+        lib.ggml_set_name(other, b"attn_norm-0")
+        with pytest.raises(ProbeError, match=found + r".*another norm graph.*probe_input='normed'"):
+            _block0_residual(T(other))
+
+
+def test_probe_callback_stops_and_reports_an_unknown_graph():
+    """The callback never lets an exception escape into ctypes: it stops the graph and run() raises it."""
+    from types import SimpleNamespace
+
+    from logo_edge import _lib
+    from logo_edge.errors import ProbeError
+    from logo_edge.llm import ProbeCapture
+
+    x = _lib.GGMLTensor(op=_lib.GGML_OP_ADD, name=b"inp_embd")  # a fake graph: attn_norm-0 = MUL(ADD(...))
+    norm_in = _lib.GGMLTensor(op=_lib.GGML_OP_ADD, name=b"norm-0")
+    norm_in.src[0] = ctypes.addressof(x)
+    attn_norm = _lib.GGMLTensor(op=_lib.GGML_OP_MUL, name=b"attn_norm-0")
+    attn_norm.src[0] = ctypes.addressof(norm_in)
+    ctx = SimpleNamespace(model=SimpleNamespace(n_layer=2, n_embd=4))
+    cap = ProbeCapture(ctx, [0, 1], "attn_q", "residual")
+    addr = ctypes.addressof(attn_norm)
+    assert cap._callback(addr, True, None) is True  # asked for it
+    assert cap._callback(addr, False, None) is False  # stop: the graph is not the one the probe reads
+    with pytest.raises(ProbeError, match=r"attn_norm-0 = MUL\(RMS_NORM or NORM\(x\), weight\).*MUL\(ADD"):
+        raise cap._error
+
+
 @pytest.mark.slow
 def test_callback_sees_named_tensors_and_is_disarmed_after_the_probe(tiny):
     from logo_edge import _lib
@@ -72,6 +181,80 @@ def test_callback_sees_named_tensors_and_is_disarmed_after_the_probe(tiny):
                                   ProbeCapture(ctx, 1, "attn_q", "normed", stop_early=False).run(
                                       model.tokenize("hello world")))
     assert b"l_out-2" not in seen
+    # the nodes asked about are the nodes that ran; a CPU graph is one split, so it stops at the target
+    assert cap.nodes_asked == calls.count(True) and early.nodes_asked == len(seen) - 1 < cap.nodes_asked / 2
+
+
+def _seq_rm_refusing_partial(monkeypatch):
+    """Make llama_memory_seq_rm behave as for a recurrent model: a partial removal returns false."""
+    from logo_edge._lib import llama_cpp
+
+    real = llama_cpp.llama_memory_seq_rm
+    monkeypatch.setattr(llama_cpp, "llama_memory_seq_rm", lambda mem, s, p0, p1: p0 <= 0 and real(mem, s, p0, p1))
+
+
+@pytest.mark.slow
+def test_cache_truncate_says_what_it_kept(tiny, monkeypatch):
+    from logo_edge.errors import NativeCallError
+    from logo_edge.llm import Context, ContextConfig, Model, ProbeCapture
+
+    model = Model(tiny / "tiny-f32.gguf")
+    ctx = Context(model, ContextConfig(n_ctx=64, kv_type="f32"))
+    tokens = model.tokenize("the cache keeps a prefix of this prompt")
+    ctx.decode(tokens, 0)
+    assert ctx.cache_truncate(4) == 4 and ctx.cache_len() == 4
+    want = ProbeCapture(ctx, 1, "attn_q", "residual").run(tokens)
+    _seq_rm_refusing_partial(monkeypatch)
+    ctx.decode(tokens, 0)
+    with pytest.raises(NativeCallError, match=r"llama_memory_seq_rm returned False: this model.*cannot drop the cached "
+                                              r"positions >= 4.*whole sequence was cleared.*reset_ok=True"):
+        ctx.cache_truncate(4)
+    assert ctx.cache_len() == 0  # cleared, not half-truncated: usable
+    ctx.decode(tokens, 0)
+    assert ctx.cache_truncate(4, reset_ok=True) == 0 and ctx.cache_len() == 0
+    assert ctx.cache_truncate(0) == 0
+    cap = ProbeCapture(ctx, 1, "attn_q", "residual")
+    ctx.decode(tokens[:-1], 0)
+    np.testing.assert_array_equal(cap.run(tokens, keep_cache=True, n_keep=len(tokens) - 1), want)
+    assert cap.n_reused == 0  # the probe decoded everything again instead of reading a wrong prefix
+
+
+@pytest.mark.slow
+def test_failed_adapter_set_names_the_code_and_sets_again(tiny, monkeypatch):
+    from logo_edge._lib import llama_cpp
+    from logo_edge.errors import AdapterError
+    from logo_edge.llm import Context, ContextConfig, Model
+
+    model = Model(tiny / "tiny-f32.gguf")
+    ctx = Context(model, ContextConfig(n_ctx=64))
+    h = model.load_lora(tiny / "gguf" / "qv_r8.gguf")
+    real = llama_cpp.llama_set_adapters_lora
+    monkeypatch.setattr(llama_cpp, "llama_set_adapters_lora", lambda *a: -1)
+    with pytest.raises(AdapterError, match=r"llama_set_adapters_lora returned -1: .*did not set the mixture of 1"):
+        ctx.set_adapters([h], [1.0])
+    assert h.key in ctx.adapter_keys  # may be set: not to be freed
+    monkeypatch.setattr(llama_cpp, "llama_set_adapters_lora", real)
+    assert ctx.set_adapters([h], [1.0])  # not taken for already set: llama.cpp is called again
+    assert ctx.adapter_keys == {h.key}
+    ctx.close()
+    h.free()
+
+
+@pytest.mark.slow
+def test_probe_on_an_unknown_norm_graph_raises_and_leaves_the_context_usable(tiny, monkeypatch):
+    from logo_edge import _lib, llm
+    from logo_edge.errors import ProbeError
+    from logo_edge.llm import Context, ContextConfig, Model, ProbeCapture
+
+    model = Model(tiny / "tiny-f32.gguf")
+    ctx = Context(model, ContextConfig(n_ctx=64))
+    tokens = model.tokenize("hello world")
+    monkeypatch.setattr(llm, "_NORM_OPS", (_lib.GGML_OP_NORM,))  # the tiny llama's RMS_NORM is now unknown
+    with pytest.raises(ProbeError, match=r"attn_norm-0 = MUL.*has MUL\(RMS_NORM"):
+        ProbeCapture(ctx, [0, 1], "attn_q", "residual").run(tokens, keep_cache=True)
+    assert ctx.cache_len() == 0
+    h = ProbeCapture(ctx, [1, 2], "attn_q", "residual").run(tokens)  # blocks >= 1 never read through the norm
+    assert h.shape == (2, model.n_embd) and np.isfinite(h).all()
 
 
 def test_missing_library_says_what_to_run(tmp_path):

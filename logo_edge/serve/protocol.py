@@ -48,6 +48,8 @@ class LogoSettings(Strict):
     prefill: str | None = None
     probe_input: str | None = None
     keep: float | None = None
+    keep_probe: str | None = None
+    shortlist: int | None = None
 
     def overrides(self) -> dict:
         return {k: v for k, v in self.model_dump().items() if v is not None}

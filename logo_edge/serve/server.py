@@ -35,7 +35,8 @@ def build(args):
     model_path = Path(args.model) if args.model else defaults.default_model_path()
     adapters = args.adapters if args.adapters is not None else defaults.default_pool()
     routing = RouteConfig(signal=args.signal, k=args.k, probe_input=args.probe_input, merge=args.merge,
-                          calibration=args.calibration, prefill=args.prefill, keep=args.keep)
+                          calibration=args.calibration, prefill=args.prefill, keep=args.keep,
+                          shortlist=args.shortlist, keep_probe=args.keep_probe)
 
     # engines share the cores: oversubscribed llama.cpp thread pools spin against each other
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.parallel)
@@ -43,7 +44,8 @@ def build(args):
     def make_engine():
         return Engine(model_path, adapters, n_ctx=args.n_ctx, n_threads=threads, n_gpu_layers=args.gpu_layers,
                       target_block=args.target_block, target_module=args.target_module,
-                      probe_blocks=args.probe_blocks, routing=routing, max_loaded_mb=args.max_loaded_mb)
+                      probe_blocks=args.probe_blocks, routing=routing, max_loaded_mb=args.max_loaded_mb,
+                      pool_index=args.pool_index)
 
     workers = Workers(make_engine, args.parallel, args.max_queue)
     return create_app(make_config(args, model_path), workers), workers
