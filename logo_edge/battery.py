@@ -75,7 +75,7 @@ class Figures:
     @property
     def bad(self) -> int:
         return sum(self.counts[k] for k in ("crashed", "hung", "memory", "untyped", "late", "5xx", "restarts",
-                                            "broken", "used_corrupt", "partial", "errors", "leak"))
+                                            "broken", "used_corrupt", "partial", "errors", "leak", "unrecovered"))
 
 
 # ---------------------------------------------------------------- target

@@ -2,7 +2,8 @@
 
 The files the runtime writes are written to a temporary file beside the target and renamed over it
 (os.replace): an adapter conversion (convert_lora -> gguf_files.write_lora) and the calibration cache
-(calibration.calibration_states: the states and their SHA-256). Here a forked child runs the writer and
+(calibration.calibration_states: the states and their SHA-256); the pool index commits its meta.json
+atomically over append-only data files (pool_index.py). Here a forked child runs the writer and
 is killed at a random moment within its measured duration; what is left at the final path must be the old
 file, the complete new one (read back and equal to a reference write), or nothing where there was nothing,
 never a partial file. Leftover temporary files are allowed and counted.
@@ -235,6 +236,90 @@ def kill_calibration(kills: int, work: Path, seed: int = 0) -> Figures:
     return fig
 
 
+def _index_read(rank: int = 4, n_blocks: int = 3, d_in: int = 256, d_out: int = 128):
+    """A pool index `read` that folds nothing: deterministic rows per file name (seeded by it), so a recovered
+    index can be compared with one built from scratch; every fourth file has no probe rows."""
+    def read(p: Path) -> dict:
+        seed = int.from_bytes(p.name.encode()[-8:].rjust(8, b"\0"), "little") % 2**32
+        rng = np.random.default_rng(seed)
+        base = dict(name=p.stem, alpha=8.0, stems=[f"blk.{b}.attn_q.weight" for b in range(n_blocks)],
+                    ranks={"blk.0.attn_q.weight": rank}, rows=None, reason=None,
+                    stats={"residual": {"norm": (1.0, 0.5)}}, calibrate_s=0.0)
+        if seed % 4 == 0:
+            return dict(base, reason="no rows")
+        t = rng.normal(size=(rank, d_in)).astype(np.float32)
+        w = [rng.normal(size=(rank, d_in)).astype(np.float32) for _ in range(n_blocks - 1)]
+        q = rng.normal(size=(rank, d_out)).astype(np.float32)
+        return dict(base, rows=(rank, t, w, q))
+    return read, (n_blocks, d_in, d_out)
+
+
+def kill_index(kills: int, work: Path, seed: int = 0, n_files: int = 400) -> Figures:
+    """Kill a pool index while it indexes (new files, changed and removed ones); the next open must route as an
+    index built from scratch on the same files (norms equal), never from a half-written state."""
+    from .pool_index import PoolIndex
+
+    fig = Figures("kills: pool index")
+    t0 = time.monotonic()
+    rng = random.Random(seed + 2)
+    read, shape = _index_read()
+    d = work / "kills-index"
+    shutil.rmtree(d, ignore_errors=True)
+    files = d / "pool"
+    files.mkdir(parents=True)
+    paths = []
+    for i in range(n_files):
+        p = files / f"a{i:04d}.gguf"
+        p.write_bytes(i.to_bytes(4, "little"))
+        paths.append(p)
+    h = np.random.default_rng(seed).normal(size=(shape[0], shape[1])).astype(np.float32)
+
+    def norms(index: PoolIndex, entries) -> dict[str, float]:
+        bank = index.bank(entries)
+        probed = [e for e in entries if e.offset is not None]
+        return dict(zip((e.name for e in probed), bank.norms(h).tolist())) if probed else {}
+
+    def scratch(sel: list[Path]) -> dict[str, float]:
+        root = d / "scratch"
+        shutil.rmtree(root, ignore_errors=True)
+        ix = PoolIndex(root, *shape)
+        return norms(ix, ix.sync(sel, read, progress=False))
+
+    root = d / "index"
+    duration = _timed(lambda: (shutil.rmtree(root, ignore_errors=True),
+                               PoolIndex(root, *shape).sync(paths, read, progress=False)))
+    fig.notes.append(f"indexing {n_files} files: {duration * 1e3:.0f} ms; kills within it")
+    tries = 0
+    while fig.counts["kills"] < kills and tries < 10 * kills:
+        tries += 1
+        # an index of a random part of the pool, then a child syncing to another part (adds and drops)
+        shutil.rmtree(root, ignore_errors=True)
+        first = [p for p in paths if rng.random() < 0.5]
+        PoolIndex(root, *shape).sync(first, read, progress=False)
+        second = [p for p in paths if rng.random() < 0.7]
+        if not _kill_at_random(lambda: PoolIndex(root, *shape).sync(second, read, progress=False), duration, rng):
+            fig.counts["finished"] += 1
+            continue
+        fig.counts["kills"] += 1
+        fig.counts["tried"] += 1
+        try:
+            ix = PoolIndex(root, *shape)
+            got = norms(ix, ix.sync(second, read, progress=False))
+        except Exception as e:  # noqa: BLE001 - any failure to recover is the figure
+            fig.counts["unrecovered"] += 1
+            fig.fail.append(("unrecovered", f"the index did not reopen after a kill: {type(e).__name__}: {e}", None))
+            continue
+        want = scratch(second)
+        if got.keys() != want.keys() or any(abs(got[k] - want[k]) > 1e-5 * max(1.0, abs(want[k])) for k in want):
+            fig.counts["used_corrupt"] += 1
+            fig.fail.append(("used_corrupt", "after a kill the index routes differently from one built from "
+                             "scratch on the same files", None))
+        else:
+            fig.counts["recovered"] += 1
+    fig.seconds = time.monotonic() - t0
+    return fig
+
+
 def run_kills(model: Path, adapters: Path, kills: int, out: Path) -> list[Figures]:
-    """Both writers, `kills` kills each."""
-    return [kill_convert(model, adapters, kills, out), kill_calibration(kills, out)]
+    """Every writer, `kills` kills each."""
+    return [kill_convert(model, adapters, kills, out), kill_calibration(kills, out), kill_index(kills, out)]

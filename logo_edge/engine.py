@@ -280,8 +280,8 @@ class Engine:
         n_keep = _common_prefix(cached, tokens) if last <= depth else 0
         self._probe_cache = ([], 0)
         h = cap.run(tokens, keep_cache=True, n_keep=n_keep)
-        self._probe_reused = n_keep
-        self._probe_cache = (list(tokens), min(last, depth) if n_keep else last)
+        self._probe_reused = cap.n_reused  # (0 where the model's memory could not drop a suffix)
+        self._probe_cache = (list(tokens), min(last, depth) if cap.n_reused else last)
         if len(self._probe_memo) >= 16:
             self._probe_memo.pop(next(iter(self._probe_memo)))
         self._probe_memo[key] = h
@@ -299,9 +299,9 @@ class Engine:
         cap = ProbeCapture(self.ctx, self.pool.blocks, self.pool.target_module, probe_input, stop_early=False)
         self._cache = []
         h = cap.run(tokens, keep_cache=True, n_keep=n_keep)
-        self._probe_reused = n_keep
-        self.ctx.cache_truncate(len(tokens) - 1)  # the last token is decoded again under the mixture
-        self._cache, self._cache_approx = list(tokens[:-1]), True
+        self._probe_reused = cap.n_reused
+        kept = self.ctx.cache_truncate(len(tokens) - 1, reset_ok=True)  # the last token is decoded again, mixed
+        self._cache, self._cache_approx = list(tokens[:kept]), True
         return h
 
     def calibrate(self, probe_input: str = "residual", pool: AdapterPool | None = None) -> None:
@@ -421,9 +421,10 @@ class Engine:
         reused = _common_prefix(self._cache, tokens)
         if reused < max(KEEP_MIN_PREFIX, len(tokens) // 2) or len(self.pool) == 0:
             return None
-        n_keep = min(reused, len(tokens) - 1)
-        self.ctx.cache_truncate(n_keep)
+        n_keep = self.ctx.cache_truncate(min(reused, len(tokens) - 1), reset_ok=True)
         self._cache = self._cache[:n_keep]
+        if n_keep == 0:  # the model's memory could not keep the history: route afresh
+            return None
         if cfg.calibration != "raw":
             self.calibrate(cfg.probe_input)
         t0 = time.perf_counter()
@@ -502,7 +503,7 @@ class Engine:
     def _prefill(self, tokens: list[int]) -> int:
         """Bring the KV cache to `tokens` reusing the common prefix; returns how many were reused."""
         n_keep = min(_common_prefix(self._cache, tokens), len(tokens) - 1)  # the last one gives the logits
-        self.ctx.cache_truncate(n_keep)
+        n_keep = self.ctx.cache_truncate(n_keep, reset_ok=True)  # 0 where the memory cannot drop a suffix
         self._cache = self._cache[:n_keep]
         self.ctx.decode(tokens[n_keep:], n_keep)
         self._cache = list(tokens)
