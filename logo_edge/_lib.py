@@ -36,6 +36,13 @@ def find_lib_dir() -> Path:
     dirs = _candidate_dirs()
     for d in dirs:
         if (d / f"libllama{_SUFFIX}").exists():
+            if not os.environ.get("LLAMA_CPP_LIB_PATH"):  # a build of ours: never load one that fails its hashes
+                from .native.build import verify_hashes
+
+                why = verify_hashes(d)
+                if why is not None:
+                    raise NativeLibraryError(f"the cached libllama build {d} is not used: {why}. Rebuild it with "
+                                             "`logo-edge build` (or `make lib`), which replaces it.")
             return d
     raise NativeLibraryError(
         "the patched libllama was not found (looked in: " + ", ".join(map(str, dirs)) + "). "

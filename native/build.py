@@ -160,17 +160,51 @@ def source_tree() -> Path:
     return dest
 
 
+HASHES = "SHA256SUMS"  # beside the libraries: every file's SHA-256, written with the build
+
+
+def _libraries(d: Path) -> list[Path]:
+    return sorted(p for p in d.iterdir() if p.is_file() and p.name != HASHES)
+
+
+def write_hashes(d: Path) -> None:
+    lines = [f"{hashlib.sha256(p.read_bytes()).hexdigest()}  {p.name}\n" for p in _libraries(d)]
+    (d / HASHES).write_text("".join(lines))
+
+
+def verify_hashes(d: Path) -> str | None:
+    """None if every library file in `d` matches the SHA-256 recorded at build time, else what does not."""
+    sums = d / HASHES
+    if not sums.exists():
+        return f"it has no {HASHES} (an unverified or interrupted build)"
+    want = {}
+    for line in sums.read_text().splitlines():
+        digest, _, name = line.partition("  ")
+        want[name] = digest
+    have = {p.name for p in _libraries(d)}
+    if have != set(want):
+        return f"its files ({', '.join(sorted(have))}) are not the ones built ({', '.join(sorted(want))})"
+    for name, digest in want.items():
+        if hashlib.sha256((d / name).read_bytes()).hexdigest() != digest:
+            return f"{name} does not match its recorded SHA-256 (truncated or modified)"
+    return None
+
+
 def build(backend: str = "cpu", extra_flags: list[str] | None = None, force: bool = False,
           jobs: int | None = None) -> Path:
-    """Build the patched libllama for `backend` unless cached; return the library directory."""
+    """Build the patched libllama for `backend` unless cached (and intact: its SHA256SUMS match); return the
+    library directory. A cached build that fails its hashes is rebuilt, with a message saying why."""
     if backend not in BACKEND_FLAGS:
         raise BuildError(f"unknown backend {backend!r}: choose one of {sorted(BACKEND_FLAGS)}")
     extra_flags = extra_flags or []
     out = lib_dir(backend, extra_flags)
     if (out / "libllama.so").exists() or (out / "libllama.dylib").exists():
-        if not force:
+        why = verify_hashes(out)
+        if why is None and not force:
             _log(f"cached: {out}")
             return out
+        if why is not None:
+            _log(f"the cached build {out} is not used: {why}; rebuilding")
     t0 = time.time()
     cache_root().mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="llama-build-", dir=cache_root()))
@@ -194,6 +228,7 @@ def build(backend: str = "cpu", extra_flags: list[str] | None = None, force: boo
         tmp_out.mkdir(parents=True)
         for p in libs:
             shutil.copy2(p, tmp_out / p.name, follow_symlinks=True)
+        write_hashes(tmp_out)
         shutil.rmtree(out, ignore_errors=True)
         tmp_out.rename(out)
     finally:

@@ -1,0 +1,76 @@
+"""The build cache: a cached libllama whose files fail their recorded SHA-256 is never loaded, and
+`logo-edge build` rebuilds it saying why."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from logo_edge.native import build
+
+
+@pytest.fixture()
+def cache_copy(tmp_path):
+    """A copy of the real cache's library directory under a fresh cache root (same key)."""
+    import logo_edge._lib  # noqa: F401  (the real library is found and verified first)
+
+    real = Path(os.environ["LLAMA_CPP_LIB_PATH"])
+    root = tmp_path / "cache"
+    dest = root / "native" / real.name
+    shutil.copytree(real, dest)
+    return root, dest
+
+
+def _import_in(root: Path) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "LLAMA_CPP_LIB_PATH"}
+    env["LOGO_EDGE_CACHE"] = str(root)
+    return subprocess.run([sys.executable, "-c", "import logo_edge._lib"], env=env, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_an_intact_build_verifies_and_loads(cache_copy):
+    root, dest = cache_copy
+    assert build.verify_hashes(dest) is None
+    assert _import_in(root).returncode == 0
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "no sums", "extra file"])
+def test_a_damaged_build_is_never_loaded(cache_copy, damage):
+    root, dest = cache_copy
+    lib = next(p for p in dest.iterdir() if p.name.startswith("libllama"))
+    if damage == "truncate":
+        lib.write_bytes(lib.read_bytes()[: lib.stat().st_size // 2])
+    elif damage == "flip":
+        data = bytearray(lib.read_bytes())
+        data[len(data) // 3] ^= 0xFF
+        lib.write_bytes(bytes(data))
+    elif damage == "no sums":
+        (dest / build.HASHES).unlink()
+    else:
+        (dest / "libevil.so").write_bytes(b"\x7fELF")
+    why = build.verify_hashes(dest)
+    assert why is not None
+    r = _import_in(root)
+    assert r.returncode != 0
+    assert "is not used" in r.stderr and "logo-edge build" in r.stderr, r.stderr[-2000:]
+
+
+def test_build_rebuilds_a_damaged_cache_saying_why(cache_copy, monkeypatch, capsys):
+    root, dest = cache_copy
+    monkeypatch.setenv("LOGO_EDGE_CACHE", str(root))
+    lib = next(p for p in dest.iterdir() if p.name.startswith("libllama"))
+    lib.write_bytes(b"truncated")
+
+    class Stop(Exception):
+        pass
+
+    def no_source():  # stop where the rebuild would start compiling (minutes)
+        raise Stop
+
+    monkeypatch.setattr(build, "source_tree", no_source)
+    with pytest.raises(Stop):
+        build.build("cpu")
+    assert "is not used" in capsys.readouterr().err
