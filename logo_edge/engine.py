@@ -159,6 +159,7 @@ class Engine:
         self._active: set[int] = set()  # pool indices set in self.ctx
         self._mixture: tuple[str, dict[int, float]] = ("mixture", {})  # merge and {pool index: weight} set now
         self._merged: dict[tuple, LoraHandle] = {}  # packed / fused adapters built for recent mixtures
+        self._merged_bytes: dict[tuple, int] = {}  # their sizes, counted in the loaded-adapter budget
         self._tmp = tempfile.TemporaryDirectory(prefix="logo-edge-")
         self._busy = threading.Lock()  # held by the one generation running (stream)
 
@@ -209,6 +210,8 @@ class Engine:
             for h in self._merged.values():
                 h.free()
             self._merged.clear()
+            self._merged_bytes.clear()
+            self.pool.extra_bytes = 0
             return self.pool.remove(name)
 
     @contextlib.contextmanager
@@ -490,12 +493,17 @@ class Engine:
         path = Path(self._tmp.name) / f"{merge}-{uuid.uuid4().hex[:8]}.gguf"
         write_lora(path, self.model.info.arch, alpha, pairs, "f32")
         handle = self.model.load_lora(path)
+        self._merged_bytes[key] = path.stat().st_size  # what llama.cpp holds of it (f32 tensors)
         path.unlink()
         in_use = self.ctx.adapter_keys
-        for old in [k for k in self._merged if k != key][: max(0, len(self._merged) - 7)]:
-            if self._merged[old].key not in in_use:  # keep a few; never one set in the context
+        # keep a few (at most 8), within the loaded-adapter budget with the pool's; never one set in the context
+        for old in [k for k in self._merged if k != key]:
+            over = self.pool.loaded_bytes + sum(self._merged_bytes.values()) > self.pool.max_loaded_bytes
+            if (len(self._merged) >= 8 or over) and self._merged[old].key not in in_use:
                 self._merged.pop(old).free()
+                del self._merged_bytes[old]
         self._merged[key] = handle
+        self.pool.extra_bytes = sum(self._merged_bytes.values())
         return handle
 
     # ---- generation

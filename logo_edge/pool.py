@@ -110,6 +110,7 @@ class AdapterPool:
         self._stats: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}  # stats() per bank, cached
         self.max_loaded_bytes = int(max_loaded_mb * 2**20)
         self._loaded: OrderedDict[int, None] = OrderedDict()  # indices with a llama.cpp handle, LRU first
+        self.extra_bytes = 0  # other adapters llama.cpp holds for this model (the engine's packed/fused ones)
         self.use_index = use_index
         self._index: PoolIndex | None = None
         self._entries: list[Entry] = []  # with an index: each adapter's entry, in pool order
@@ -369,7 +370,8 @@ class AdapterPool:
 
     @property
     def loaded_bytes(self) -> int:
-        return sum(self.adapters[i].nbytes for i in self._loaded)
+        """What llama.cpp holds of this pool's adapters, plus `extra_bytes` (merged adapters built from them)."""
+        return sum(self.adapters[i].nbytes for i in self._loaded) + self.extra_bytes
 
     def trim(self, pinned: set[int] = frozenset()) -> None:
         """Free least recently used adapters until the loaded ones fit the budget (pinned ones stay)."""
