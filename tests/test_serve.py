@@ -263,11 +263,7 @@ def _references(tiny, mixture, prompts) -> list[str]:
     between prompts."""
     from logo_edge.engine import Engine
 
-    kw = dict(mixture.get("logo", {}))
-    if "lora" in mixture:
-        kw["adapters"] = {x["name"]: x["scale"] for x in mixture["lora"]} or "base"
-    elif "model" in mixture:
-        kw["adapters"] = {mixture["model"]: 1.0}
+    kw = _kwargs(mixture)
     out = []
     with Engine(tiny / "tiny-f32.gguf", [tiny / "gguf" / f"{n}.gguf" for n in ADAPTERS], n_ctx=N_CTX) as eng:
         for prompt in prompts:
@@ -301,6 +297,67 @@ def test_isolation_under_load_every_answer_equals_the_request_alone(server, tiny
     for (m, p), _, body in results:
         assert body["choices"][0]["message"]["content"] == refs[m][p], (mixtures[m], PROMPTS[p])
     assert len({m for (m, _), _, _ in results}) >= 20
+
+
+def _kwargs(mixture: dict) -> dict:
+    kw = dict(mixture.get("logo", {}))
+    if "lora" in mixture:
+        kw["adapters"] = {x["name"]: x["scale"] for x in mixture["lora"]} or "base"
+    elif "model" in mixture:
+        kw["adapters"] = {mixture["model"]: 1.0}
+    return kw
+
+
+@pytest.mark.slow
+def test_isolation_of_a_thousand_requests_with_chats_that_switch_mixtures(server, tiny):
+    """1,020 requests: 720 single turns over the 22 request shapes, and 100 three-turn chats whose every turn
+    takes another shape (routed, by hand, packed, base; the history carries the server's own earlier answers),
+    8 clients over 2 engines. Each answer equals the same request run alone (an engine with nothing cached)."""
+    import random
+
+    from logo_edge.engine import Engine
+
+    mixtures = [m for m in _mixtures() if m.get("logo", {}).get("prefill") != "probe-cache"]  # exact ones in chats
+    every = _mixtures()
+    rng = random.Random(1)
+    singles = [("one", [(rng.randrange(len(every)), rng.randrange(len(PROMPTS)))]) for _ in range(720)]
+    chats = [("chat", [(rng.randrange(len(mixtures)), rng.randrange(len(PROMPTS))) for _ in range(3)])
+             for _ in range(100)]
+    jobs = singles + chats
+    rng.shuffle(jobs)
+
+    def ask(job):
+        kind, turns = job
+        shapes = every if kind == "one" else mixtures
+        msgs, out = [], []
+        for m, p in turns:
+            msgs = msgs + [{"role": "user", "content": PROMPTS[p]}]
+            body = {"model": "tiny", "messages": msgs, "max_tokens": 8, **shapes[m]}
+            r = httpx.post(server["url"] + "/v1/chat/completions", json=body, timeout=120)
+            assert r.status_code == 200, r.text
+            answer = r.json()["choices"][0]["message"]["content"]
+            out.append((list(msgs), shapes[m], answer))
+            msgs = msgs + [{"role": "assistant", "content": answer}]
+        return out
+
+    t0 = time.monotonic()
+    with ThreadPoolExecutor(8) as ex:
+        results = [turn for job in ex.map(ask, jobs) for turn in job]
+    elapsed = time.monotonic() - t0
+    assert len(results) == 1020
+    switches = sum(1 for _, turns in chats for a, b in zip(turns, turns[1:]) if a[0] != b[0])
+    print(f"{len(results)} requests ({len(chats)} chats, {switches} mixture switches inside them), 8 clients, "
+          f"2 engines: {elapsed:.1f} s")
+    assert switches >= 150
+    with Engine(tiny / "tiny-f32.gguf", [tiny / "gguf" / f"{n}.gguf" for n in ADAPTERS], n_ctx=N_CTX) as eng:
+        alone = {}
+        for msgs, shape, answer in results:
+            key = (repr(msgs), repr(shape))
+            if key not in alone:
+                eng.forget_prompts()
+                r = eng.create_chat_completion(msgs, max_tokens=8, **_kwargs(shape))
+                alone[key] = r["choices"][0]["message"]["content"]
+            assert answer == alone[key], (shape, msgs)
 
 
 def test_adapters_added_and_removed_under_load(server):
