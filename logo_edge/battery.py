@@ -93,6 +93,8 @@ def target(model: str | None = None, adapters: str | None = None) -> tuple[Path,
     if tiny_py.exists():
         import importlib.util
 
+        if str(tiny_py.parent) not in sys.path:  # tiny.py imports its neighbours (peft_tools)
+            sys.path.insert(0, str(tiny_py.parent))
         spec = importlib.util.spec_from_file_location("tiny", tiny_py)
         tiny = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(tiny)

@@ -164,7 +164,8 @@ def cmd_bench(args) -> int:
 
 def cmd_check(args) -> int:
     from .battery import main as battery_main
-    return battery_main((["--quick"] if args.quick else []) + (["--out", args.out] if args.out else []))
+    return battery_main((["--quick"] if args.quick else []) + (["--out", args.out] if args.out else [])
+                        + (["--parts", *args.parts] if args.parts else []))
 
 
 def cmd_eval(args) -> int:
@@ -397,6 +398,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check", help="reliability battery: fuzzed adapter files and requests, corrupt caches")
     p.add_argument("--quick", action="store_true", help="the quick subset (about 2 minutes)")
     p.add_argument("--out", help="keep inputs, logs and failing files in this directory")
+    p.add_argument("--parts", nargs="+", choices=["cache", "adapters", "api", "server", "kills", "soak"],
+                   help="only these parts (default: all but soak)")
     p.set_defaults(fn=cmd_check)
 
     p = sub.add_parser("bench", help="speed and memory, side by side in one run")
