@@ -63,7 +63,8 @@ def pool_worker(spec: dict) -> dict:
     eng.pool.add_many(spec["pool"])
     out.update(startup_s=time.perf_counter() - t, rss_mb=rss_mb(), bank_mb=eng.pool.bank.nbytes / MB,
                target_mb=eng.pool.bank.T.nbytes / MB)
-    if spec["cold"]:
+    if spec["cold"]:  # what calibrating one adapter costs (its statistics over the generic prompts' states)
+        out["calibrate_ms"] = statistics.median(a.calibrate_s for a in eng.pool.adapters) * 1e3
         eng.close()
         return out
     times = {0: [], 1: []}
@@ -115,7 +116,7 @@ def sweep_pool(model_path: Path, sizes: list[int], prompts: list[list[int]], thr
         _log(f"pool sweep: N={n}, cold start then warm start, each in a fresh process")
         cold = call_worker("logo_edge.bench", dict(common, kind="pool", pool=str(dirs[n]), cold=True))
         warm = call_worker("logo_edge.bench", dict(common, kind="pool", pool=str(dirs[n]), cold=False))
-        res[n] = {**warm, "cold_s": cold.get("startup_s", float("nan")),
+        res[n] = {**warm, "cold_s": cold.get("startup_s", float("nan")), "calibrate_ms": cold.get("calibrate_ms"),
                   "error": cold.get("error") or warm.get("error")}
         res[n]["files_mb"] = sum(p.stat().st_size for p in paths[:n]) / MB
     _print(res, prompts)
@@ -140,6 +141,10 @@ def _print(res: dict, prompts) -> None:
               f"{r['probe_ms']:8.1f} {r['routing_ms']:8.2f} {r['exact_ms']:8.2f} {r['rss_after_mb'] - rss0:7.1f} "
               f"{r['rss_exact_mb'] - rss0:6.1f} "
               f"{r['bank_mb']:7.1f} {r['target_mb']:7.1f} {r['files_mb']:8.1f}")
+    calib = [r["calibrate_ms"] for n, r in res.items() if n and r.get("calibrate_ms") is not None]
+    if calib:
+        print(f"  calibration: {statistics.median(calib):.2f} ms per adapter (median; its signal statistics over the "
+              "generic prompts' cached states, part of a cold start)")
     print("  cold/warm = the pool's start-up (first: indexing every file; next: mapping the index); add = "
           "Engine.add_adapter of one more file, of which valid. = reading and checking its tensors; route = "
           "eng.route() minus the probe with the default shortlist, exact = every adapter's whole window; +RSS = "

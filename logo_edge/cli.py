@@ -346,6 +346,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queue", type=int, default=256, help="requests waiting beyond this get a 503")
     p.add_argument("--cors", nargs="+", metavar="ORIGIN", help="allow browser pages from these origins (off)")
     p.add_argument("--log-level", default="warning")
+    # fleet hook (logo_edge/serve/fleet.py): probe here, generate on llama-server backends
+    p.add_argument("--generate-on", metavar="URL[,URL...]|spawn:N",
+                   help="generate on these llama-server backends (started with the pool's --lora files and "
+                        "--lora-init-without-apply), or start N of them on loopback (spawn:N); the probe stays here")
+    p.add_argument("--backend-threads", type=int, default=1, help="threads of each spawned llama-server")
     p.set_defaults(fn=cmd_serve)
 
     p = sub.add_parser("demo", help="route mixed prompts on the shipped pool and print the choices and answers")

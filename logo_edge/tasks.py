@@ -165,14 +165,27 @@ def _example(task: Task, ex: dict) -> Example | None:
 
 
 def splits(task: Task) -> dict[str, list[Example]]:
-    """Fixed splits: a seeded shuffle (seed 0) of the usable examples; test, val, then train."""
+    """Fixed splits by input: a seeded shuffle (seed 0) of the usable examples, grouped by their input (the
+    user message) in the order each input first appears; the first inputs are the test split, the next the
+    validation split, the rest train. No input is in two splits. A test or validation input that several
+    examples share (E2E has several references per attribute set) is one example holding every reference;
+    train keeps one example per reference. A task without repeated inputs splits exactly as a plain shuffle."""
     raw = _task_json(task.source)["examples"]
     usable = [e for e in (_example(task, ex) for ex in raw) if e is not None]
     order = np.random.default_rng(0).permutation(len(usable))
-    items = [usable[i] for i in order]
-    n_test = min(N_TEST, len(items) // 3)
-    n_val = min(N_VAL, len(items) // 6)
-    return {"test": items[:n_test], "val": items[n_test:n_test + n_val], "train": items[n_test + n_val:]}
+    groups: dict[str, list[Example]] = {}
+    for i in order:
+        groups.setdefault(usable[i].prompt, []).append(usable[i])
+    inputs = list(groups.values())
+    n_test = min(N_TEST, len(inputs) // 3)
+    n_val = min(N_VAL, len(inputs) // 6)
+
+    def merged(group: list[Example]) -> Example:
+        refs = tuple(dict.fromkeys(r for e in group for r in e.refs))
+        return Example(group[0].task, group[0].prompt, group[0].answer, refs)
+
+    return {"test": [merged(g) for g in inputs[:n_test]], "val": [merged(g) for g in inputs[n_test:n_test + n_val]],
+            "train": [e for g in inputs[n_test + n_val:] for e in g]}
 
 
 # ---- scoring

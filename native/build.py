@@ -237,6 +237,88 @@ def build(backend: str = "cpu", extra_flags: list[str] | None = None, force: boo
     return out
 
 
+# --- the fleet's tools: llama-server and rpc-server from the same patched tree --------------------------------
+# Static binaries (no rpath to fix when they move into the cache). No network at build time: the web UI is neither
+# built with npm nor downloaded from the Hub (the server then serves no page, which the fleet never asks for), and
+# cpp-httplib is built without OpenSSL (loopback/LAN HTTP only). LLAMA_CURL is gone from this tree (deprecated).
+TOOL_FLAGS = [
+    "-DCMAKE_BUILD_TYPE=Release",
+    "-DBUILD_SHARED_LIBS=OFF",
+    "-DLLAMA_BUILD_COMMON=ON",
+    "-DLLAMA_BUILD_TOOLS=ON",
+    "-DLLAMA_BUILD_SERVER=ON",
+    "-DLLAMA_BUILD_TESTS=OFF",
+    "-DLLAMA_BUILD_EXAMPLES=OFF",
+    "-DLLAMA_BUILD_APP=OFF",
+    "-DLLAMA_BUILD_UI=OFF",
+    "-DLLAMA_USE_PREBUILT_UI=OFF",
+    "-DLLAMA_OPENSSL=OFF",
+]
+TOOL_TARGETS = ("llama-server", "rpc-server")
+
+
+def tools_flags(rpc: bool = True) -> list[str]:
+    return TOOL_FLAGS + (["-DGGML_RPC=ON"] if rpc else [])
+
+
+def tools_dir(backend: str = "cpu", extra_flags: list[str] | None = None, targets=TOOL_TARGETS,
+              rpc: bool = True) -> Path:
+    """Directory that holds (or will hold) these tool binaries: `<key>-tools`, keyed like the library by version,
+    patches, backend, flags (the tools' own included), CPU, and the target list."""
+    flags = tools_flags(rpc) + sorted(targets) + (extra_flags or [])
+    return cache_root() / "native" / (build_key(backend, flags) + "-tools")
+
+
+def build_tools(targets=TOOL_TARGETS, rpc: bool = True, backend: str = "cpu", extra_flags: list[str] | None = None,
+                force: bool = False, jobs: int | None = None) -> Path:
+    """Build `targets` (llama-server, rpc-server) from the patched pinned tree unless cached and intact; return the
+    directory holding the binaries. `rpc-server` needs rpc=True (GGML_RPC=ON). libllama's build is untouched.
+
+    About 10-15 minutes on 2 cores the first time (llama-common, mtmd and the server are large); then instant."""
+    if backend not in BACKEND_FLAGS:
+        raise BuildError(f"unknown backend {backend!r}: choose one of {sorted(BACKEND_FLAGS)}")
+    if "rpc-server" in targets and not rpc:
+        raise BuildError("rpc-server needs rpc=True (GGML_RPC=ON)")
+    extra_flags = extra_flags or []
+    out = tools_dir(backend, extra_flags, targets, rpc)
+    if all((out / t).exists() for t in targets):
+        why = verify_hashes(out)
+        if why is None and not force:
+            _log(f"cached: {out}")
+            return out
+        if why is not None:
+            _log(f"the cached tools {out} are not used: {why}; rebuilding")
+    t0 = time.time()
+    cache_root().mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="llama-tools-", dir=cache_root()))
+    try:
+        tree = work / "llama.cpp"
+        shutil.copytree(source_tree(), tree, symlinks=True)
+        apply_patches(tree)
+        bdir = work / "build"
+        flags = tools_flags(rpc) + BACKEND_FLAGS[backend] + extra_flags
+        _log(f"configuring tools ({backend}): {' '.join(flags)}")
+        _run(["cmake", "-S", str(tree), "-B", str(bdir), *flags], "cmake configure")
+        jobs = jobs or os.cpu_count() or 2
+        _log(f"compiling {', '.join(targets)} with {jobs} jobs (10-15 minutes on 2 cores)")
+        _run(["cmake", "--build", str(bdir), "--target", *targets, "-j", str(jobs)], "cmake build", progress=True)
+        tmp_out = out.with_name(out.name + ".tmp")
+        shutil.rmtree(tmp_out, ignore_errors=True)
+        tmp_out.mkdir(parents=True)
+        for t in targets:
+            exe = bdir / "bin" / t
+            if not exe.exists():
+                raise BuildError(f"the build finished but {t} was not found in {bdir / 'bin'}")
+            shutil.copy2(exe, tmp_out / t)
+        write_hashes(tmp_out)
+        shutil.rmtree(out, ignore_errors=True)
+        tmp_out.rename(out)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    _log(f"tools built in {time.time() - t0:.0f} s: {out}")
+    return out
+
+
 def _run(cmd: list[str], what: str, progress: bool = False) -> None:
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     tail: list[str] = []

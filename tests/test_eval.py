@@ -7,15 +7,26 @@ import pytest
 pytestmark = pytest.mark.slow
 
 
-def test_splits_are_fixed_and_disjoint():
-    from logo_edge.tasks import POOL_TASKS, splits
+def test_splits_are_fixed_and_no_input_is_in_two_of_them():
+    """Every shipped task (the pool's and the unseen ones): no test or validation input appears in train, nor
+    in the other held-out split; a repeated input is one held-out example with every reference."""
+    import json
 
-    for task in POOL_TASKS[:3]:
+    from logo_edge.tasks import POOL_TASKS, UNSEEN_TASKS, _task_json, splits
+
+    for task in POOL_TASKS + UNSEEN_TASKS:
         a, b = splits(task), splits(task)
         assert [e.prompt for e in a["test"]] == [e.prompt for e in b["test"]]  # seeded: reproducible
-        test, train = {e.prompt for e in a["test"]}, {e.prompt for e in a["train"]}
-        # disjoint by index; the source data repeat a few inputs, so allow those
-        assert len(a["test"]) > 0 and len(test & train) <= 0.05 * len(test)
+        test, val, train = ({e.prompt for e in a[k]} for k in ("test", "val", "train"))
+        assert len(a["test"]) > 0 and len(test) == len(a["test"]) and len(val) == len(a["val"]), task.name
+        assert not test & train and not val & train and not test & val, task.name
+    e2e = next(t for t in POOL_TASKS if t.name == "e2e")
+    raw = _task_json(e2e.source)["examples"]
+    by_input: dict[str, set] = {}
+    for ex in raw:
+        by_input.setdefault(json.dumps(ex.get("input"), sort_keys=True), set()).add(str(ex.get("target")))
+    assert max(len(r) for r in by_input.values()) > 1  # the source repeats inputs with other references
+    assert max(len(e.refs) for e in splits(e2e)["test"]) > 1  # held out together, every reference kept
 
 
 def test_quick_eval_routes_far_above_chance_on_the_shipped_pool(tmp_path):

@@ -47,6 +47,34 @@ def test_route_equals_plain_loop(outputs, k, signal):
     assert len(r.selected) == min(k, len(outputs))
     assert r.weights.sum() == pytest.approx(1.0)
     assert all(r.weights[i] == 0 for i in range(len(outputs)) if i not in r.selected)
+    if [round(s[i], 6) for i in r.selected] == [round(s[i], 6) for i in order] and r.selected == order:
+        np.testing.assert_allclose(r.weights, w, rtol=1e-6, atol=1e-9)  # the loop's weights, where it chose alike
+
+
+@settings(max_examples=150, deadline=None, derandomize=True)
+@given(outputs=arrays(np.float64, st.tuples(st.integers(1, 10), st.integers(1, 12)), elements=finite),
+       k=st.integers(1, 12), mode=st.sampled_from(["ratio", "zscore"]), seed=st.integers(0, 10_000))
+def test_calibrated_routing_equals_a_plain_loop_property(outputs, k, mode, seed):
+    """ratio: s / mean, weights proportional; zscore: (s - mean) / sd, weights a softmax over the selected."""
+    rng = np.random.default_rng(seed)
+    n = len(outputs)
+    mean, sd = rng.uniform(0.1, 20, n), rng.uniform(0.05, 5, n)
+    r = route(outputs, [f"a{i}" for i in range(n)], RouterConfig("norm", k, mode), stats=(mean, sd))
+    s = [loop_signal(o, "norm") for o in outputs]
+    score = [s[i] / mean[i] if mode == "ratio" else (s[i] - mean[i]) / sd[i] for i in range(n)]
+    order = sorted(range(n), key=lambda i: (-score[i], i))[: min(k, n)]
+    assert [round(score[i], 6) for i in r.selected] == [round(score[i], 6) for i in order]
+    np.testing.assert_allclose(r.scores, score, rtol=1e-9, atol=1e-12)
+    if r.selected == order:
+        sel = [score[i] for i in order]
+        if mode == "ratio":
+            tot = sum(sel)
+            want = [v / tot for v in sel] if tot > 0 else [1 / len(sel)] * len(sel)
+        else:
+            e = [math.exp(v - max(sel)) for v in sel]
+            want = [v / sum(e) for v in e]
+        np.testing.assert_allclose([r.weights[i] for i in order], want, rtol=1e-9, atol=1e-12)
+    assert r.weights.sum() == pytest.approx(1.0)
 
 
 @settings(max_examples=50, deadline=None, derandomize=True)

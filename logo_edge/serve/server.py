@@ -47,6 +47,11 @@ def build(args):
                       probe_blocks=args.probe_blocks, routing=routing, max_loaded_mb=args.max_loaded_mb,
                       pool_index=args.pool_index)
 
+    if getattr(args, "generate_on", None):  # fleet hook: probe here, generate on llama-server (serve/fleet.py)
+        from .fleet import FleetEngines
+
+        make_engine = FleetEngines(make_engine, args.generate_on, model_path, threads=args.backend_threads,
+                                   n_ctx=args.n_ctx)
     workers = Workers(make_engine, args.parallel, args.max_queue)
     return create_app(make_config(args, model_path), workers), workers
 

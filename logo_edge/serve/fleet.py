@@ -1,0 +1,388 @@
+"""Generation on a fleet of llama-server processes; the probe stays here (`logo-edge serve --generate-on`).
+
+The front process keeps the base GGUF for the probe and the router (cheap: one prefill of the base model and
+O(N r d) per adapter); every generation goes to a llama-server that holds the same base and the pool's
+adapters, loaded with `--lora ... --lora-init-without-apply`. The chosen mixture travels as the request's
+`lora`, listing EVERY adapter of that backend with its scale (0 for the unchosen), never an empty list.
+
+    fleet = Fleet.spawn(model, pool_paths, n=2)            # or Fleet.connect(["http://h1:8080", ...], pool_paths)
+    eng = FleetEngine(Engine(model, pool_paths), fleet)   # what the server's workers own instead of an Engine
+    eng.create_chat_completion(messages)                   # probe here, generate there, record as usual
+
+Two llama-server defects are defeated here, never shown to the user (tests/test_fleet.py shows both):
+- #28674: `--lora-init-without-apply` leaves the global scales at 1.0 and `"lora": []` falls back to them.
+  Every request lists every adapter explicitly; on connecting, non-zero global scales are set to 0.
+- #26207: the RAM prompt cache (`--cache-ram`, on by default) is keyed by tokens only, so a slot can load K/V
+  computed under another adapter set. Backends started here run with `--cache-ram 0` (the slot's own cache
+  is cleared by the server when the scales change, as `lora` is never empty); a backend we did not start may
+  have it on, so its requests go with `cache_prompt: false` (full prefill, always the right answer).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Iterator
+
+from ..errors import LogoEdgeError, RoutingError
+
+HEALTH_TIMEOUT_S = 120
+STICKY_SIZE = 1024  # mixtures remembered for prefix affinity
+
+
+class FleetError(LogoEdgeError):
+    """A generation backend could not be started, reached, or does not hold the pool's adapters."""
+
+    status = 502
+    code = "backend_error"
+
+
+@dataclass
+class Backend:
+    """One llama-server: its URL, its adapter ids by pool name, and whether its prompt cache is safe to use."""
+
+    url: str
+    ids: dict[str, int]  # pool adapter name -> this server's adapter id
+    cache_prompt: bool  # True only where the RAM prompt cache is off (started here with --cache-ram 0)
+    proc: subprocess.Popen | None = None
+    log: Path | None = None
+    inflight: int = 0
+    served: int = 0
+
+    def lora(self, mixture: dict[str, float]) -> list[dict]:
+        """Every adapter with its scale: the mixture's weight, 0 for the rest (#28674: never an empty list)."""
+        return [{"id": i, "scale": float(mixture.get(name, 0.0))} for name, i in sorted(self.ids.items(),
+                                                                                     key=lambda kv: kv[1])]
+
+
+def server_command(exe: Path, model: Path, adapters: list[Path], port: int, *, threads: int = 1, slots: int = 1,
+                   n_ctx: int = 2048, n_batch: int = 512, kv_type: str = "f16", flash_attn: bool = False,
+                   rpc: list[str] | None = None) -> list[str]:
+    """The llama-server command line of one backend (loopback, the pool's adapters at scale 0, no RAM cache)."""
+    cmd = [str(exe), "-m", str(model), "--host", "127.0.0.1", "--port", str(port), "-t", str(threads),
+           "-tb", str(threads), "-np", str(slots), "-c", str(n_ctx * slots), "-b", str(n_batch), "-ub", str(n_batch),
+           "-ctk", kv_type, "-ctv", kv_type, "-fa", "on" if flash_attn else "off", "--cache-ram", "0",
+           "--no-webui", "--no-warmup", "-ngl", "0", "--lora-init-without-apply"]
+    for a in adapters:
+        cmd += ["--lora", str(a)]
+    if rpc:
+        cmd += ["--rpc", ",".join(rpc)]
+    return cmd
+
+
+def _wait_health(url: str, proc: subprocess.Popen | None, log: Path | None, timeout: float) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc is not None and proc.poll() is not None:
+            tail = log.read_text()[-3000:] if log and log.exists() else ""
+            raise FleetError(f"llama-server for {url} exited with {proc.returncode} before it was ready:\n{tail}")
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise FleetError(f"llama-server at {url} did not answer /health within {timeout:.0f} s")
+        time.sleep(0.2)
+
+
+def map_adapters(url: str, pool: dict[str, Path]) -> dict[str, int]:
+    """Pool name -> the server's adapter id, from its /lora-adapters (by resolved path, else by file stem);
+    FleetError naming what is missing. Non-zero global scales (#28674) are set to 0 and checked."""
+    import httpx
+
+    listed = httpx.get(url + "/lora-adapters", timeout=10).raise_for_status().json()
+    by_path = {str(Path(a["path"]).resolve()): a["id"] for a in listed}
+    by_stem = {Path(a["path"]).stem: a["id"] for a in listed}
+    ids, missing = {}, []
+    for name, path in pool.items():
+        i = by_path.get(str(Path(path).resolve()), by_stem.get(name, by_stem.get(Path(path).stem)))
+        if i is None:
+            missing.append(name)
+        else:
+            ids[name] = i
+    if missing:
+        raise FleetError(f"llama-server at {url} lacks adapter(s) {', '.join(missing)} of the pool (it has: "
+                         f"{', '.join(Path(a['path']).name for a in listed) or 'none'}); start it with --lora FILE "
+                         "for every pool adapter and --lora-init-without-apply")
+    if any(a.get("scale", 0) != 0 for a in listed):
+        zero = [{"id": a["id"], "scale": 0.0} for a in listed]
+        httpx.post(url + "/lora-adapters", json=zero, timeout=10).raise_for_status()
+        again = httpx.get(url + "/lora-adapters", timeout=10).json()
+        if any(a.get("scale", 0) != 0 for a in again):
+            raise FleetError(f"llama-server at {url} keeps non-zero global adapter scales after POST /lora-adapters")
+    return ids
+
+
+class Fleet:
+    """Backends and the choice among them: sticky by mixture (the backend whose cache holds that mixture's
+    prefixes, LRU-remembered), else the least busy."""
+
+    def __init__(self, backends: list[Backend], sticky_size: int = STICKY_SIZE):
+        if not backends:
+            raise FleetError("a fleet needs at least one backend")
+        self.backends = backends
+        self._sticky: OrderedDict[tuple, int] = OrderedDict()
+        self._sticky_size = sticky_size
+        self._lock = threading.Lock()
+        import httpx
+
+        self._http = httpx.Client(timeout=httpx.Timeout(600, connect=10))
+
+    @classmethod
+    def connect(cls, urls: list[str], pool: dict[str, Path], health_timeout: float = HEALTH_TIMEOUT_S) -> "Fleet":
+        """Backends already running (started by someone else): their prompt cache may be on, so no cache_prompt."""
+        backends = []
+        for u in urls:
+            u = u.rstrip("/")
+            _wait_health(u, None, None, health_timeout)
+            backends.append(Backend(u, map_adapters(u, pool), cache_prompt=False))
+        return cls(backends)
+
+    @classmethod
+    def spawn(cls, model: Path, pool: dict[str, Path], n: int = 1, *, exe: Path | None = None,
+              logdir: Path | None = None, health_timeout: float = HEALTH_TIMEOUT_S, **server_kw) -> "Fleet":
+        """Start n llama-server processes on free loopback ports with the pool's adapters; stopped by close()."""
+        import tempfile
+
+        from .process import _die_with_parent, free_port
+
+        if exe is None:
+            from ..native.build import build_tools
+
+            exe = build_tools() / "llama-server"
+        logdir = Path(logdir or tempfile.mkdtemp(prefix="logo-edge-fleet-"))
+        backends: list[Backend] = []
+        fleet = None
+        try:
+            for k in range(n):
+                port = free_port()
+                log = logdir / f"llama-server-{k}.log"
+                cmd = server_command(Path(exe), Path(model), list(pool.values()), port, **server_kw)
+                with open(log, "w") as out:
+                    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
+                backends.append(Backend(f"http://127.0.0.1:{port}", {}, cache_prompt=True, proc=proc, log=log))
+            for b in backends:
+                _wait_health(b.url, b.proc, b.log, health_timeout)
+                b.ids = map_adapters(b.url, pool)
+            fleet = cls(backends)
+            return fleet
+        finally:
+            if fleet is None:
+                _stop(backends)
+
+    def close(self) -> None:
+        self._http.close()
+        _stop(self.backends)
+
+    def __enter__(self) -> "Fleet":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ---- choosing a backend
+
+    def _acquire(self, key: tuple) -> Backend:
+        with self._lock:
+            i = self._sticky.get(key)
+            if i is not None:
+                self._sticky.move_to_end(key)
+            else:
+                i = min(range(len(self.backends)), key=lambda j: (self.backends[j].inflight, self.backends[j].served))
+                self._sticky[key] = i
+                while len(self._sticky) > self._sticky_size:
+                    self._sticky.popitem(last=False)
+            b = self.backends[i]
+            b.inflight += 1
+            b.served += 1
+            return b
+
+    def _release(self, b: Backend) -> None:
+        with self._lock:
+            b.inflight -= 1
+
+    # ---- generating
+
+    def generate(self, tokens: list[int], mixture: dict[str, float], body: dict) -> Iterator[tuple[str, dict | None]]:
+        """Stream (text piece, None) then ("", final) from the backend chosen for `mixture`; `final` holds
+        llama-server's last event (stop_type, timings) plus `backend` and `cache_prompt`."""
+        key = tuple(sorted(mixture.items()))
+        b = self._acquire(key)
+        try:
+            req = {**body, "prompt": list(tokens), "stream": True, "lora": b.lora(mixture),
+                   "cache_prompt": b.cache_prompt}
+            with self._http.stream("POST", b.url + "/completion", json=req) as r:
+                if r.status_code != 200:
+                    r.read()
+                    raise FleetError(f"llama-server at {b.url} answered {r.status_code}: {r.text[:500]}")
+                for line in r.iter_lines():
+                    if not line.startswith("data: "):
+                        continue
+                    ev = json.loads(line[6:])
+                    if ev.get("content"):
+                        yield ev["content"], None
+                    if ev.get("stop"):
+                        yield "", {**ev, "backend": b.url, "cache_prompt": b.cache_prompt}
+                        return
+            raise FleetError(f"llama-server at {b.url} closed the stream before its last event")
+        except FleetError:
+            raise
+        except Exception as e:  # httpx errors: name the backend
+            if type(e).__module__.startswith("httpx"):
+                raise FleetError(f"llama-server at {b.url}: {type(e).__name__}: {e}") from e
+            raise
+        finally:
+            self._release(b)
+
+
+def _stop(backends: list[Backend]) -> None:
+    for b in backends:
+        if b.proc is not None and b.proc.poll() is None:
+            b.proc.terminate()
+    for b in backends:
+        if b.proc is not None:
+            try:
+                b.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                b.proc.kill()
+                b.proc.wait()
+
+
+def sampling_body(s) -> dict:
+    """llama-server's sampling fields for the engine's SamplingConfig: the engine's chain (top-k, top-p,
+    temperature, dist; greedy at temperature 0) and nothing else (min-p, penalties, DRY, XTC off)."""
+    body = {"n_predict": s.max_tokens, "temperature": s.temperature, "top_k": s.top_k, "top_p": s.top_p,
+            "min_p": 0.0, "typical_p": 1.0, "repeat_penalty": 1.0, "presence_penalty": 0.0,
+            "frequency_penalty": 0.0, "dry_multiplier": 0.0, "xtc_probability": 0.0,
+            "samplers": ["top_k", "top_p", "temperature"], "stop": list(s.stop), "ignore_eos": s.ignore_eos}
+    if s.seed is not None:
+        body["seed"] = s.seed
+    return body
+
+
+class FleetEngine:
+    """An Engine's face for the server: routes with the local engine (probe only), generates on the fleet.
+
+    Adapters are fixed when the fleet starts: loading or unloading over HTTP is refused (restart the
+    backends with the new --lora list)."""
+
+    def __init__(self, engine, fleet: Fleet):
+        if engine.routing.merge == "fusion":
+            raise RoutingError("merge='fusion' is not available with --generate-on: llama-server applies "
+                               "adapters as a mixture (use merge='mixture')")
+        self.engine, self.fleet = engine, fleet
+        missing = [n for n in engine.pool.names if any(n not in b.ids for b in fleet.backends)]
+        if missing:
+            raise FleetError(f"the fleet's backends lack pool adapter(s): {', '.join(missing)}")
+
+    def __getattr__(self, name):  # pool, model, routing, format_chat, tokenize, route ...
+        return getattr(self.engine, name)
+
+    def close(self) -> None:
+        self.engine.close()
+
+    def add_adapter(self, path, name=None):
+        from ..errors import AdapterError
+
+        raise AdapterError("with --generate-on the adapters are those the llama-server backends were started "
+                           "with; restart them with --lora for the new adapter")
+
+    remove_adapter = add_adapter
+
+    def stream(self, prompt, adapters="auto", sampling=None, **route_overrides):
+        """(text piece, finish reason or None, record), like Engine.stream; generation on the fleet."""
+        from ..engine import SamplingConfig
+
+        eng = self.engine
+        sampling = sampling or SamplingConfig()
+        cfg = replace(eng.routing, **route_overrides)
+        if cfg.merge == "fusion":
+            raise RoutingError("merge='fusion' is not available with --generate-on (use merge='mixture')")
+        tokens = eng.tokenize(prompt)
+        eng._check_fits(tokens)
+        with eng._exclusive("route"):
+            idx, weights, rec = eng._plan(tokens, adapters, replace(cfg, keep_probe="base", prefill="exact"))
+        mixture = {eng.pool.adapters[i].name: float(w) for i, w in zip(idx, weights)}
+        t0 = time.perf_counter()
+        final = None
+        for piece, final in self.fleet.generate(tokens, mixture, sampling_body(sampling)):
+            if piece:
+                yield piece, None, rec
+        tm, t = rec.timings, final.get("timings", {})
+        tm.prefill_s = t.get("prompt_ms", 0.0) / 1000
+        tm.decode_s = t.get("predicted_ms", 0.0) / 1000
+        tm.cached_tokens = int(t.get("cache_n", 0))
+        tm.completion_tokens = int(final.get("tokens_predicted", t.get("predicted_n", 0)))
+        rec.settings.update(backend=final["backend"], backend_cache_prompt=final["cache_prompt"],
+                            backend_s=round(time.perf_counter() - t0, 4))
+        yield "", "length" if final.get("stop_type") == "limit" else "stop", rec
+
+    def create_completion(self, prompt, *, adapters="auto", max_tokens=128, temperature=0.0, top_p=1.0, top_k=0,
+                          seed=None, stop=(), stream=False, ignore_eos=False, **route_overrides):
+        from ..engine import _collect, _completion_chunks, _sampling
+
+        s = _sampling(max_tokens, temperature, top_p, top_k, seed, stop, ignore_eos)
+        chunks = _completion_chunks(self.stream(prompt, adapters, s, **route_overrides), "text_completion",
+                                    self.engine.model.path.name)
+        return chunks if stream else _collect(chunks, "text_completion")
+
+    def create_chat_completion(self, messages, *, adapters="auto", max_tokens=128, temperature=0.0, top_p=1.0,
+                               top_k=0, seed=None, stop=(), stream=False, ignore_eos=False, **route_overrides):
+        from ..engine import _collect, _completion_chunks, _sampling
+
+        s = _sampling(max_tokens, temperature, top_p, top_k, seed, stop, ignore_eos)
+        chunks = _completion_chunks(self.stream(self.engine.format_chat(messages), adapters, s, **route_overrides),
+                                    "chat.completion", self.engine.model.path.name)
+        return chunks if stream else _collect(chunks, "chat.completion")
+
+
+def pool_paths(engine) -> dict[str, Path]:
+    """The pool as the fleet needs it: adapter name -> its GGUF file."""
+    return {a.name: Path(a.path) for a in engine.pool.adapters}
+
+
+class FleetEngines:
+    """The server's engine factory with --generate-on: each worker's probe engine wrapped over one shared fleet,
+    started (spawn:N) or connected (URLs) when the first engine exists; closed with the last engine."""
+
+    def __init__(self, make_engine, spec: str, model: Path, **server_kw):
+        self.make_engine, self.spec, self.model, self.server_kw = make_engine, spec, Path(model), server_kw
+        self.fleet: Fleet | None = None
+        self._open = 0
+        self._lock = threading.Lock()
+
+    def __call__(self) -> FleetEngine:
+        engine = self.make_engine()
+        try:
+            with self._lock:
+                if self.fleet is None:
+                    self.fleet = self._start(pool_paths(engine))
+                self._open += 1
+            wrapped = FleetEngine(engine, self.fleet)
+        except BaseException:
+            engine.close()
+            raise
+        wrapped.close = lambda: self._closed(engine)
+        return wrapped
+
+    def _start(self, pool: dict[str, Path]) -> Fleet:
+        if self.spec.startswith("spawn:"):
+            n = int(self.spec.split(":", 1)[1])
+            return Fleet.spawn(self.model, pool, n, **self.server_kw)
+        return Fleet.connect([u.strip() for u in self.spec.split(",") if u.strip()], pool)
+
+    def _closed(self, engine) -> None:
+        engine.close()
+        with self._lock:
+            self._open -= 1
+            if self._open == 0 and self.fleet is not None:
+                self.fleet.close()
+                self.fleet = None
