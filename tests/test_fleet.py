@@ -10,6 +10,7 @@ on a raw server and not to reach a fleet user.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import threading
 from pathlib import Path
@@ -127,39 +128,41 @@ def test_same_mixture_sticks_to_its_backend_and_reuses_the_prefix(feng):
     assert r2["timings"]["cached_tokens"] >= 50  # the slot kept the mixture's prefix
 
 
-def test_concurrent_mixtures_spread_over_backends(feng, fleet, engine):
+def test_a_new_mixture_goes_to_the_least_busy_backend(feng, fleet, engine):
+    busy = fleet._acquire(("held", 1.0))  # one request in flight there
+    try:
+        text, rec = remote(feng, LONG, {"pattern_r8": 0.25}, 8)
+        assert rec["settings"]["backend"] != busy.url
+        assert text == local(engine, LONG, {"pattern_r8": 0.25}, 8)
+    finally:
+        fleet._release(busy)
+
+
+def test_concurrent_requests_through_one_fleet(fleet, engine, pool):
+    """Threads share the fleet (as the server's workers do), each with its own probe engine."""
+    from logo_edge.engine import Engine
     from logo_edge.serve.fleet import FleetEngine
 
-    used, errors = set(), []
+    mixes = [{"pattern_r8": w} for w in (0.25, 0.5, 0.75, 1.0)]
+    want = [local(engine, LONG, m, 24) for m in mixes]
+    got, errors = {}, []
 
-    def one(m):
-        try:  # each thread its own probe engine would be the server's way; the fleet is shared
-            from logo_edge.engine import Engine
+    def one(j):
+        try:
+            probeable = [p for n, p in pool.items() if n != "v_only"]  # no warning raised in a thread
+            with Engine(engine.model.path, probeable, n_ctx=N_CTX, n_batch=N_BATCH, kv_type="f32",
+                        flash_attn=False) as e:
+                got[j] = FleetEngine(e, fleet).create_completion(LONG, adapters=mixes[j], max_tokens=24)
+        except Exception as ex:  # noqa: BLE001 - reported below
+            errors.append(ex)
 
-            with Engine(engine.model.path, [a.path for a in engine.pool.adapters], n_ctx=N_CTX, n_batch=N_BATCH,
-                        kv_type="f32", flash_attn=False) as e:
-                fe = FleetEngine(e, fleet)
-                out = fe.create_completion(LONG, adapters=m, max_tokens=24)
-                used.add(out["routing"]["settings"]["backend"])
-                assert out["choices"][0]["text"] == local_lock(engine, LONG, m, 24)
-        except Exception as e:  # noqa: BLE001 - reported below
-            errors.append(e)
-
-    threads = [threading.Thread(target=one, args=({"pattern_r8": w},)) for w in (0.25, 0.75)]
+    threads = [threading.Thread(target=one, args=(j,)) for j in range(len(mixes))]
     for t in threads:
         t.start()
     for t in threads:
         t.join(timeout=300)
     assert not errors, errors
-    assert len(used) == 2  # two different mixtures at once: least busy sends them to different backends
-
-
-_LOCK = threading.Lock()
-
-
-def local_lock(engine, prompt, mixture, n):
-    with _LOCK:
-        return local(engine, prompt, mixture, n)
+    assert [got[j]["choices"][0]["text"] for j in range(len(mixes))] == want
 
 
 # ---- llama.cpp #26207 and #28674: real on a raw server, unseen through the fleet
@@ -260,3 +263,38 @@ def test_serve_generate_on(tiny, fleet, engine):
             assert r["choices"][0]["text"] == local(engine, p, mix, 16)
         r = httpx.post(url + "/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": "qv_r8.gguf"})
         assert r.status_code in (400, 403)  # the fleet's adapters are fixed at its start
+
+
+# ---- RPC: one backend's model placed across two rpc-servers on loopback
+
+
+def test_backend_over_two_rpc_servers_equals_local(tiny, pool, llama_server, engine, tmp_path):
+    from logo_edge.serve.fleet import Fleet, FleetEngine
+    from logo_edge.serve.process import free_port
+
+    rpc_exe = llama_server.with_name("ggml-rpc-server")
+    procs, endpoints = [], []
+    try:
+        for k in range(2):
+            port = free_port()
+            log = open(tmp_path / f"rpc-{k}.log", "w")
+            procs.append((subprocess.Popen([str(rpc_exe), "-H", "127.0.0.1", "-p", str(port), "-t", "1"],
+                                           stdout=log, stderr=subprocess.STDOUT), log))
+            endpoints.append(f"127.0.0.1:{port}")
+        with Fleet.spawn(tiny / "tiny-f32.gguf", pool, 1, exe=llama_server, logdir=tmp_path,
+                         rpc=endpoints, extra=("-lv", "4"), **SERVER_KW) as f:
+            log = f.backends[0].log.read_text()
+            assert re.search(r"RPC\S*\[127\.0\.0\.1:\d+\].*model buffer size", log), log[-3000:]
+            fe = FleetEngine(engine, f)
+            for m in MIXTURES[:3]:
+                assert remote(fe, PROMPTS[0], m)[0] == local(engine, PROMPTS[0], m)
+            out = fe.create_completion(PROMPTS[2], max_tokens=16)
+            ref = engine.create_completion(PROMPTS[2], max_tokens=16)
+            assert out["choices"][0]["text"] == ref["choices"][0]["text"]
+            weights = [[a["weight"] for a in r["routing"]["adapters"]] for r in (out, ref)]
+            assert weights[0] == weights[1]
+    finally:
+        for p, log in procs:
+            p.terminate()
+            p.wait(timeout=20)
+            log.close()

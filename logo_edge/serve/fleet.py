@@ -62,17 +62,20 @@ class Backend:
 
 def server_command(exe: Path, model: Path, adapters: list[Path], port: int, *, threads: int = 1, slots: int = 1,
                    n_ctx: int = 2048, n_batch: int = 512, kv_type: str = "f16", flash_attn: bool = False,
-                   rpc: list[str] | None = None) -> list[str]:
+                   rpc: list[str] | None = None, extra: tuple[str, ...] = ()) -> list[str]:
     """The llama-server command line of one backend (loopback, the pool's adapters at scale 0, no RAM cache)."""
     cmd = [str(exe), "-m", str(model), "--host", "127.0.0.1", "--port", str(port), "-t", str(threads),
            "-tb", str(threads), "-np", str(slots), "-c", str(n_ctx * slots), "-b", str(n_batch), "-ub", str(n_batch),
            "-ctk", kv_type, "-ctv", kv_type, "-fa", "on" if flash_attn else "off", "--cache-ram", "0",
-           "--no-webui", "--no-warmup", "-ngl", "0", "--lora-init-without-apply"]
-    for a in adapters:
-        cmd += ["--lora", str(a)]
-    if rpc:
+           "--no-webui", "--no-warmup", "-ngl", "999" if rpc else "0", "--lora-init-without-apply"]
+    if any("," in str(a) for a in adapters):  # the pinned llama-server takes one comma-separated --lora list
+        raise FleetError("adapter paths may not contain ',' with --generate-on: "
+                         + ", ".join(str(a) for a in adapters if "," in str(a)))
+    if adapters:
+        cmd += ["--lora", ",".join(str(a) for a in adapters)]
+    if rpc:  # the model's layers placed across these rpc-servers (ggml-rpc-server), the adapters with them
         cmd += ["--rpc", ",".join(rpc)]
-    return cmd
+    return cmd + list(extra)
 
 
 def _wait_health(url: str, proc: subprocess.Popen | None, log: Path | None, timeout: float) -> None:
