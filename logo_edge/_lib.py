@@ -24,6 +24,8 @@ def _candidate_dirs() -> list[Path]:
     from .native import build  # the build module knows the cache layout
 
     dirs = [build.lib_dir(backend) for backend in ("cpu", "cuda", "metal")]
+    if os.environ.get("LOGO_EDGE_RPC"):  # llama.cpp's RPC backend: the build with GGML_RPC=ON first
+        dirs.insert(0, build.lib_dir("cpu", build.RPC_FLAGS))
     native_root = build.cache_root() / "native"
     if native_root.is_dir():  # any other build of this version (custom flags)
         dirs += sorted(p for p in native_root.glob(f"llama-cpp-python-{build.LLAMA_CPP_PYTHON_VERSION}-*")
@@ -135,3 +137,44 @@ class GGMLTensor(ctypes.Structure):
         ("extra", ctypes.c_void_p),
         ("padding", ctypes.c_char * 8),
     ]
+
+
+# ---- llama.cpp's RPC backend (a libllama built with GGML_RPC=ON; LOGO_EDGE_RPC=1 selects it at import)
+
+# libllama links libggml by its soname (libggml.so.0); llama-cpp-python also opens libggml.so, which can be a
+# second copy with its own backend registry: register devices where libllama looks
+_ggml = ctypes.CDLL(str(next((p for p in (LIB_DIR / f"libggml{_SUFFIX}.0", LIB_DIR / f"libggml.0{_SUFFIX}")
+                              if p.exists()), LIB_DIR / f"libggml{_SUFFIX}")))
+_ggml.ggml_backend_reg_by_name.argtypes = [ctypes.c_char_p]
+_ggml.ggml_backend_reg_by_name.restype = ctypes.c_void_p
+_ggml.ggml_backend_reg_get_proc_address.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+_ggml.ggml_backend_reg_get_proc_address.restype = ctypes.c_void_p
+_ggml.ggml_backend_register.argtypes = [ctypes.c_void_p]
+_ggml.ggml_backend_register.restype = None
+_RPC_ADD_SERVER = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_char_p)  # ggml_backend_reg_t (const char * endpoint)
+_rpc_servers: dict[str, int] = {}  # endpoint -> its registry entry, registered once per process
+
+
+def add_rpc_servers(endpoints) -> None:
+    """Register `host:port` rpc-servers as devices, as llama.cpp's `--rpc` does (common/arg.cpp
+    add_rpc_devices): the next model loaded with layers offloaded is placed across them. NativeLibraryError
+    when this libllama has no RPC backend."""
+    reg = _ggml.ggml_backend_reg_by_name(b"RPC")
+    if not reg:
+        raise NativeLibraryError(
+            f"the libllama in {LIB_DIR} was built without llama.cpp's RPC backend: build it with "
+            "`logo-edge build --cmake-flag=-DGGML_RPC=ON` and start the process with LOGO_EDGE_RPC=1 (the CLI's "
+            "--rpc sets it), so that build is loaded")
+    address = _ggml.ggml_backend_reg_get_proc_address(reg, b"ggml_backend_rpc_add_server")
+    if not address:
+        raise NativeLibraryError(f"the RPC backend of {LIB_DIR} has no ggml_backend_rpc_add_server")
+    add = _RPC_ADD_SERVER(address)
+    for endpoint in endpoints:
+        if endpoint in _rpc_servers:
+            continue
+        dev_reg = add(endpoint.encode())
+        if not dev_reg:
+            raise NativeLibraryError(f"rpc-server {endpoint!r} could not be added (unreachable, or another RPC "
+                                     "protocol version)")
+        _ggml.ggml_backend_register(dev_reg)
+        _rpc_servers[endpoint] = dev_reg

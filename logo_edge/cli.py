@@ -21,7 +21,7 @@ def _engine(args):
     return Engine(args.model, adapters, n_ctx=args.n_ctx, n_threads=args.threads, n_gpu_layers=args.gpu_layers,
                   target_block=args.target_block, target_module=args.target_module,
                   probe_blocks=args.probe_blocks, routing=routing,
-                  max_loaded_mb=args.max_loaded_mb, pool_index=args.pool_index)
+                  max_loaded_mb=args.max_loaded_mb, pool_index=args.pool_index, rpc=args.rpc)
 
 
 def _adapters_choice(args):
@@ -292,6 +292,9 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-ctx", type=int, default=2048)
     p.add_argument("--threads", type=int)
     p.add_argument("--gpu-layers", type=int, default=0, help="layers to offload (CUDA/Metal builds)")
+    p.add_argument("--rpc", type=lambda v: [e for e in v.split(",") if e], metavar="HOST:PORT[,HOST:PORT]",
+                   help="place the model across llama.cpp rpc-servers (the GGML_RPC=ON libllama: "
+                        "`logo-edge build --cmake-flag=-DGGML_RPC=ON`)")
 
 
 def _add_gen_args(p: argparse.ArgumentParser) -> None:
@@ -417,6 +420,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "rpc", None):  # before the library loads: the GGML_RPC=ON build (logo_edge._lib)
+        import os
+
+        os.environ.setdefault("LOGO_EDGE_RPC", "1")
     try:
         return args.fn(args)
     except LogoEdgeError as e:

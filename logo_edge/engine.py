@@ -132,11 +132,18 @@ class Engine:
                  flash_attn: bool | None = None,
                  target_block: int = -1, target_module: str = "attn_q", probe_blocks: int = defaults.PROBE_BLOCKS,
                  routing: RouteConfig | None = None, max_loaded_mb: float = 1024, verbose: bool = False,
-                 extra_bufts: bool | None = None, pool_index: bool = True):
+                 extra_bufts: bool | None = None, pool_index: bool = True, rpc: list[str] | None = None):
         # extra_bufts: llama.cpp's fast CPU weight layouts (AMX, repacking); None = on where the
         # self-check found them safe on this CPU (logo_edge.selfcheck), off where they crash or disagree.
         # pool_index: keep the pool's probe bank and calibration in a persisted index (logo_edge.pool_index),
         # mapped at the next start instead of re-reading every adapter file
+        # rpc: llama.cpp rpc-servers ("host:port") the model's layers are placed across (every layer unless
+        # n_gpu_layers says otherwise); needs the GGML_RPC=ON libllama, loaded with LOGO_EDGE_RPC=1
+        if rpc:
+            from ._lib import add_rpc_servers
+
+            add_rpc_servers(list(rpc))
+            n_gpu_layers = n_gpu_layers or 999
         self.model = Model(model or defaults.default_model_path(), n_gpu_layers=n_gpu_layers, verbose=verbose,
                            extra_bufts=extra_bufts)
         self.routing = routing or RouteConfig()

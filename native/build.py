@@ -33,6 +33,7 @@ BACKEND_FLAGS = {
     "cuda": ["-DGGML_CUDA=ON"],
     "metal": ["-DGGML_METAL=ON"],
 }
+RPC_FLAGS = ["-DGGML_RPC=ON"]  # the libllama variant with llama.cpp's RPC backend (Engine(rpc=...), --rpc)
 BASE_FLAGS = [
     "-DCMAKE_BUILD_TYPE=Release",
     "-DBUILD_SHARED_LIBS=ON",

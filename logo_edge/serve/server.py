@@ -45,7 +45,7 @@ def build(args):
         return Engine(model_path, adapters, n_ctx=args.n_ctx, n_threads=threads, n_gpu_layers=args.gpu_layers,
                       target_block=args.target_block, target_module=args.target_module,
                       probe_blocks=args.probe_blocks, routing=routing, max_loaded_mb=args.max_loaded_mb,
-                      pool_index=args.pool_index)
+                      pool_index=args.pool_index, rpc=args.rpc)
 
     if getattr(args, "generate_on", None):  # fleet hook: probe here, generate on llama-server (serve/fleet.py)
         from .fleet import FleetEngines
