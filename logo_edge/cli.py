@@ -419,11 +419,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if getattr(args, "rpc", None):  # before the library loads: the GGML_RPC=ON build (logo_edge._lib)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if any(a == "--rpc" or a.startswith("--rpc=") for a in argv):
+        # before the library loads (building the parser imports the engine): the GGML_RPC=ON build (_lib.py)
         import os
 
         os.environ.setdefault("LOGO_EDGE_RPC", "1")
+    args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
     except LogoEdgeError as e:

@@ -88,6 +88,28 @@ def test_engine_over_two_rpc_servers_equals_the_local_engine(tiny, rpc_servers):
         eng.close()
 
 
+def test_the_cli_routes_over_rpc_servers(tiny, rpc_servers):
+    """`logo-edge route --rpc A,B` loads the RPC build itself (before the engine is imported) and routes as the
+    local engine does."""
+    from logo_edge.engine import Engine
+
+    env = {k: v for k, v in os.environ.items() if k not in ("LLAMA_CPP_LIB_PATH", "LOGO_EDGE_RPC")}
+    cmd = [sys.executable, "-m", "logo_edge.cli", "route", PROMPTS[2], "--model", str(tiny / "tiny-f32.gguf"),
+           "--adapters", str(tiny / "gguf"), "--n-ctx", "256", "--rpc", ",".join(rpc_servers), "--json"]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)  # without --rpc's build: an error
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = json.loads(r.stdout)
+    with pytest.warns(UserWarning, match="v_only"):
+        eng = Engine(tiny / "tiny-f32.gguf", tiny / "gguf", n_ctx=256)
+    try:
+        want = eng.route(eng.format_chat([{"role": "user", "content": PROMPTS[2]}])).to_dict()
+    finally:
+        eng.close()
+    assert [a["rank"] for a in got["adapters"]] == [a["rank"] for a in want["adapters"]]
+    np.testing.assert_allclose([a["weight"] for a in got["adapters"]], [a["weight"] for a in want["adapters"]],
+                               rtol=1e-4, atol=1e-6)
+
+
 def test_rpc_without_the_rpc_build_says_what_to_do(tiny):
     """The default libllama (this process) has no RPC backend: a clear error naming the build and the switch."""
     from logo_edge._lib import LIB_DIR
