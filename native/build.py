@@ -191,6 +191,20 @@ def verify_hashes(d: Path) -> str | None:
     return None
 
 
+def _cached(out: Path, present: bool, force: bool) -> bool:
+    """Whether the build in `out` can be used as it is: present, intact (SHA256SUMS) and not forced; a damaged
+    one is reported before it is rebuilt."""
+    if not present:
+        return False
+    why = verify_hashes(out)
+    if why is None and not force:
+        _log(f"cached: {out}")
+        return True
+    if why is not None:
+        _log(f"the cached build {out} is not used: {why}; rebuilding")
+    return False
+
+
 def build(backend: str = "cpu", extra_flags: list[str] | None = None, force: bool = False,
           jobs: int | None = None) -> Path:
     """Build the patched libllama for `backend` unless cached (and intact: its SHA256SUMS match); return the
@@ -199,13 +213,8 @@ def build(backend: str = "cpu", extra_flags: list[str] | None = None, force: boo
         raise BuildError(f"unknown backend {backend!r}: choose one of {sorted(BACKEND_FLAGS)}")
     extra_flags = extra_flags or []
     out = lib_dir(backend, extra_flags)
-    if (out / "libllama.so").exists() or (out / "libllama.dylib").exists():
-        why = verify_hashes(out)
-        if why is None and not force:
-            _log(f"cached: {out}")
-            return out
-        if why is not None:
-            _log(f"the cached build {out} is not used: {why}; rebuilding")
+    if _cached(out, (out / "libllama.so").exists() or (out / "libllama.dylib").exists(), force):
+        return out
     t0 = time.time()
     cache_root().mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="llama-build-", dir=cache_root()))
@@ -282,13 +291,8 @@ def build_tools(targets=TOOL_TARGETS, rpc: bool = True, backend: str = "cpu", ex
         raise BuildError("ggml-rpc-server needs rpc=True (GGML_RPC=ON)")
     extra_flags = extra_flags or []
     out = tools_dir(backend, extra_flags, targets, rpc)
-    if all((out / t).exists() for t in targets):
-        why = verify_hashes(out)
-        if why is None and not force:
-            _log(f"cached: {out}")
-            return out
-        if why is not None:
-            _log(f"the cached tools {out} are not used: {why}; rebuilding")
+    if _cached(out, all((out / t).exists() for t in targets), force):
+        return out
     t0 = time.time()
     cache_root().mkdir(parents=True, exist_ok=True)
     # the work directory is kept when a build fails or is interrupted: the next call resumes it (make is

@@ -38,3 +38,25 @@ def live_server(*args: str, env: dict | None = None, timeout: float = 180, log: 
                     raise RuntimeError(f"the server did not answer /health within {timeout:.0f} s")
                 time.sleep(0.2)
             yield url
+
+
+@contextmanager
+def rpc_servers(exe: Path, n: int, logdir: Path):
+    """Start `n` llama.cpp ggml-rpc-server processes (one thread each) on free loopback ports; yield their
+    "host:port" endpoints; stop them."""
+    import subprocess
+
+    procs, endpoints = [], []
+    try:
+        for k in range(n):
+            port = free_port()
+            log = open(logdir / f"rpc-{k}.log", "w")
+            procs.append((subprocess.Popen([str(exe), "-H", "127.0.0.1", "-p", str(port), "-t", "1"], stdout=log,
+                                           stderr=subprocess.STDOUT), log))
+            endpoints.append(f"127.0.0.1:{port}")
+        yield endpoints
+    finally:
+        for p, log in procs:
+            p.terminate()
+            p.wait(timeout=20)
+            log.close()

@@ -269,18 +269,10 @@ def test_serve_generate_on(tiny, fleet, engine):
 
 
 def test_backend_over_two_rpc_servers_equals_local(tiny, pool, llama_server, engine, tmp_path):
+    from live_server import rpc_servers
     from logo_edge.serve.fleet import Fleet, FleetEngine
-    from logo_edge.serve.process import free_port
 
-    rpc_exe = llama_server.with_name("ggml-rpc-server")
-    procs, endpoints = [], []
-    try:
-        for k in range(2):
-            port = free_port()
-            log = open(tmp_path / f"rpc-{k}.log", "w")
-            procs.append((subprocess.Popen([str(rpc_exe), "-H", "127.0.0.1", "-p", str(port), "-t", "1"],
-                                           stdout=log, stderr=subprocess.STDOUT), log))
-            endpoints.append(f"127.0.0.1:{port}")
+    with rpc_servers(llama_server.with_name("ggml-rpc-server"), 2, tmp_path) as endpoints:
         with Fleet.spawn(tiny / "tiny-f32.gguf", pool, 1, exe=llama_server, logdir=tmp_path,
                          rpc=endpoints, extra=("-lv", "4"), **SERVER_KW) as f:
             log = f.backends[0].log.read_text()
@@ -293,8 +285,3 @@ def test_backend_over_two_rpc_servers_equals_local(tiny, pool, llama_server, eng
             assert out["choices"][0]["text"] == ref["choices"][0]["text"]
             weights = [[a["weight"] for a in r["routing"]["adapters"]] for r in (out, ref)]
             assert weights[0] == weights[1]
-    finally:
-        for p, log in procs:
-            p.terminate()
-            p.wait(timeout=20)
-            log.close()

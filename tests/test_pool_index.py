@@ -60,6 +60,17 @@ def assert_same(got, want):
         np.testing.assert_allclose(np.array(s_g, float), np.array(s_w, float), rtol=1e-6, equal_nan=True)
 
 
+def late_adapter(tiny, tmp_path):
+    """One more adapter, outside the pool directory (a hot add)."""
+    from logo_edge.bench import _write_random
+    from logo_edge.gguf_files import BaseInfo
+
+    extra = tmp_path / "elsewhere" / "late.gguf"
+    extra.parent.mkdir()
+    _write_random(BaseInfo.read(tiny / "tiny-f32.gguf"), extra, ["attn_q", "attn_v"], rank=6, seed=42)
+    return extra
+
+
 class Reads:
     """Counts the adapter files the pool reads (validates and folds)."""
 
@@ -132,12 +143,7 @@ def test_changed_added_removed_and_touched_files_are_reindexed_alone(tiny, pool_
 
 
 def test_hot_add_and_remove_through_the_index_equal_scratch(tiny, pool_dir, tmp_path):
-    from logo_edge.bench import _write_random
-    from logo_edge.gguf_files import BaseInfo
-
-    extra = tmp_path / "elsewhere" / "late.gguf"
-    extra.parent.mkdir()
-    _write_random(BaseInfo.read(tiny / "tiny-f32.gguf"), extra, ["attn_q", "attn_v"], rank=6, seed=42)
+    extra = late_adapter(tiny, tmp_path)
     eng = engine(tiny, pool_dir)
     try:
         eng.add_adapter(extra)
@@ -234,12 +240,7 @@ def test_shortlist_takes_the_best_target_scores(n, size, seed, calibration):
 def test_a_second_engine_on_the_same_index_never_changes_the_first_ones_routes(tiny, pool_dir, tmp_path):
     """Found under load: engine A hot-adds a file from elsewhere into the directory's index; engine B, opened
     on the directory alone, drops that entry. A maps the same files: its routes must not move."""
-    from logo_edge.bench import _write_random
-    from logo_edge.gguf_files import BaseInfo
-
-    extra = tmp_path / "elsewhere" / "late.gguf"
-    extra.parent.mkdir()
-    _write_random(BaseInfo.read(tiny / "tiny-f32.gguf"), extra, ["attn_q", "attn_v"], rank=6, seed=42)
+    extra = late_adapter(tiny, tmp_path)
     a = engine(tiny, pool_dir)
     try:
         a.add_adapter(extra)

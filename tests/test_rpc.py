@@ -35,36 +35,22 @@ CHILD = textwrap.dedent("""
 
 
 @pytest.fixture(scope="module")
-def rpc_servers(tmp_path_factory):
+def endpoints(tmp_path_factory):
     """Two ggml-rpc-server processes on free loopback ports (built from the pinned tree, cached)."""
+    from live_server import rpc_servers
     from logo_edge.native.build import RPC_FLAGS, build, build_tools
-    from logo_edge.serve.process import free_port
 
     build("cpu", RPC_FLAGS)  # the libllama variant the child loads
-    exe = build_tools() / "ggml-rpc-server"
-    logdir = tmp_path_factory.mktemp("rpc")
-    procs, endpoints = [], []
-    try:
-        for k in range(2):
-            port = free_port()
-            log = open(logdir / f"rpc-{k}.log", "w")
-            procs.append((subprocess.Popen([str(exe), "-H", "127.0.0.1", "-p", str(port), "-t", "1"], stdout=log,
-                                           stderr=subprocess.STDOUT), log))
-            endpoints.append(f"127.0.0.1:{port}")
+    with rpc_servers(build_tools() / "ggml-rpc-server", 2, tmp_path_factory.mktemp("rpc")) as endpoints:
         yield endpoints
-    finally:
-        for p, log in procs:
-            p.terminate()
-            p.wait(timeout=20)
-            log.close()
 
 
-def test_engine_over_two_rpc_servers_equals_the_local_engine(tiny, rpc_servers):
+def test_engine_over_two_rpc_servers_equals_the_local_engine(tiny, endpoints):
     from logo_edge.engine import Engine
 
     env = {k: v for k, v in os.environ.items() if k != "LLAMA_CPP_LIB_PATH"}
     env["LOGO_EDGE_RPC"] = "1"
-    spec = json.dumps([str(tiny / "tiny-f32.gguf"), str(tiny / "gguf"), rpc_servers, PROMPTS])
+    spec = json.dumps([str(tiny / "tiny-f32.gguf"), str(tiny / "gguf"), endpoints, PROMPTS])
     r = subprocess.run([sys.executable, "-c", CHILD, spec], env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     got = json.loads(r.stdout.strip().splitlines()[-1])
@@ -88,14 +74,14 @@ def test_engine_over_two_rpc_servers_equals_the_local_engine(tiny, rpc_servers):
         eng.close()
 
 
-def test_the_cli_routes_over_rpc_servers(tiny, rpc_servers):
+def test_the_cli_routes_over_rpc_servers(tiny, endpoints):
     """`logo-edge route --rpc A,B` loads the RPC build itself (before the engine is imported) and routes as the
     local engine does."""
     from logo_edge.engine import Engine
 
     env = {k: v for k, v in os.environ.items() if k not in ("LLAMA_CPP_LIB_PATH", "LOGO_EDGE_RPC")}
     cmd = [sys.executable, "-m", "logo_edge.cli", "route", PROMPTS[2], "--model", str(tiny / "tiny-f32.gguf"),
-           "--adapters", str(tiny / "gguf"), "--n-ctx", "256", "--rpc", ",".join(rpc_servers), "--json"]
+           "--adapters", str(tiny / "gguf"), "--n-ctx", "256", "--rpc", ",".join(endpoints), "--json"]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)  # without --rpc's build: an error
     assert r.returncode == 0, r.stderr[-3000:]
     got = json.loads(r.stdout)
