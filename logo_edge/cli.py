@@ -10,14 +10,25 @@ from pathlib import Path
 from .errors import LogoEdgeError
 
 
+def route_config(args):
+    """The RouteConfig the routing flags (_add_engine_args) ask for."""
+    from .engine import RouteConfig
+
+    return RouteConfig(signal=args.signal, k=args.k, probe_input=args.probe_input, merge=args.merge,
+                       calibration=args.calibration, prefill=args.prefill, keep=args.keep, shortlist=args.shortlist,
+                       keep_probe=args.keep_probe, keep_score=args.keep_score, keep_drop=args.keep_drop)
+
+
+def _optional_float(v: str) -> float | None:
+    return None if v.lower() == "none" else float(v)
+
+
 def _engine(args):
     from . import defaults
-    from .engine import Engine, RouteConfig
+    from .engine import Engine
 
     adapters = args.adapters if args.adapters is not None else defaults.default_pool()
-    routing = RouteConfig(signal=args.signal, k=args.k, probe_input=args.probe_input, merge=args.merge,
-                          calibration=args.calibration, prefill=args.prefill, keep=args.keep,
-                          shortlist=args.shortlist, keep_probe=args.keep_probe)
+    routing = route_config(args)
     return Engine(args.model, adapters, n_ctx=args.n_ctx, n_threads=args.threads, n_gpu_layers=args.gpu_layers,
                   target_block=args.target_block, target_module=args.target_module,
                   probe_blocks=args.probe_blocks, routing=routing,
@@ -188,6 +199,14 @@ def cmd_eval(args) -> int:
             print(_json.dumps(approx_report(eng, args.n_route, Path(args.out)), indent=1))
             print(f"report: {Path(args.out) / 'approx.md'}")
             return 0
+        if args.keep_rules:
+            from .eval_keep import keep_report
+
+            got = keep_report(eng, args.n, Path(args.out))
+            (Path(args.out) / "chats.json").write_text(_json.dumps(got.pop("pairs"), indent=1))
+            print(_json.dumps(got, indent=1))
+            print(f"report: {Path(args.out) / 'keep.md'}")
+            return 0
         summary = run_eval(eng, args.n, Path(args.out), quick=args.quick, tasks=args.tasks, n_route=args.n_route,
                            windows=args.windows)
     print(_json.dumps(summary, indent=1))
@@ -266,7 +285,8 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="exact: prefill again under the mixture; probe-cache: keep the probe's base-model "
                         "K/V of the prompt (approximate, faster)")
     p.add_argument("--merge", default=d.merge, choices=list(MERGES),
-                   help="mixture: per-adapter scales (the paper's); packed: the same sum as one adapter "
+                   help="auto: packed for two or more small adapters, else mixture (the faster exact one); "
+                        "mixture: per-adapter scales (the paper's); packed: the same sum as one adapter "
                         "(fewer graph nodes); fusion: parameter averaging")
     p.add_argument("--calibration", default=d.calibration, choices=list(CALIBRATIONS),
                    help="raw: the paper's signal; ratio / zscore: relative to each adapter's signal on "
@@ -282,6 +302,12 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--keep-probe", default=d.keep_probe, choices=["base", "mixture"],
                    help="what a continuing turn's keep decision routes on: the base-model probe (a separate pass), "
                         "or the states its new tokens reach under the kept mixture while prefilled (one pass)")
+    p.add_argument("--keep-score", type=_optional_float, default=d.keep_score,
+                   help="--keep-probe mixture: least calibrated score of the kept mixture's leader on the new turn's "
+                        f"states ('none': the weights rule; default {d.keep_score})")
+    p.add_argument("--keep-drop", type=_optional_float, default=d.keep_drop,
+                   help="--keep-probe mixture: most the leader's score may fall below its score on the turn that "
+                        f"chose the mixture (default {d.keep_drop})")
     p.add_argument("--max-loaded-mb", type=float, default=1024,
                    help="memory budget for full adapters loaded into llama.cpp (LRU beyond it)")
     p.add_argument("--target-block", type=int, default=-1, help="last block to probe (default: the model's last)")
@@ -373,6 +399,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="a few methods only (base, oracle, LoGo-norm k=3)")
     p.add_argument("--approx", action="store_true", help="what float16 window storage and the shortlist cost: "
                    "hit rates and agreement with the exact route on --n-route prompts per task (writes approx.md)")
+    p.add_argument("--keep-rules", action="store_true", help="when a conversation may keep its mixture: the keep "
+                   "rules on two-turn held-out chats, --n same-task and --n task-switch chats per task and split; "
+                   "chooses keep_score/keep_drop on validation, reports test (writes keep.md)")
     p.add_argument("--alone", action="store_true", help="each adapter alone vs base on its own task (writes "
                    "alone.md, and the scores into the pool's manifest.json)")
     p.set_defaults(fn=cmd_eval)

@@ -24,7 +24,7 @@ import numpy as np
 from . import defaults
 from ._lib import _internals, llama_cpp
 from .errors import AdapterError, ContextOverflowError, EngineBusyError, RequestError, RoutingError
-from .gguf_files import read_lora, write_lora
+from .gguf_files import LoraFile, read_lora, write_lora
 from .llm import Context, ContextConfig, LoraHandle, Model, ProbeCapture
 from .pool import AdapterPool
 from .record import AdapterScore, RoutingRecord, Timings
@@ -33,13 +33,18 @@ from .router import TARGET_NORM, RouterConfig, Routing, one_blas_thread, route_s
 PROBE_INPUTS = ("residual", "normed")
 # mixture: each selected adapter set with scale w_i (the paper's); packed: the same sum built as one
 # adapter of rank sum(r_i) with B_i scaled by w_i c_i (exact, fewer graph nodes); fusion: parameter
-# averaging A = sum w_i A_i, B = sum w_i B_i (not the same function; for comparison).
-MERGES = ("mixture", "packed", "fusion")
+# averaging A = sum w_i A_i, B = sum w_i B_i (not the same function; for comparison). auto (the default): the
+# faster exact one for the mixture at hand: packed for two or more adapters whose tensors (as their files hold
+# them) total at most PACK_MAX_BYTES (building it costs a read, a write and a load per new mixture, kept for
+# the next few; bench.txt's pack-cost section), else mixture.
+MERGES = ("auto", "mixture", "packed", "fusion")
+PACK_MAX_BYTES = 16 << 20
 # exact: the prompt is prefilled again under the mixture (SPEC §1.6). probe-cache (approximate, opt-in):
 # the probe runs in the generation context and its base-model K/V of the prompt are kept; only the last
 # prompt token is decoded again under the mixture, saving the second prefill.
 PREFILLS = ("exact", "probe-cache")
 KEEP_PROBES = ("base", "mixture")  # what a continuing turn's keep decision routes on (RouteConfig.keep_probe)
+LORA_CACHE_BYTES = 64 << 20  # adapter tensors kept in memory for packing (Engine._lora_file)
 KEEP_MIN_PREFIX = 48  # tokens of cached history below which a request is not a continuing conversation
 
 
@@ -50,7 +55,7 @@ class RouteConfig:
     signal: str = "norm"
     k: int = 3
     probe_input: str = "residual"
-    merge: str = "mixture"
+    merge: str = "auto"
     calibration: str = "zscore"  # chosen by the evaluation (models/eval/README.md); "raw" is the paper's
     prefill: str = "exact"
     # A conversation keeps its mixture while a new turn's routing agrees with it: the total variation
@@ -68,6 +73,14 @@ class RouteConfig:
     # answer is exact under the mixture the record names either way; when the mixture's own states route
     # away from it, the turn is routed again from the base probe (the extra pass is then lost).
     keep_probe: str = "base"
+    # keep_probe="mixture" with calibrated routing: the mixture is kept when, on the new tokens' states under it,
+    # its leading adapter is ranked first with a calibrated score (a z-score) of at least `keep_score` and at most
+    # `keep_drop` below what it scored on the states of the turn that chose the mixture (read, under the mixture,
+    # while that turn was prefilled). Under a mixture its own adapters' signals grow, so the new turn is compared
+    # with the turn that chose it, like with like. keep_score None: the weights rule (within `keep`) instead.
+    # Chosen on validation chats, reported on test chats: logo-edge eval --keep-rules (models/eval/keep/).
+    keep_score: float | None = None
+    keep_drop: float | None = None
 
     def __post_init__(self) -> None:
         RouterConfig(self.signal, self.k, self.calibration)  # validates signal, k and calibration
@@ -85,6 +98,10 @@ class RouteConfig:
             raise RoutingError(f"keep_probe must be one of {KEEP_PROBES}, got {self.keep_probe!r}")
         if not (isinstance(self.keep, (int, float)) and 0 <= self.keep <= 1):
             raise RoutingError(f"keep must be a weight tolerance in [0, 1], got {self.keep!r}")
+        for name in ("keep_score", "keep_drop"):
+            v = getattr(self, name)
+            if v is not None and not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)):
+                raise RoutingError(f"{name} must be a finite number or None, got {v!r}")
 
 
 @dataclass(frozen=True)
@@ -163,10 +180,17 @@ class Engine:
         self.ctx = Context(self.model, self._cfg)
         self._cache: list[int] = []  # tokens whose K/V sit in self.ctx under its current mixture
         self._cache_approx = False  # True when those K/V came from the base model (probe-cache mode)
+        # keep_probe="mixture": (mixture, its leading adapter's calibrated score on the states of the turn that
+        # chose it, read under it); None when no routed turn set the mixture now in the context
+        self._keep_ref: tuple[dict, float] | None = None
+        self._logits_for: int | None = None  # the context's logits are those of the last of this many cached tokens
         self._active: set[int] = set()  # pool indices set in self.ctx
         self._mixture: tuple[str, dict[int, float]] = ("mixture", {})  # merge and {pool index: weight} set now
         self._merged: dict[tuple, LoraHandle] = {}  # packed / fused adapters built for recent mixtures
         self._merged_bytes: dict[tuple, int] = {}  # their sizes, counted in the loaded-adapter budget
+        # the adapters' tensors as read for packing (file identity -> LoraFile), most recent last, at most
+        # LORA_CACHE_BYTES: a chat that returns to its tasks packs a new mixture without reading the files again
+        self._lora_files: dict[tuple, LoraFile] = {}
         self._tmp = tempfile.TemporaryDirectory(prefix="logo-edge-")
         self._busy = threading.Lock()  # held by the one generation running (stream)
 
@@ -188,6 +212,7 @@ class Engine:
         self._cache, self._cache_approx = [], False
         self._probe_cache = ([], 0)
         self._probe_memo.clear()
+        self._keep_ref, self._logits_for = None, None
 
     def __enter__(self) -> "Engine":
         return self
@@ -423,8 +448,31 @@ class Engine:
 
     def _keep_on_mixture_states(self, tokens: list[int], cfg: RouteConfig):
         """keep_probe="mixture": prefill a continuing turn's new tokens under the mixture set now, reading the
-        probe window's states on the way, and route on them; (idx, weights, record) when that routing is within
-        `keep` of the mixture (kept: the tokens stay in the cache for the answer), else None (routed afresh)."""
+        probe window's states on the way, and route on them; (idx, weights, record) when `mixture_keeps` says
+        the mixture holds (kept: the tokens stay in the cache for the answer), else None (routed afresh)."""
+        current = self._mixture[1]
+        ref = self._keep_ref[1] if self._keep_ref and self._keep_ref[0] == current else None
+        if _uses_score_rule(cfg) and ref is None:
+            return None  # no turn of this conversation chose the mixture on its states: route afresh
+        got = self._mixture_states(tokens, cfg)
+        if got is None:
+            return None
+        routing, considered, reused, t_prefill, t_route = got
+        if not mixture_keeps(routing, current, cfg, ref):
+            return None
+        rec = self._record(routing, considered, cfg, tokens)
+        rec.settings.update(mixture="kept", keep_rule="mixture states")
+        order = {i: r + 1 for r, i in enumerate(sorted(current, key=lambda i: -current[i]))}
+        for j, a in enumerate(rec.adapters):  # the record shows the mixture that answered
+            a.weight, a.rank = current.get(j, 0.0), order.get(j)
+        tm = rec.timings
+        tm.route_s, tm.prefill_s, tm.cached_tokens = t_route, t_prefill, reused
+        return list(current), list(current.values()), rec
+
+    def _mixture_states(self, tokens: list[int], cfg: RouteConfig):
+        """A continuing turn's new tokens prefilled under the mixture set now, routed on the probe window's states
+        they reach: (routing, shortlist mask, cached tokens reused, prefill s, route s), the tokens left in the
+        cache; None when the request does not continue the conversation under this merge (nothing is run)."""
         merge, current = self._mixture
         if cfg.keep <= 0 or cfg.prefill != "exact" or merge != cfg.merge or not current:
             return None
@@ -446,21 +494,10 @@ class Engine:
             self._cache = []
             raise
         self._cache = list(tokens)
+        self._logits_for = len(tokens)  # the context holds the last token's logits: the answer starts from them
         t1 = time.perf_counter()
         routing, considered = self.route_state(h, cfg)
-        t2 = time.perf_counter()
-        new = dict(routing.mixture())
-        tv = 0.5 * sum(abs(new.get(i, 0.0) - current.get(i, 0.0)) for i in set(new) | set(current))
-        if tv > cfg.keep:
-            return None
-        rec = self._record(routing, considered, cfg, tokens)
-        rec.settings.update(mixture="kept", keep_rule="mixture states")
-        order = {i: r + 1 for r, i in enumerate(sorted(current, key=lambda i: -current[i]))}
-        for j, a in enumerate(rec.adapters):  # the record shows the mixture that answered
-            a.weight, a.rank = current.get(j, 0.0), order.get(j)
-        tm = rec.timings
-        tm.route_s, tm.prefill_s, tm.cached_tokens = t2 - t1, t1 - t0, reused
-        return list(current), list(current.values()), rec
+        return routing, considered, reused, t1 - t0, time.perf_counter() - t1
 
     def _keepable(self, tokens: list[int], idx: list[int], weights: list[float], cfg: RouteConfig) -> dict | None:
         """The mixture set now, if this request continues its conversation and routes close to it again (total
@@ -472,13 +509,13 @@ class Engine:
         reused = _common_prefix(self._cache, tokens)
         if reused < max(KEEP_MIN_PREFIX, len(tokens) // 2):
             return None
-        new = dict(zip(idx, weights))
-        tv = 0.5 * sum(abs(new.get(i, 0.0) - current.get(i, 0.0)) for i in set(new) | set(current))
-        return dict(current) if tv <= cfg.keep else None
+        return dict(current) if weight_distance(dict(zip(idx, weights)), current) <= cfg.keep else None
 
-    def _apply(self, idx: list[int], weights: list[float], merge: str, keep_cache: bool = False) -> None:
-        if merge in ("packed", "fusion") and len(idx) > 1:
-            handles, scales = [self._merged_handle(idx, weights, merge)], [1.0]
+    def _apply(self, idx: list[int], weights: list[float], merge: str, keep_cache: bool = False) -> str:
+        """Set the mixture in the context; returns how it was applied (merge="auto" resolved)."""
+        how = self._merge_for(idx) if merge == "auto" else merge
+        if how in ("packed", "fusion") and len(idx) > 1:
+            handles, scales = [self._merged_handle(idx, weights, how)], [1.0]
             active: set[int] = set()
         else:
             pinned = self._active | set(idx)  # adapters set in the context are never freed under it
@@ -489,13 +526,30 @@ class Engine:
         self._active = active
         self._mixture = (merge, dict(zip(idx, weights)))
         self.pool.trim(active)
+        return how
+
+    def _merge_for(self, idx: list[int]) -> str:
+        """merge="auto": packed for two or more adapters whose tensors total at most PACK_MAX_BYTES."""
+        if len(idx) < 2:
+            return "mixture"
+        return "packed" if sum(self.pool.adapters[i].nbytes for i in idx) <= PACK_MAX_BYTES else "mixture"
+
+    def _lora_file(self, path: Path) -> LoraFile:
+        """An adapter file's tensors (float32), read once while it is unchanged and recently used."""
+        st = Path(path).stat()
+        key = (str(path), st.st_size, st.st_mtime_ns)
+        lora = self._lora_files.pop(key, None) or read_lora(path, self.model.info)
+        self._lora_files[key] = lora
+        while sum(x.nbytes for x in self._lora_files.values()) > LORA_CACHE_BYTES and len(self._lora_files) > 1:
+            self._lora_files.pop(next(iter(self._lora_files)))
+        return lora
 
     def _merged_handle(self, idx: list[int], weights: list[float], merge: str) -> LoraHandle:
         """A packed or fused adapter for this mixture, built once and kept for a few mixtures."""
         key = (merge, *zip(idx, np.round(weights, 6)))
         if key in self._merged:
             return self._merged[key]
-        loras = [read_lora(self.pool.adapters[i].path, self.model.info) for i in idx]
+        loras = [self._lora_file(self.pool.adapters[i].path) for i in idx]
         alpha, pairs = (_pack if merge == "packed" else _fuse)(loras, weights)
         path = Path(self._tmp.name) / f"{merge}-{uuid.uuid4().hex[:8]}.gguf"
         write_lora(path, self.model.info.arch, alpha, pairs, "f32")
@@ -515,12 +569,19 @@ class Engine:
 
     # ---- generation
 
-    def _prefill(self, tokens: list[int]) -> int:
-        """Bring the KV cache to `tokens` reusing the common prefix; returns how many were reused."""
+    def _prefill(self, tokens: list[int], capture: ProbeCapture | None = None) -> int:
+        """Bring the KV cache to `tokens` reusing the common prefix; returns how many were reused. With a
+        capture, its window's states at the last token are read on the way (capture.states)."""
+        fresh, self._logits_for = self._logits_for, None
+        if capture is None and fresh == len(tokens) and self._cache == tokens:
+            return len(tokens)  # prefilled while routed (a kept turn on its mixture's states): logits are there
         n_keep = min(_common_prefix(self._cache, tokens), len(tokens) - 1)  # the last one gives the logits
         n_keep = self.ctx.cache_truncate(n_keep, reset_ok=True)  # 0 where the memory cannot drop a suffix
         self._cache = self._cache[:n_keep]
-        self.ctx.decode(tokens[n_keep:], n_keep)
+        if capture is not None:
+            capture.run(tokens, keep_cache=True, n_keep=n_keep)  # its own decode leaves the last token's logits
+        else:
+            self.ctx.decode(tokens[n_keep:], n_keep)
         self._cache = list(tokens)
         return n_keep
 
@@ -563,9 +624,21 @@ class Engine:
         idx, weights, rec = self._plan(tokens, adapters, cfg)
         tm = rec.timings
         try:
-            self._apply(idx, weights, cfg.merge, keep_cache=rec.settings.get("prefill") == "probe-cache")
+            how = self._apply(idx, weights, cfg.merge, keep_cache=rec.settings.get("prefill") == "probe-cache")
+            if idx:
+                rec.settings["merge_applied"] = how if len(idx) > 1 else "mixture"
             t0 = time.perf_counter()
-            reused = self._prefill(tokens)
+            # a mixture routed afresh for a chat that may keep it: read the turn's states under it while prefilling
+            chose = rec.settings.get("mixture") == "new" and cfg.keep_probe == "mixture" and _uses_score_rule(cfg)
+            cap = ProbeCapture(self.ctx, self.pool.blocks, self.pool.target_module, cfg.probe_input,
+                               stop_early=False) if chose else None
+            reused = self._prefill(tokens, cap)
+            if chose:
+                current = self._mixture[1]
+                routing = self.route_state(cap.states, cfg)[0]
+                self._keep_ref = (dict(current), float(routing.scores[max(current, key=current.get)]))
+            elif rec.settings.get("mixture") != "kept":
+                self._keep_ref = None
             # a turn kept on its mixture's states was prefilled while routed: the record has its figures already
             tm.cached_tokens = min(reused, tm.cached_tokens) if tm.cached_tokens else reused
             tm.prefill_s += time.perf_counter() - t0
@@ -634,6 +707,27 @@ class Engine:
 
 
 # ---- helpers
+
+
+def weight_distance(a: Mapping[int, float], b: Mapping[int, float]) -> float:
+    """Total variation distance between two mixtures (adapter index -> weight): half the sum of |a_i - b_i|."""
+    return 0.5 * sum(abs(a.get(i, 0.0) - b.get(i, 0.0)) for i in set(a) | set(b))
+
+
+def _uses_score_rule(cfg: RouteConfig) -> bool:
+    return cfg.keep_score is not None and cfg.calibration != "raw"
+
+
+def mixture_keeps(routing: Routing, current: Mapping[int, float], cfg: RouteConfig, ref: float | None) -> bool:
+    """The keep rule on the mixture's own states (keep_probe="mixture"; RouteConfig.keep_score, keep_drop).
+    `routing` is the new turn's route on the states its tokens reach under `current`; `ref` the calibrated score
+    current's leading adapter had on the states of the turn that chose it (also under it)."""
+    if not _uses_score_rule(cfg):
+        return weight_distance(dict(routing.mixture()), current) <= cfg.keep
+    lead = max(current, key=current.get)
+    score = float(routing.scores[lead])
+    return (routing.selected[:1] == [lead] and score >= cfg.keep_score
+            and (cfg.keep_drop is None or (ref is not None and ref - score <= cfg.keep_drop)))
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

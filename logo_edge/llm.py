@@ -374,6 +374,7 @@ class ProbeCapture:
         self._error: ProbeError | None = None
         self.nodes_asked = 0
         self.n_reused = 0  # cached leading tokens the last run reused (n_keep, or 0 after a cache reset)
+        self.states: np.ndarray | None = None  # what the last run returned
         self._cb = _lib.EvalCallback(self._callback)
 
     def _callback(self, t, ask, _ud):
@@ -420,4 +421,5 @@ class ProbeCapture:
         missing = [name.decode() for name, row in self._targets.items() if self._rows[row] is None]
         if missing:
             raise ProbeError(f"the probe did not see tensor(s) {', '.join(missing)} in the model's graph")
-        return self._rows[0] if self._single else np.stack(self._rows)
+        self.states = self._rows[0] if self._single else np.stack(self._rows)
+        return self.states

@@ -27,7 +27,10 @@ LLAMA_CPP_PYTHON_VERSION = "0.3.36"
 #   llama-eval-callback.patch  the probe's eval callback, armed for one decode (what the probe needs)
 #   llama-amx-tileconfig.patch a compiler barrier that keeps the AMX tile configuration's stores, which
 #                              GCC 12 drops (NOTES-llama-cpp.md: the crash on CPUs with AMX)
-PATCHES = [Path(__file__).with_name(n) for n in ("llama-eval-callback.patch", "llama-amx-tileconfig.patch")]
+#   llama-lora-unit-scale.patch no ggml_scale node for an adapter applied at scale 1 (a packed mixture):
+#                              one node less per adapted weight, paid in every decode's thread syncs
+PATCHES = [Path(__file__).with_name(n) for n in ("llama-eval-callback.patch", "llama-amx-tileconfig.patch",
+                                                 "llama-lora-unit-scale.patch")]
 BACKEND_FLAGS = {
     "cpu": [],
     "cuda": ["-DGGML_CUDA=ON"],

@@ -1,5 +1,6 @@
 """Engine behaviour on the tiny model: bad input, caching, streaming, sampling, fusion, the record."""
 
+import os
 import shutil
 
 import numpy as np
@@ -236,6 +237,35 @@ def test_packed_adapters_count_in_the_budget(tiny):
         ref.close()
 
 
+def test_auto_merge_packs_small_mixtures_with_the_mixtures_answers(tiny, monkeypatch):
+    """merge="auto" (the default) applies two or more adapters packed while they are small (PACK_MAX_BYTES),
+    otherwise as a mixture; one adapter is set as it is. The answers are the mixture's either way; a changed
+    adapter file is read again for the next packed mixture."""
+    import logo_edge.engine as engine_mod
+
+    files = [tiny / "gguf" / f"{n}.gguf" for n in ("qv_r8", "all7_r4", "rs_r16")]
+    mix = {"qv_r8": 0.6, "all7_r4": 0.3, "rs_r16": 0.1}
+    with Engine(tiny / "tiny-f32.gguf", files, n_ctx=256, kv_type="f32", flash_attn=False) as eng:
+        assert eng.routing.merge == "auto"
+        auto = eng.create_completion("Auto merge check", adapters=mix, max_tokens=8)
+        assert auto["routing"]["settings"]["merge_applied"] == "packed"
+        plain = eng.create_completion("Auto merge check", adapters=mix, max_tokens=8, merge="mixture")
+        assert plain["routing"]["settings"]["merge_applied"] == "mixture"
+        assert auto["choices"][0]["text"] == plain["choices"][0]["text"]
+        one = eng.create_completion("Auto merge check", adapters={"rs_r16": 1.0}, max_tokens=2)
+        assert one["routing"]["settings"]["merge_applied"] == "mixture"
+        monkeypatch.setattr(engine_mod, "PACK_MAX_BYTES", sum(eng.pool.adapters[i].nbytes for i in range(3)) - 1)
+        big = eng.create_completion("Auto merge check", adapters=mix, max_tokens=8)
+        assert big["routing"]["settings"]["merge_applied"] == "mixture"
+        assert big["choices"][0]["text"] == plain["choices"][0]["text"]
+        assert len(eng._lora_files) == 3  # read once for packing, kept while unchanged
+        path = eng.pool.adapters[0].path
+        st = path.stat()
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1000))
+        eng._merged_handle([0, 1], [0.5, 0.5], "packed")
+        assert sorted(k[2] - st.st_mtime_ns for k in eng._lora_files if k[0] == str(path)) == [0, 1000]
+
+
 def test_loaded_adapters_stay_within_the_budget_and_never_under_the_context(tiny):
     sizes = {p.stem: p.stat().st_size for p in (tiny / "gguf").glob("*.gguf")}
     budget_mb = 1.5 * max(sizes.values()) / 2**20  # room for about one adapter
@@ -377,6 +407,48 @@ def test_keep_decided_on_the_mixture_states_is_one_pass_and_exact(tiny):
     assert fell_back["routing"]["timings"]["probe_s"] > 0
     with pytest.raises(RoutingError, match="keep_probe"):
         RouteConfig(keep_probe="nope")
+
+
+def test_keep_score_rule_compares_the_turn_with_the_one_that_chose_the_mixture(tiny):
+    """keep_probe="mixture" with keep_score/keep_drop: the turn that routes a new mixture reads its own states under
+    that mixture while it is prefilled (the reference: equal to probing a fresh engine with the mixture set by
+    hand); a later turn keeps the mixture when its leader is still first, scores >= keep_score and at most keep_drop
+    below the reference; its answer starts from the logits of that one pass and equals a fresh engine's."""
+    from logo_edge.engine import RouteConfig
+    from logo_edge.llm import ProbeCapture
+
+    files = [tiny / "gguf" / f"{n}.gguf" for n in ("qv_r8", "all7_r4", "rs_r16", "qkd_r2", "pattern_r8")]
+    turn1 = [{"role": "user", "content": "tell me about rivers and markets and the proof of energy " * 3}]
+
+    def chat(**rule):
+        with Engine(tiny / "tiny-f32.gguf", files, n_ctx=512, kv_type="f32",
+                    routing=RouteConfig(keep=1.0, keep_probe="mixture", **rule)) as eng:
+            a = eng.create_chat_completion(turn1, max_tokens=6)
+            ref = eng._keep_ref
+            msgs = turn1 + [{"role": "assistant", "content": a["choices"][0]["message"]["content"]},
+                            {"role": "user", "content": "and more"}]
+            return a["routing"], ref, msgs, eng.create_chat_completion(msgs, max_tokens=6)
+
+    rec1, ref, msgs, kept = chat(keep_score=-1e9, keep_drop=1e9)
+    w1 = {x["name"]: x["weight"] for x in rec1["adapters"] if x["rank"]}
+    assert kept["routing"]["settings"]["mixture"] == "kept" and kept["routing"]["timings"]["probe_s"] == 0
+    with Engine(tiny / "tiny-f32.gguf", files, n_ctx=512, kv_type="f32") as fresh:
+        answer = fresh.create_chat_completion(msgs, max_tokens=6, adapters=w1)
+        assert kept["choices"][0]["message"]["content"] == answer["choices"][0]["message"]["content"]
+        fresh.forget_prompts()
+        fresh._apply([fresh.pool.index(n) for n in w1], list(w1.values()), "mixture")
+        cap = ProbeCapture(fresh.ctx, fresh.pool.blocks, fresh.pool.target_module, "residual", stop_early=False)
+        h = cap.run(fresh.tokenize(fresh.format_chat(turn1)))
+        lead = fresh.pool.index(max(w1, key=w1.get))
+        direct = fresh.route_state(h, fresh.routing)[0].scores[lead]
+    assert ref is not None and ref[0] == {fresh.pool.index(n): w for n, w in w1.items()}
+    assert ref[1] == pytest.approx(float(direct), rel=1e-4, abs=1e-4)
+
+    for rule in (dict(keep_score=1e9, keep_drop=1e9), dict(keep_score=-1e9, keep_drop=-1e9)):
+        _, _, _, rerouted = chat(**rule)  # too strict: the base probe decides
+        assert rerouted["routing"]["settings"]["keep_rule"] == "base probe", rule
+    with pytest.raises(RoutingError, match="keep_drop"):
+        RouteConfig(keep_drop=float("nan"))
 
 
 def test_probe_cache_mode_reuses_the_previous_turn(tiny):

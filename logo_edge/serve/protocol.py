@@ -49,6 +49,8 @@ class LogoSettings(Strict):
     probe_input: str | None = None
     keep: float | None = None
     keep_probe: str | None = None
+    keep_score: float | None = None
+    keep_drop: float | None = None
     shortlist: int | None = None
 
     def overrides(self) -> dict:

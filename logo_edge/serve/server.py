@@ -28,15 +28,14 @@ def make_config(args, model_path: Path):
 def build(args):
     """(app, workers) for these arguments; the engines are loaded before this returns."""
     from .. import defaults
-    from ..engine import Engine, RouteConfig
+    from ..cli import route_config
+    from ..engine import Engine
     from .app import create_app
     from .workers import Workers
 
     model_path = Path(args.model) if args.model else defaults.default_model_path()
     adapters = args.adapters if args.adapters is not None else defaults.default_pool()
-    routing = RouteConfig(signal=args.signal, k=args.k, probe_input=args.probe_input, merge=args.merge,
-                          calibration=args.calibration, prefill=args.prefill, keep=args.keep,
-                          shortlist=args.shortlist, keep_probe=args.keep_probe)
+    routing = route_config(args)
 
     # engines share the cores: oversubscribed llama.cpp thread pools spin against each other
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.parallel)
