@@ -16,7 +16,8 @@ def route_config(args):
 
     return RouteConfig(signal=args.signal, k=args.k, probe_input=args.probe_input, merge=args.merge,
                        calibration=args.calibration, prefill=args.prefill, keep=args.keep, shortlist=args.shortlist,
-                       keep_probe=args.keep_probe, keep_score=args.keep_score, keep_drop=args.keep_drop)
+                       keep_probe=args.keep_probe, keep_score=args.keep_score, keep_drop=args.keep_drop,
+                       min_score=args.min_score)
 
 
 def _optional_float(v: str) -> float | None:
@@ -208,7 +209,7 @@ def cmd_eval(args) -> int:
             print(f"report: {Path(args.out) / 'keep.md'}")
             return 0
         summary = run_eval(eng, args.n, Path(args.out), quick=args.quick, tasks=args.tasks, n_route=args.n_route,
-                           windows=args.windows)
+                           windows=args.windows, spectral=True if args.spectral else None)
     print(_json.dumps(summary, indent=1))
     print(f"report: {Path(args.out) / 'report.md'}")
     return 0
@@ -308,6 +309,9 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--keep-drop", type=_optional_float, default=d.keep_drop,
                    help="--keep-probe mixture: most the leader's score may fall below its score on the turn that "
                         f"chose the mixture (default {d.keep_drop})")
+    p.add_argument("--min-score", type=_optional_float, default=d.min_score,
+                   help="answer with the base model when the best adapter's calibrated score is below this "
+                        f"('none': always route; default {d.min_score})")
     p.add_argument("--max-loaded-mb", type=float, default=1024,
                    help="memory budget for full adapters loaded into llama.cpp (LRU beyond it)")
     p.add_argument("--target-block", type=int, default=-1, help="last block to probe (default: the model's last)")
@@ -397,6 +401,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="eval-out")
     p.add_argument("--tasks", nargs="+", help="only these tasks (default: every pool task + the unseen ones)")
     p.add_argument("--quick", action="store_true", help="a few methods only (base, oracle, LoGo-norm k=3)")
+    p.add_argument("--spectral", action="store_true", help="also generate with the Arrow and SpectR routers in --quick "
+                   "mode (a full run always does)")
     p.add_argument("--approx", action="store_true", help="what float16 window storage and the shortlist cost: "
                    "hit rates and agreement with the exact route on --n-route prompts per task (writes approx.md)")
     p.add_argument("--keep-rules", action="store_true", help="when a conversation may keep its mixture: the keep "

@@ -4,7 +4,9 @@ Per example the prompt is probed once per probe configuration (the signals of ev
 come from the same probe), and each distinct mixture is generated once (greedy), so methods that pick
 the same adapters share a generation. Outputs: report.md (tables like the paper's), results.csv (every
 example x method), signals.csv and heatmap.png (task x adapter mean signal, min-max normalized per
-adapter, as the paper's Figure 2).
+adapter, as the paper's Figure 2). Arrow and SpectR (routers_spectral.py) route from the same probe
+states (the `normed` ones: q_proj's input), and a side-by-side table gives every router's hit rates and
+scores with bootstrap 95 % intervals.
 """
 
 from __future__ import annotations
@@ -20,10 +22,19 @@ import numpy as np
 
 from .errors import AdapterError
 from .router import CALIBRATIONS, RouterConfig, route_signals
+from .routers_spectral import SpectralBank, SpectralConfig
 from .tasks import POOL_TASKS, TASKS, UNSEEN_TASKS, Example, score, splits
 
 LOGO_GRID = [(s, k) for s in ("norm", "entropy") for k in (1, 3, 5)]
 SIGNAL_NAMES = ("norm", "entropy")
+# Arrow and SpectR on the normed probe over the engine's window: method name -> (config, hit-rate row name);
+# the first two are also generated (GENERATED_SPECTRAL), the target-block ones are hit rates only
+SPECTRAL = {"Arrow k=3": (SpectralConfig("arrow", 3), "arrow [window mean]"),
+            "SpectR k=3": (SpectralConfig("spectr", 3), "spectr [window mean]"),
+            "Arrow k=3 [target block]": (SpectralConfig("arrow", 3, blocks="target"), "arrow [target block]"),
+            "SpectR k=3 [target block]": (SpectralConfig("spectr", 3, blocks="target"), "spectr [target block]")}
+GENERATED_SPECTRAL = ("Arrow k=3", "SpectR k=3")
+BOOTSTRAP = 2000  # resamples for the 95 % intervals of the routers table
 
 
 @dataclass
@@ -40,6 +51,7 @@ class EvalState:
     rows: list[dict] = field(default_factory=list)
     signals: dict[tuple[str, str], list[np.ndarray]] = field(default_factory=dict)  # (setting, task) -> rows
     hits: dict[tuple[str, str, str], list[tuple[bool, bool]]] = field(default_factory=dict)
+    route_s: dict[str, list[float]] = field(default_factory=dict)  # router -> seconds to route one request
 
 
 def _progress(i: int, n: int, t0: float, what: str) -> None:
@@ -76,6 +88,16 @@ class Evaluator:
         paper = [s.label for s in settings if s.probe_input == "residual" and s.window == 1
                  and s.block % eng.model.n_layer == eng.model.n_layer - 1]
         self.paper = paper[0] if paper else (settings[0].label if settings else None)
+        normed = [s.label for s in settings if s.probe_input == "normed" and self.pools[s.label] is eng.pool]
+        self.normed = normed[0] if normed else None  # the probe Arrow and SpectR read: q_proj's input
+        self.spectral = SpectralBank.from_pool(eng.pool) if self.normed else None
+
+    def route_spectral(self, states: dict[str, np.ndarray], method: str, k: int | None = None):
+        """Arrow / SpectR (`SPECTRAL[method]`) on the normed probe states; k overrides the config's."""
+        cfg = SPECTRAL[method][0]
+        if k is not None:
+            cfg = SpectralConfig(cfg.method, k, cfg.temperature, cfg.blocks)
+        return self.spectral.route(states[self.normed], cfg)
 
     def route(self, h, label: str, signal: str, k: int, calibration: str = "raw"):
         pool = self.pools[label]
@@ -103,8 +125,9 @@ class Evaluator:
             out[s.label] = np.stack([rows[b] for b in pool.blocks])
         return out
 
-    def methods(self, ex: Example, states: dict[str, np.ndarray], rng: random.Random, in_pool: bool) -> dict:
-        """method name -> mixture ({name: weight} or 'base')."""
+    def methods(self, ex: Example, states: dict[str, np.ndarray], rng: random.Random, in_pool: bool,
+                spectral: bool = True) -> dict:
+        """method name -> mixture ({name: weight} or 'base'); with `spectral`, Arrow and SpectR too."""
         n = len(self.names)
         m: dict[str, object] = {"base": "base", "uniform": {a: 1.0 / n for a in self.names}}
         m["random k=3"] = {a: 1 / 3 for a in rng.sample(self.names, 3)}
@@ -120,6 +143,9 @@ class Evaluator:
         for s in self.settings[1:]:
             if s.generate:
                 m[f"LoGo-{sig} k={k} [zscore, {s.label}]"] = self._mix(states[s.label], s.label, sig, k, "zscore")
+        if spectral and self.spectral is not None:
+            for name in GENERATED_SPECTRAL:
+                m[name] = {self.names[i]: w for i, w in self.route_spectral(states, name).mixture()}
         return m
 
     def _mix(self, h, label, signal, k, calibration="raw") -> dict[str, float]:
@@ -135,12 +161,15 @@ class Evaluator:
 
 
 def run_eval(eng, n_per_task: int, out_dir: Path, quick: bool = False, tasks: list[str] | None = None,
-             seed: int = 0, n_route: int = 0, windows: list[int] | None = None) -> dict:
+             seed: int = 0, n_route: int = 0, windows: list[int] | None = None,
+             spectral: bool | None = None) -> dict:
     """Evaluate; returns a summary dict (also written as report.md / results.csv / heatmap.png).
 
     Generation runs on the first `n_per_task` test examples of each task; routing statistics (hit rates,
     signals) on the first max(n_per_task, n_route), since a probe costs far less than a generation.
-    `windows` adds probe windows (residual, ending at the last block) to the hit-rate table only."""
+    `windows` adds probe windows (residual, ending at the last block) to the hit-rate table only.
+    `spectral`: Arrow and SpectR are generated (GENERATED_SPECTRAL) when True, or when None and not
+    `quick`; their hit rates are reported unless False."""
     out_dir.mkdir(parents=True, exist_ok=True)
     mid = eng.model.n_layer // 2
     w = len(eng.pool.blocks)
@@ -153,6 +182,8 @@ def run_eval(eng, n_per_task: int, out_dir: Path, quick: bool = False, tasks: li
     settings += [ProbeSetting(f"residual, last {n} blocks", "residual", -1, n, generate=False)
                  for n in windows or () if n not in (1, w)]
     ev = Evaluator(eng, settings)
+    gen_spectral = (not quick if spectral is None else spectral) and ev.spectral is not None
+    hit_spectral = spectral is not False and ev.spectral is not None
     pool_names = set(ev.names)
     chosen = [TASKS[t] for t in tasks] if tasks else [t for t in POOL_TASKS if t.name in pool_names] + UNSEEN_TASKS
     def n_of(t):  # hit rates need the extra probed examples only where the task has its own adapter
@@ -180,13 +211,16 @@ def run_eval(eng, n_per_task: int, out_dir: Path, quick: bool = False, tasks: li
                         own = pool.names.index(task.name)
                         rank = r.selected.index(own) if own in r.selected else len(pool.names)
                         st.hits.setdefault((f"{sig} [{cal}]", s.label, task.name), []).append((rank == 0, rank < 3))
+        if hit_spectral:
+            _spectral_hits(ev, st, states, task.name if in_pool else None)
         if j >= n_per_task:
             continue
         done: dict[tuple, tuple[str, float]] = {}
-        methods = ev.methods(ex, states, rng, in_pool)
+        methods = ev.methods(ex, states, rng, in_pool, gen_spectral)
         if quick:  # the pipeline end to end on a few methods
             methods = {m: v for m, v in methods.items() if m in ("base", "oracle", "LoGo-norm k=3",
-                                                                  "LoGo-norm k=3 [zscore]")}
+                                                                  "LoGo-norm k=3 [zscore]")
+                       or (gen_spectral and m in GENERATED_SPECTRAL)}
         if not quick:  # the approximate mode: the probe's base K/V kept for the prompt (engine's default probe)
             sig, k = ev.default
             methods[f"LoGo-{sig} k={k} [zscore, probe-cache]"] = methods[f"LoGo-{sig} k={k} [zscore]"]
@@ -199,7 +233,8 @@ def run_eval(eng, n_per_task: int, out_dir: Path, quick: bool = False, tasks: li
             if key not in done:
                 done[key] = ev.generate(ex, mix)
             pred, secs = done[key]
-            routed = method.startswith("LoGo") and not method.endswith("[probe-cache]")  # that one timed whole
+            # routed methods count the probe; probe-cache's generation timed it whole
+            routed = method.startswith(("LoGo", "Arrow", "SpectR")) and not method.endswith("[probe-cache]")
             st.rows.append(dict(idx=i, task=task.name, group="in-pool" if in_pool else "unseen", method=method,
                                 score=score(task, pred, ex.refs), seconds=secs + (probe_s if routed else 0.0),
                                 adapters=";".join(f"{a}:{w:.3f}" for a, w in mix.items()) if mix != "base" else "",
@@ -209,6 +244,40 @@ def run_eval(eng, n_per_task: int, out_dir: Path, quick: bool = False, tasks: li
     if not quick:
         _fusion_pass(ev, st, data)
     return _write(st, out_dir, ev, chosen, n_per_task, time.time() - t0, quick, n_route)
+
+
+def _routers(ev) -> dict[str, tuple[str, str, object]]:
+    """The side-by-side table's routers: name (as its generated method) -> (hit-rate row, probe label,
+    route(states) at k=3). LoGo as the paper (raw, residual, last block), the default (zscore on the engine's
+    window) and the default on the normed probe, then Arrow and SpectR (normed probe)."""
+    main, paper = ev.settings[0].label, ev.paper
+    out = {}
+    logo = [("LoGo-norm k=3", "norm", "raw", paper), ("LoGo-entropy k=3", "entropy", "raw", paper),
+            ("LoGo-norm k=3 [zscore]", "norm", "zscore", main),
+            ("LoGo-entropy k=3 [zscore]", "entropy", "zscore", main),
+            (f"LoGo-norm k=3 [zscore, {ev.normed}]", "norm", "zscore", ev.normed)]
+    for name, sig, cal, label in logo:
+        if label is not None:
+            out[name] = (f"{sig} [{cal}]", label, lambda st, lab=label, sg=sig, c=cal: ev.route(st[lab], lab, sg, 3, c))
+    if ev.spectral is not None:
+        for name, (_, hit) in SPECTRAL.items():
+            out[name] = (hit, ev.normed, lambda st, m=name: ev.route_spectral(st, m))
+    return out
+
+
+def _spectral_hits(ev, st: EvalState, states: dict[str, np.ndarray], own: str | None) -> None:
+    """Arrow and SpectR hit rates on one prompt (`own`: its task's adapter, None if unseen), and every
+    router's routing time (signals, selection, weights; not the probe)."""
+    n = len(ev.names)
+    if own is not None:
+        for name, (_, hit) in SPECTRAL.items():
+            r = ev.route_spectral(states, name, n)
+            rank = r.selected.index(ev.names.index(own)) if ev.names.index(own) in r.selected else n
+            st.hits.setdefault((hit, ev.normed, own), []).append((rank == 0, rank < 3))
+    for name, (_, _, route) in _routers(ev).items():
+        t0 = time.perf_counter()
+        route(states)
+        st.route_s.setdefault(name, []).append(time.perf_counter() - t0)
 
 
 def _fusion_pass(ev, st: EvalState, data) -> None:
@@ -285,10 +354,74 @@ def _write(st: EvalState, out: Path, ev, chosen, n, elapsed, quick, n_route) -> 
                     summary["hit_rates"][f"{sig}, {s.label}"] = (float(t1), float(t3))
                     md.append(f"| {sig} | {s.label} | {100 * t1:.1f} | {100 * t3:.1f} |")
         md.append(f"\nChance: top-1 {100 / len(ev.names):.1f}, top-3 {300 / len(ev.names):.1f}.\n")
+    if st.route_s:
+        md.append(_routers_table(st, ev, summary))
     _heatmap(st, ev, chosen, out)
     md.append("![signals](heatmap.png)\n")
     (out / "report.md").write_text("\n".join(md))
     return summary
+
+
+def _boot(per_task: list[np.ndarray], ratio: bool = False, seed: int = 0) -> tuple[float, float, float]:
+    """The mean over tasks of each task's mean, and its 95 % bootstrap interval (examples resampled within
+    each task, BOOTSTRAP times). Each array is (n, m); with `ratio`, the statistic is column 0 over column 1
+    (paired: the same examples resampled for both)."""
+    rng = np.random.default_rng(seed)
+    point = np.mean([a.mean(axis=0) for a in per_task], axis=0)  # (m,)
+    boot = np.mean([a[rng.integers(0, len(a), (BOOTSTRAP, len(a)))].mean(axis=1) for a in per_task], axis=0)
+    with np.errstate(all="ignore"):  # (BOOTSTRAP, m); a resample can have a zero denominator
+        stat, dist = (point[0] / point[1], boot[:, 0] / boot[:, 1]) if ratio else (point[0], boot[:, 0])
+    lo, hi = np.nanpercentile(np.where(np.isfinite(dist), dist, np.nan), [2.5, 97.5])
+    return float(stat), float(lo), float(hi)
+
+
+def _scores_by_task(rows: list[dict], group: str, methods: tuple[str, ...]) -> list[np.ndarray]:
+    """Per task, (n, len(methods)) scores of the examples every method was generated on."""
+    by: dict[tuple[str, int], dict[str, float]] = {}
+    for r in rows:
+        if r["group"] == group and r["method"] in methods:
+            by.setdefault((r["task"], r["idx"]), {})[r["method"]] = r["score"]
+    tasks: dict[str, list[list[float]]] = {}
+    for (task, _), v in by.items():
+        if len(v) == len(methods):
+            tasks.setdefault(task, []).append([v[m] for m in methods])
+    return [np.array(v) for v in tasks.values()]
+
+
+def _routers_table(st: EvalState, ev, summary: dict) -> str:
+    """Every router side by side: hit rates, task scores (in-pool, relative to the oracle, unseen) with
+    bootstrap intervals, and routing time; reference rows (base, uniform, oracle) for the scores."""
+    def ci(t):
+        return f"{100 * t[0]:.1f} [{100 * t[1]:.1f}, {100 * t[2]:.1f}]" if t else "–"
+
+    def boot(groups, ratio=False):
+        return _boot(groups, ratio) if groups else None
+
+    pool_tasks = [t for t in dict.fromkeys(t for _, _, t in st.hits)]
+    md = ["## Routers side by side (95 % bootstrap intervals)\n",
+          "Every router from the same probe pass at k=3: hit rates on the in-pool routing prompts, scores "
+          "(x100) on the generated examples, the mean over tasks with examples resampled within each task "
+          f"({BOOTSTRAP} resamples); `/ oracle` is the in-pool score over the oracle's on the same examples. "
+          "Routing time: signals, selection and weights for one request, the probe excluded. Arrow and SpectR "
+          "read the normed probe (q_proj's input); `window mean` averages a block's scores over the window.\n",
+          "| router | probe | top-1 | top-3 | in-pool score | / oracle | unseen score | routing ms |",
+          "|---|---|---|---|---|---|---|---|"]
+    out = summary.setdefault("routers", {})
+    for name in ["base", "uniform", "oracle"]:
+        sc, un = boot(_scores_by_task(st.rows, "in-pool", (name,))), boot(_scores_by_task(st.rows, "unseen", (name,)))
+        if sc or un:
+            md.append(f"| {name} | – | – | – | {ci(sc)} | – | {ci(un)} | – |")
+            out[name] = {"in-pool": sc, "unseen": un}
+    for name, (hit, label, _) in _routers(ev).items():
+        hits = [np.array(st.hits[(hit, label, t)], float) for t in pool_tasks if (hit, label, t) in st.hits]
+        t1, t3 = boot([h[:, :1] for h in hits]), boot([h[:, 1:] for h in hits])
+        sc, un = boot(_scores_by_task(st.rows, "in-pool", (name,))), boot(_scores_by_task(st.rows, "unseen", (name,)))
+        rel = boot(_scores_by_task(st.rows, "in-pool", (name, "oracle")), ratio=True)
+        ms = 1000 * float(np.mean(st.route_s[name])) if st.route_s.get(name) else None
+        md.append(f"| {name} | {label} | {ci(t1)} | {ci(t3)} | {ci(sc)} | {ci(rel)} | {ci(un)} | "
+                  + (f"{ms:.2f} |" if ms is not None else "– |"))
+        out[name] = {"top1": t1, "top3": t3, "in-pool": sc, "vs_oracle": rel, "unseen": un, "route_ms": ms}
+    return "\n".join(md) + "\n"
 
 
 def _heatmap(st: EvalState, ev, chosen, out: Path) -> None:

@@ -1,0 +1,225 @@
+"""Arrow and SpectR: training-free routers from each adapter's spectrum, on the same probe states as LoGo.
+
+Both read x, the input of the adapted module (for `attn_q`: the attention norm's output, the engine's
+`normed` probe input) and score every adapter from the right singular vectors of its update c B A:
+
+- **Arrow** (Ostapenko et al. 2024, "Towards modular LLMs by building and reusing a library of LoRAs";
+  PEFT `tuners/lora/arrow.py`, `ArrowLoraLinearLayer.top_right_singular_vec_from_BA` / `.forward`):
+  the prototype v_i is the top right singular vector of B_i A_i (a unit vector, so the scale c_i and the
+  sign do not matter), the score |x . v_i| (x not normalized), top-k, weights softmax(s / temperature)
+  over the selected (`ArrowConfig(top_k=3, router_temperature=1.0)`).
+- **SpectR** (Fleshman & Van Durme 2025; github wfleshman/spectr, `llm_merging/merging/SpectR.py`: `svd`
+  and `RouteWrap.forward`): B_i A_i = U S V^T is refactored as A' = c_i V^T (`self.scaling * A` after
+  `svd`), the score ||A' x|| = |c_i| ||V_i^T x||: neither scaled by S nor normalized by ||x||; top-k with
+  uniform weights 1/k (the code's topk=4; here k is set).
+
+Both were defined per token and per layer; a request is routed once here, from the last prompt token
+(what the probe reads), and a layer's scores are combined over the probe window by their mean over the
+blocks where the adapter has the module (`blocks="mean"`), or read at the target block alone
+(`blocks="target"`). The singular vectors come from the adapter files (`read_lora`), once per pool
+(cached in memory by file, size and mtime). llama.cpp's GGUF stores q/k rows RoPE-permuted: a row
+permutation of B leaves the singular values and right singular vectors of B A unchanged, so the scores
+equal those of the PEFT weights. c_i is the file's scale alpha / r, as llama.cpp applies it.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from .errors import RoutingError
+from .router import Entry, Routing, fold, select, weights_for
+
+METHODS = ("arrow", "spectr")
+BLOCKS = ("mean", "target")
+
+
+@dataclass(frozen=True)
+class SpectralConfig:
+    """A spectral router: `method` (arrow | spectr), k, Arrow's softmax temperature, how blocks combine."""
+
+    method: str = "arrow"
+    k: int = 3
+    temperature: float = 1.0  # Arrow's router_temperature; SpectR weights are uniform
+    blocks: str = "mean"  # mean over the probe window's blocks, or the target block alone
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise RoutingError(f"unknown spectral router {self.method!r}: choose one of {list(METHODS)}")
+        if not isinstance(self.k, (int, np.integer)) or isinstance(self.k, bool) or self.k < 1:
+            raise RoutingError(f"k must be an integer >= 1, got {self.k!r}")
+        if not self.temperature > 0:
+            raise RoutingError(f"temperature must be > 0, got {self.temperature!r}")
+        if self.blocks not in BLOCKS:
+            raise RoutingError(f"blocks must be one of {list(BLOCKS)}, got {self.blocks!r}")
+
+
+def spectrum(a: np.ndarray, b: np.ndarray, c: float) -> tuple[np.ndarray, np.ndarray]:
+    """(S (r',), Vt (r', d_in)): the nonzero singular values of c B A, largest first, and their right
+    singular vectors, without forming B A. From `fold`, c B A = Q M with Q's columns orthonormal (or zero,
+    with M's row), so c B A and M share S and Vt; the SVD of M is r x d_in."""
+    m, _ = fold(a, b, c)  # (r, d_in) float64
+    _, s, vt = np.linalg.svd(m, full_matrices=False)
+    keep = s > max(s.max(initial=0.0), 0.0) * 1e-6  # directions with no output: arbitrary, dropped
+    return s[keep], vt[keep]
+
+
+class SpectralBank:
+    """Per probeable adapter and window block: Arrow's prototype v (its top right singular vector) and
+    SpectR's rows |c| V^T, laid out like the probe bank (an adapter's rows contiguous, padded with zeros
+    to its largest rank in the window; zero where it has no LoRA on a block).
+
+    `names` are the pool's adapters in pool order; `unprobeable` (name -> reason) have no entry and are
+    not ranked, as in the LoGo router."""
+
+    def __init__(self, names: Sequence[str], entries: Sequence[Sequence[Entry | None]],
+                 unprobeable: dict[str, str] | None = None):
+        self.names = list(names)
+        self.unprobeable = dict(unprobeable or {})
+        if len(entries) != len(self.names) - len(self.unprobeable) or not entries:
+            raise RoutingError(f"{len(entries)} spectral entries for {len(self.names)} adapters, "
+                               f"{len(self.unprobeable)} unprobeable: one entry per probeable adapter is needed")
+        n_blocks = len(entries[0])
+        first = next((e for row in entries for e in row if e is not None), None)
+        if first is None:
+            raise RoutingError("the spectral bank is empty: no adapter has a LoRA in the probe window")
+        d_in = first[0].shape[1]
+        spectra = [[spectrum(*e) if e is not None else None for e in row] for row in entries]
+        # at least one (zero) row each, so an adapter whose update is zero scores 0 rather than breaking reduceat
+        self.ranks = np.array([max([s[1].shape[0] for s in row if s is not None] + [1]) for row in spectra])
+        self.offsets = np.concatenate([[0], np.cumsum(self.ranks)[:-1]]).astype(np.intp)
+        self.proto = np.zeros((n_blocks, len(entries), d_in), np.float32)  # Arrow: v_ib
+        self.rows = np.zeros((n_blocks, int(self.ranks.sum()), d_in), np.float32)  # SpectR: |c| V_ib^T
+        self.present = np.zeros((n_blocks, len(entries)), bool)
+        for i, (row, spec) in enumerate(zip(entries, spectra)):
+            for j, (e, s) in enumerate(zip(row, spec)):
+                if s is None or not len(s[0]):
+                    continue
+                self.proto[j, i] = s[1][0]
+                self.rows[j, self.offsets[i]:self.offsets[i] + len(s[0])] = abs(e[2]) * s[1]
+                self.present[j, i] = True
+
+    @property
+    def probeable(self) -> list[str]:
+        return [n for n in self.names if n not in self.unprobeable]
+
+    @property
+    def n_blocks(self) -> int:
+        return self.proto.shape[0]
+
+    @classmethod
+    def from_pool(cls, pool) -> "SpectralBank":
+        """The bank of an `AdapterPool`'s probe window and module, read from its adapter files once (cached
+        by the files' paths, sizes and mtimes, the window tensors and the model)."""
+        key = (str(pool.model.path), tuple(pool.window_tensors), pool.query_rows,
+               tuple((a.name, str(a.path), *_stamp(a.path)) for a in pool.adapters))
+        if key not in _CACHE:
+            _CACHE[key] = cls(pool.names, [pool_entries(pool, a.path) for a in pool.adapters
+                                           if a.bank_index is not None], pool.unprobeable)
+        return _CACHE[key]
+
+    def block_scores(self, h: np.ndarray, method: str) -> np.ndarray:
+        """Per window block, every probeable adapter's score: (n_blocks, N) float64. h: (n_blocks, d_in)."""
+        x = np.asarray(h, np.float32)
+        x = x[None] if x.ndim == 1 else x
+        if x.shape != (self.n_blocks, self.proto.shape[2]):
+            raise RoutingError(f"probe state has shape {np.shape(h)}; the spectral bank reads {self.n_blocks} "
+                               f"block(s) of {self.proto.shape[2]}")
+        return SCORES[method](self, x)
+
+    def scores(self, h: np.ndarray, method: str, blocks: str = "mean") -> np.ndarray:
+        """Every probeable adapter's score, (N,): the mean of its block scores over the blocks where it has
+        the module (a nonzero update), or the target block's (`blocks="target"`)."""
+        per_block = self.block_scores(h, method)  # (n_blocks, N)
+        if blocks == "target":
+            return per_block[-1]
+        return (per_block * self.present).sum(axis=0) / np.maximum(self.present.sum(axis=0), 1)
+
+    def route(self, h: np.ndarray, config: SpectralConfig) -> Routing:
+        """Rank by `config`'s scores, keep the top k (k > N: N), weight them by the method's rule."""
+        with np.errstate(all="ignore"):
+            raw = self.scores(h, config.method, config.blocks)
+        rows = np.array([i for i, n in enumerate(self.names) if n not in self.unprobeable], np.intp)
+        signals = np.full(len(self.names), np.nan)
+        signals[rows] = raw
+        excluded = dict(self.unprobeable)
+        eligible = np.zeros(len(self.names), bool)
+        eligible[rows] = np.isfinite(raw)
+        for i in rows[~np.isfinite(raw)]:
+            excluded[self.names[i]] = "non-finite spectral score"
+            warnings.warn(f"adapter {self.names[i]!r}: non-finite spectral score, excluded from routing",
+                          RuntimeWarning, stacklevel=2)
+        if not eligible.any():
+            raise RoutingError("no adapter could be scored: " + "; ".join(f"{k}: {v}" for k, v in excluded.items()))
+        selected = select(signals, config.k, eligible)
+        return Routing(self.names, signals, weights_for(signals, selected, WEIGHTS[config.method](config)),
+                       selected, excluded, signals.copy())
+
+
+def pool_entries(pool, path: Path) -> list[Entry | None]:
+    """One adapter's (A, B, c) per block of the pool's probe window, from its file (None: no LoRA there).
+    A fused q/k/v keeps B's query rows, as the pool does."""
+    from .gguf_files import read_lora
+
+    lora = read_lora(path, pool.model.info, only=pool.window_tensors)
+    out: list[Entry | None] = []
+    for t in pool.window_tensors:
+        if t not in lora.pairs:
+            out.append(None)
+            continue
+        a, b = lora.pairs[t]
+        out.append((a, b if pool.query_rows is None else b[:pool.query_rows], lora.scale(t)))
+    return out
+
+
+def _stamp(path: Path) -> tuple[int, int]:
+    st = Path(path).stat()
+    return st.st_size, st.st_mtime_ns
+
+
+_CACHE: dict[tuple, SpectralBank] = {}
+
+
+# ---- scores per block: (bank, x (n_blocks, d_in)) -> (n_blocks, N); a registry, extend by adding an entry
+
+
+def arrow_scores(bank: SpectralBank, x: np.ndarray) -> np.ndarray:
+    """|x_b . v_ib|: PEFT's `sim = torch.abs(tok @ self.prototypes.T)` at each block."""
+    return np.abs(np.matmul(bank.proto, x[:, :, None])[..., 0]).astype(np.float64)  # (n_blocks, N)
+
+
+def spectr_scores(bank: SpectralBank, x: np.ndarray) -> np.ndarray:
+    """|c_i| ||V_ib^T x_b||: SpectR's `torch.norm(einsum('arh,bsh->absr', A, x), dim=-1)` at each block."""
+    z = np.matmul(bank.rows, x[:, :, None])[..., 0].astype(np.float64)  # (n_blocks, rows)
+    sq = np.add.reduceat(np.square(z), bank.offsets, axis=1)  # (n_blocks, N); every rank >= 1
+    return np.sqrt(sq)
+
+
+SCORES: dict[str, Callable[[SpectralBank, np.ndarray], np.ndarray]] = {
+    "arrow": arrow_scores,
+    "spectr": spectr_scores,
+}
+
+
+# ---- weights of the selected: config -> rule on the selected scores
+
+
+def _arrow_weights(config: SpectralConfig) -> Callable[[np.ndarray], np.ndarray]:
+    def softmax(s: np.ndarray) -> np.ndarray:  # PEFT: softmax(full_score / temperature), -inf off the top-k
+        e = np.exp((s - s.max()) / config.temperature)
+        return e / e.sum()
+    return softmax
+
+
+def _uniform(config: SpectralConfig) -> Callable[[np.ndarray], np.ndarray]:
+    return lambda s: np.full(len(s), 1.0 / len(s))  # SpectR: routes.scatter_(0, idx, 1 / topk)
+
+
+WEIGHTS: dict[str, Callable[[SpectralConfig], Callable[[np.ndarray], np.ndarray]]] = {
+    "arrow": _arrow_weights,
+    "spectr": _uniform,
+}
