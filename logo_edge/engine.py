@@ -67,20 +67,24 @@ class RouteConfig:
     # (one float32 product over every adapter) ranks all, and the whole window is computed for the best
     # `shortlist` of them. 0 computes the window for every adapter. Exact whenever the pool is no larger.
     shortlist: int = 32
-    # What a continuing turn's keep decision routes on. "base": the base-model probe, as every route (a
-    # separate pass over the new tokens). "mixture": the states the new tokens reach under the mixture kept
-    # so far, captured while they are prefilled for the answer: a kept turn makes one pass, not two. The
-    # answer is exact under the mixture the record names either way; when the mixture's own states route
-    # away from it, the turn is routed again from the base probe (the extra pass is then lost).
-    keep_probe: str = "base"
+    # What a continuing turn's keep decision routes on. "mixture" (the default): the states the new tokens reach
+    # under the mixture kept so far, captured while they are prefilled for the answer: a kept turn makes one
+    # pass, not two (the rule: keep_score, keep_drop below). "base": the base-model probe, as every route (a
+    # separate pass over the new tokens). The answer is exact under the mixture the record names either way.
+    keep_probe: str = "mixture"
     # keep_probe="mixture" with calibrated routing: the mixture is kept when, on the new tokens' states under it,
-    # its leading adapter is ranked first with a calibrated score (a z-score) of at least `keep_score` and at most
-    # `keep_drop` below what it scored on the states of the turn that chose the mixture (read, under the mixture,
-    # while that turn was prefilled). Under a mixture its own adapters' signals grow, so the new turn is compared
-    # with the turn that chose it, like with like. keep_score None: the weights rule (within `keep`) instead.
-    # Chosen on validation chats, reported on test chats: logo-edge eval --keep-rules (models/eval/keep/).
+    # its leading adapter is still ranked first, its calibrated score (a z-score) at most `keep_drop` below what
+    # it scored on the states of the turn that chose the mixture (read, under the mixture, while that turn was
+    # prefilled) and, with `keep_score`, at least keep_score. Under a mixture its own adapters' signals grow, so
+    # the new turn is compared with the turn that chose it, like with like. Both None: the weights rule (within
+    # `keep`) on those states. When this rule does not keep, the turn is routed from the base probe as
+    # keep_probe="base" does (which may still keep, at the cost of both passes). Chosen on validation chats,
+    # reported on test chats: logo-edge eval --keep-rules (models/eval/keep/).
     keep_score: float | None = None
-    keep_drop: float | None = None
+    keep_drop: float | None = 0.25
+    # Knowing when not to route: with calibrated routing, a request whose best adapter's calibrated score is
+    # below `min_score` is answered by the base model (no adapter fits it well enough). None: always route.
+    min_score: float | None = None
 
     def __post_init__(self) -> None:
         RouterConfig(self.signal, self.k, self.calibration)  # validates signal, k and calibration
@@ -98,7 +102,7 @@ class RouteConfig:
             raise RoutingError(f"keep_probe must be one of {KEEP_PROBES}, got {self.keep_probe!r}")
         if not (isinstance(self.keep, (int, float)) and 0 <= self.keep <= 1):
             raise RoutingError(f"keep must be a weight tolerance in [0, 1], got {self.keep!r}")
-        for name in ("keep_score", "keep_drop"):
+        for name in ("keep_score", "keep_drop", "min_score"):
             v = getattr(self, name)
             if v is not None and not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)):
                 raise RoutingError(f"{name} must be a finite number or None, got {v!r}")
@@ -421,6 +425,12 @@ class Engine:
             kept = self._keepable(tokens, idx, weights, cfg)
             rec.settings["mixture"] = "kept" if kept else "new"
             rec.settings["keep_rule"] = "base probe"
+            best = max((float(routing.scores[i]) for i in idx), default=float("-inf"))
+            if not kept and cfg.min_score is not None and cfg.calibration != "raw" and best < cfg.min_score:
+                rec.settings["fallback"] = f"base model: best calibrated score {best:.3g} < min_score {cfg.min_score}"
+                idx, weights = [], []
+                for a in rec.adapters:
+                    a.weight, a.rank = 0.0, None
             if kept:  # the record shows the mixture that answered; signals and scores are this turn's
                 idx, weights = list(kept), list(kept.values())
                 order = {i: r + 1 for r, i in enumerate(sorted(kept, key=lambda i: -kept[i]))}
@@ -629,7 +639,8 @@ class Engine:
                 rec.settings["merge_applied"] = how if len(idx) > 1 else "mixture"
             t0 = time.perf_counter()
             # a mixture routed afresh for a chat that may keep it: read the turn's states under it while prefilling
-            chose = rec.settings.get("mixture") == "new" and cfg.keep_probe == "mixture" and _uses_score_rule(cfg)
+            chose = (rec.settings.get("mixture") == "new" and cfg.keep_probe == "mixture" and _uses_score_rule(cfg)
+                     and bool(idx))
             cap = ProbeCapture(self.ctx, self.pool.blocks, self.pool.target_module, cfg.probe_input,
                                stop_early=False) if chose else None
             reused = self._prefill(tokens, cap)
@@ -715,7 +726,7 @@ def weight_distance(a: Mapping[int, float], b: Mapping[int, float]) -> float:
 
 
 def _uses_score_rule(cfg: RouteConfig) -> bool:
-    return cfg.keep_score is not None and cfg.calibration != "raw"
+    return (cfg.keep_score is not None or cfg.keep_drop is not None) and cfg.calibration != "raw"
 
 
 def mixture_keeps(routing: Routing, current: Mapping[int, float], cfg: RouteConfig, ref: float | None) -> bool:
@@ -726,7 +737,7 @@ def mixture_keeps(routing: Routing, current: Mapping[int, float], cfg: RouteConf
         return weight_distance(dict(routing.mixture()), current) <= cfg.keep
     lead = max(current, key=current.get)
     score = float(routing.scores[lead])
-    return (routing.selected[:1] == [lead] and score >= cfg.keep_score
+    return (routing.selected[:1] == [lead] and (cfg.keep_score is None or score >= cfg.keep_score)
             and (cfg.keep_drop is None or (ref is not None and ref - score <= cfg.keep_drop)))
 
 

@@ -151,7 +151,18 @@ def keep_report(eng, n: int, out_dir: Path, seed: int = 0) -> dict:
         raise ValueError(f"--keep-rules needs a pool with at least two evaluation tasks; {eng.pool.names} has {tasks}")
     val = measure(eng, chat_pairs(tasks, "val", n, seed), "validation")
     test = measure(eng, chat_pairs(tasks, "test", n, seed + 1), "test", answers=True)
+    desc = (f"`{Path(eng.pool.adapters[0].path).parent.name}` ({len(tasks)} tasks); signal {eng.routing.signal}, "
+            f"k={eng.routing.k}, calibration {eng.routing.calibration}, keep={eng.routing.keep}")
+    return write_report(val, test, n, desc, eng.routing.keep, out_dir, seed)
+
+
+def write_report(val: list[Pair], test: list[Pair], n: int, desc: str, keep: float, out_dir: Path,
+                 seed: int = 0) -> dict:
+    """Choose the rule on `val`, report every rule on `test` into out_dir/keep.md (measure's pairs, or
+    the chats.json a run wrote: the report can be written again without measuring)."""
     tau, delta = choose_rule(val)
+    floor = min((p.lead_score for p in val if p.continues and p.lead_first), default=tau)
+    chosen = (f"leader first, drop <= {delta:.3f}" + ("" if tau <= floor else f", score >= {tau:.3f}"))
     rng = np.random.default_rng(seed)
 
     def rates(keeps, pairs) -> dict:
@@ -165,24 +176,22 @@ def keep_report(eng, n: int, out_dir: Path, seed: int = 0) -> dict:
                 "same decision as base probe": _interval((k == base).astype(float), rng),
                 "turn-2 task score (x100)": tuple(100 * v for v in _interval(sc, rng))}
 
-    keep = eng.routing.keep
-    rules = {"base probe (reference)": lambda p: p.base_keeps,
-             f"mixture states: leader first, score >= {tau:.2f}, drop <= {delta:.2f} (chosen)":
-                 lambda p: rule_keeps(p, tau, delta),
-             f"mixture states: score >= {tau:.2f} alone": lambda p: rule_keeps(p, tau, np.inf),
+    rules = {"base probe (reference; keep_probe='base')": lambda p: p.base_keeps,
+             f"mixture states: {chosen} (chosen on validation)": lambda p: rule_keeps(p, tau, delta),
+             "the engine's default: the chosen rule, else the base probe":
+                 lambda p: rule_keeps(p, tau, delta) or p.base_keeps,
+             "mixture states: leader first (no drop limit)": lambda p: rule_keeps(p, -np.inf, np.inf),
              f"mixture states: weights within keep={keep} (the previous rule)":
                  lambda p: p.continues and p.distance <= keep,
              "never keep": lambda p: False}
     table = {name: rates(f, test) for name, f in rules.items()}
-    out_dir.mkdir(parents=True, exist_ok=True)
     n_cont = sum(p.continues for p in test)
-    lines = [f"# Keeping a conversation's mixture: rules on `{Path(eng.pool.adapters[0].path).parent}`", "",
-             f"{len(tasks)} tasks; two-turn chats from held-out prompts, {n} same-task and {n} task-switch chats per "
+    lines = ["# Keeping a conversation's mixture: the keep rules on held-out two-turn chats", "",
+             f"Pool {desc}. Two-turn chats from held-out prompts, {n} same-task and {n} task-switch chats per "
              f"task and split ({len(val)} validation, {len(test)} test; {n_cont} of the test chats continue the cached "
-             f"conversation, the rest re-route under every rule). Routing: signal {eng.routing.signal}, "
-             f"k={eng.routing.k}, calibration {eng.routing.calibration}, keep={eng.routing.keep}. Rule chosen "
-             f"on validation: keep_score {tau:.3f}, keep_drop {delta:.3f}. Test split, mean [bootstrap 95 % "
-             "interval].", "",
+             f"conversation, the rest re-route under every rule). Rule chosen on validation (the most same-task "
+             f"chats kept in one pass with no kept task switch that the base probe re-routes): {chosen} "
+             f"(keep_score {tau:.4f}, keep_drop {delta:.4f}). Test split, mean [bootstrap 95 % interval].", "",
              "| rule | " + " | ".join(next(iter(table.values()))) + " |", "|---|" + "---|" * 5]
     for name, r in table.items():
         lines.append(f"| {name} | " + " | ".join(f"{v[0]:.2f} [{v[1]:.2f}, {v[2]:.2f}]" for v in r.values()) + " |")
@@ -193,6 +202,10 @@ def keep_report(eng, n: int, out_dir: Path, seed: int = 0) -> dict:
               f"tokens prefilled, under its own mixture), same continuing test chats: turn-2 task score "
               f"{100 * approx[0]:.1f} [{100 * approx[1]:.1f}, {100 * approx[2]:.1f}] against "
               f"{100 * new[0]:.1f} [{100 * new[1]:.1f}, {100 * new[2]:.1f}] routed afresh exactly (never keep)."]
+    one = [p for p in test if p.first == p.second and rule_keeps(p, tau, delta)]
+    both = [p for p in test if p.first == p.second and (rule_keeps(p, tau, delta) or p.base_keeps)]
+    lines += ["", f"Same-task test chats the engine keeps: {len(both)}, of which {len(one)} in one pass (the "
+              "mixture-state rule; the others after the base probe too)."]
     lead_same = [p.lead_score for p in test if p.continues and p.lead_first and p.first == p.second]
     lead_switch = [p.lead_score for p in test if p.continues and p.lead_first and p.first != p.second]
     lines += ["", "Turn 1's leader's calibrated score on the mixture states, where ranked first (test): same task "
@@ -200,6 +213,7 @@ def keep_report(eng, n: int, out_dir: Path, seed: int = 0) -> dict:
               f"median {np.median(lead_switch) if lead_switch else float('nan'):.2f} (n={len(lead_switch)}).",
               "", "A kept turn is answered exactly under the kept mixture; keeping on a task switch answers with "
               "the previous task's adapters, which is what the rule must avoid."]
+    out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "keep.md").write_text("\n".join(lines) + "\n")
     return {"keep_score": tau, "keep_drop": delta,
             "rules": {k: {m: v[0] for m, v in r.items()} for k, r in table.items()},

@@ -99,8 +99,8 @@ def test_record_has_every_adapter_settings_and_timings(tiny_engine):
     assert sum(a["rank"] is not None for a in rec["adapters"]) == 2
     assert rec["settings"] == dict(signal="norm", k=2, k_used=2, calibration="zscore", target_block=3,
                                    probe_blocks=4, target_module="attn_q",
-                                   probe_input="residual", merge="mixture", prefill="exact", mixture="new",
-                                   shortlist=None, keep_rule="base probe")  # shortlist None: every window read
+                                   probe_input="residual", merge="auto", merge_applied="packed", prefill="exact",
+                                   mixture="new", shortlist=None, keep_rule="base probe")  # None: every window read
     t = rec["timings"]
     assert t["probe_s"] > 0 and t["prefill_s"] > 0 and t["decode_s"] > 0 and t["prompt_tokens"] > 5
 
@@ -267,11 +267,14 @@ def test_auto_merge_packs_small_mixtures_with_the_mixtures_answers(tiny, monkeyp
 
 
 def test_loaded_adapters_stay_within_the_budget_and_never_under_the_context(tiny):
+    """The per-adapter path (merge="mixture"): the pool's LRU never frees what the context holds."""
+    from logo_edge.engine import RouteConfig
+
     sizes = {p.stem: p.stat().st_size for p in (tiny / "gguf").glob("*.gguf")}
     budget_mb = 1.5 * max(sizes.values()) / 2**20  # room for about one adapter
     with pytest.warns(UserWarning, match="v_only"):
         eng = Engine(tiny / "tiny-f32.gguf", tiny / "gguf", n_ctx=256, kv_type="f32", flash_attn=False,
-                     max_loaded_mb=budget_mb)
+                     max_loaded_mb=budget_mb, routing=RouteConfig(merge="mixture"))
     with pytest.warns(UserWarning, match="v_only"):
         ref = Engine(tiny / "tiny-f32.gguf", tiny / "gguf", n_ctx=256, kv_type="f32", flash_attn=False)
     try:
@@ -384,7 +387,7 @@ def test_keep_decided_on_the_mixture_states_is_one_pass_and_exact(tiny):
 
     def chat(keep):
         with Engine(tiny / "tiny-f32.gguf", files, n_ctx=512, kv_type="f32",
-                    routing=RouteConfig(keep=keep, keep_probe="mixture")) as eng:
+                    routing=RouteConfig(keep=keep, keep_probe="mixture", keep_drop=None)) as eng:
             a = eng.create_chat_completion(turn1, max_tokens=6)
             msgs = turn1 + [{"role": "assistant", "content": a["choices"][0]["message"]["content"]},
                             {"role": "user", "content": "and more"}]
@@ -449,6 +452,28 @@ def test_keep_score_rule_compares_the_turn_with_the_one_that_chose_the_mixture(t
         assert rerouted["routing"]["settings"]["keep_rule"] == "base probe", rule
     with pytest.raises(RoutingError, match="keep_drop"):
         RouteConfig(keep_drop=float("nan"))
+
+
+def test_min_score_answers_with_the_base_model_when_no_adapter_fits(tiny):
+    """min_score: a request whose best calibrated score is below it is answered by the base model (the record says
+    why, and shows no adapter); above it, routed as without the rule."""
+    from logo_edge.engine import RouteConfig
+
+    files = [tiny / "gguf" / f"{n}.gguf" for n in ("qv_r8", "all7_r4", "rs_r16")]
+    prompt = "A question no adapter was trained for"
+    with Engine(tiny / "tiny-f32.gguf", files, n_ctx=256, kv_type="f32") as eng:
+        routed = eng.create_completion(prompt, max_tokens=6)
+        best = max(a["score"] for a in routed["routing"]["adapters"] if a["rank"])
+        base = eng.create_completion(prompt, max_tokens=6, adapters="base")
+        low = eng.create_completion(prompt, max_tokens=6, min_score=best - 1e-3)
+        high = eng.create_completion(prompt, max_tokens=6, min_score=best + 1e-3)
+    assert "fallback" not in low["routing"]["settings"]
+    assert low["choices"][0]["text"] == routed["choices"][0]["text"]
+    assert high["routing"]["settings"]["fallback"].startswith("base model: best calibrated score")
+    assert not [a for a in high["routing"]["adapters"] if a["rank"]]
+    assert high["choices"][0]["text"] == base["choices"][0]["text"]
+    with pytest.raises(RoutingError, match="min_score"):
+        RouteConfig(min_score=float("inf"))
 
 
 def test_probe_cache_mode_reuses_the_previous_turn(tiny):

@@ -51,6 +51,7 @@ class LogoSettings(Strict):
     keep_probe: str | None = None
     keep_score: float | None = None
     keep_drop: float | None = None
+    min_score: float | None = None
     shortlist: int | None = None
 
     def overrides(self) -> dict:
