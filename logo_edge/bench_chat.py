@@ -20,6 +20,8 @@ order rotated each turn); every row generates exactly `gen` tokens per turn (end
   6  logo-edge with the mixture row 3 chose at this turn set by hand: row 3 without probe and routing
   7  logo-edge routed, exact, keep decided on the base-model probe (keep_probe="base", the previous default):
      a separate probe pass over the new tokens, kept when its weights are within `keep` of the mixture
+  8  llama-cpp-python's Llama with the mixture row 4 answered with at this turn set by hand (per-adapter scales,
+     llama_set_adapters_lora): its own prefix cache is reused while the mixture stays, reset when it changes
 Every logo-edge row applies mixtures as the default merge="auto" does (packed for these small adapters).
 TTFT is measured from outside: from the call to the first streamed chunk carrying text.
 """
@@ -45,6 +47,7 @@ ROWS = {
     "approx": "5 probe-cache approx, keep=0",
     "fixed": "6 row 3's mixture by hand",
     "mixkeep": "7 routed exact, keep on probe",
+    "llama_mix": "8 llama-cpp-python row 4's mix",
 }
 TARGET = 1.3  # a same-task turn late in a conversation: routed (exact) TTFT / base TTFT
 
@@ -111,8 +114,10 @@ class ChatRows:
                         "mixkeep": engine(adapters, keep_probe="base",
                                           **({} if keep is None else {"keep": keep}))}
         self.keep = self.engines["routed"].routing.keep
-        self.llm = llama_cpp.Llama(str(model_path), n_ctx=n_ctx, n_batch=512, n_threads=threads,
-                                   n_threads_batch=threads, verbose=False)
+        self.llm, self.llm_mix = (llama_cpp.Llama(str(model_path), n_ctx=n_ctx, n_batch=512, n_threads=threads,
+                                                  n_threads_batch=threads, verbose=False) for _ in range(2))
+        self._loras: dict[str, object] = {}  # adapters loaded on llm_mix's model, by name
+        self._mix: dict = {}  # the mixture set in llm_mix now
         eog = list(self.engines["base"].model.eog_tokens)
         self._sampled = 0
 
@@ -132,10 +137,14 @@ class ChatRows:
         for eng in self.engines.values():
             eng.forget_prompts()
         self.llm.reset()
+        self.llm_mix.reset()
 
     def run(self, row: str, msgs: list[dict], gen: int, expect: list[int], fixed: dict | None = None) -> Turn:
         if row == "llama":
-            return self._llama(msgs, gen, expect)
+            return self._llama(self.llm, msgs, gen, expect)
+        if row == "llama_mix":
+            self._set_mix(fixed or {})
+            return self._llama(self.llm_mix, msgs, gen, expect)
         adapters = {"base": "base", "fixed": fixed or "base"}.get(row, "auto")
         ttft, total, last = _timed(self.engines[row].create_chat_completion(
             msgs, adapters=adapters, max_tokens=gen, stream=True, ignore_eos=True))
@@ -145,8 +154,24 @@ class ChatRows:
         return Turn(tm["prompt_tokens"], tm["cached_tokens"], ttft, total, tm["completion_tokens"],
                     rt["settings"].get("mixture", "-"), weights, tm["prompt_tokens"] == len(expect))
 
-    def _llama(self, msgs: list[dict], gen: int, expect: list[int]) -> Turn:
-        llm = self.llm
+    def _set_mix(self, weights: dict) -> None:
+        """Set `weights` (adapter name -> scale) in llm_mix by hand; its cache is reset when the mixture changes
+        (it does not know K/V computed under another mixture are stale)."""
+        from ._lib import llama_cpp
+        from .llm import set_lora_mixture
+
+        if weights == self._mix:
+            return
+        pool = self.engines["routed"].pool
+        for name in weights:
+            if name not in self._loras:
+                path = str(pool.adapters[pool.index(name)].path)
+                self._loras[name] = llama_cpp.llama_adapter_lora_init(self.llm_mix._model.model, path.encode())
+        set_lora_mixture(self.llm_mix._ctx.ctx, [self._loras[n] for n in weights], list(weights.values()))
+        self.llm_mix.reset()
+        self._mix = dict(weights)
+
+    def _llama(self, llm, msgs: list[dict], gen: int, expect: list[int]) -> Turn:
         before = llm.input_ids[: llm.n_tokens].tolist()
         self._sampled = 0
         ttft, total, _ = _timed(llm.create_chat_completion(msgs, max_tokens=gen, temperature=0.0, stream=True,
@@ -162,6 +187,7 @@ class ChatRows:
         for eng in self.engines.values():
             eng.close()
         self.llm.close()
+        self.llm_mix.close()  # frees its adapters with the model
 
 
 def _order(t: int) -> list[str]:
@@ -170,6 +196,7 @@ def _order(t: int) -> list[str]:
     five = ["llama", "base", "routed0", "routed", "approx", "mixkeep"]
     order = five[t % 6:] + five[: t % 6]
     order.insert(order.index("routed0") + 1, "fixed")
+    order.insert(order.index("routed") + 1, "llama_mix")
     return order
 
 
@@ -181,7 +208,8 @@ def conversation(rows: ChatRows, script, gen: int) -> dict[str, list[Turn]]:
         msgs = messages(script, t)
         expect = rows.tokens(msgs)
         for r in _order(t):
-            got[r].append(rows.run(r, msgs, gen, expect, got["routed0"][t].weights if r == "fixed" else None))
+            fixed = {"fixed": "routed0", "llama_mix": "routed"}.get(r)
+            got[r].append(rows.run(r, msgs, gen, expect, got[fixed][t].weights if fixed else None))
     return got
 
 
@@ -241,7 +269,7 @@ def _summary(res, tasks: list[str], gen: int) -> dict:
         "kept_turns": [t + 1 for t, x in enumerate(res["routed"]) if x.mixture == "kept"],
         "kept_turns_probe": [t + 1 for t, x in enumerate(res["mixkeep"]) if x.mixture == "kept"],
         "same_task_vs_base": {r: med(r, same) for r in ("llama", "routed0", "routed", "approx", "fixed",
-                                                        "mixkeep")},
+                                                        "mixkeep", "llama_mix")},
         "switch_vs_base": {r: med(r, switch) for r in ("routed0", "routed", "approx", "mixkeep")},
         "switch_turns_kept": [t + 1 for t in switch if res["routed"][t].mixture == "kept"],
         "target": {"turn": target_turn + 1, "routed_vs_base": value, "routed_vs_llama":

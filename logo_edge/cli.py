@@ -200,6 +200,12 @@ def cmd_eval(args) -> int:
             print(_json.dumps(approx_report(eng, args.n_route, Path(args.out)), indent=1))
             print(f"report: {Path(args.out) / 'approx.md'}")
             return 0
+        if args.confidence:
+            from .eval_confidence import confidence_report
+
+            print(_json.dumps(confidence_report(eng, args.n, Path(args.out)), indent=1))
+            print(f"report: {Path(args.out) / 'confidence.md'}")
+            return 0
         if args.keep_rules:
             from .eval_keep import keep_report
 
@@ -405,6 +411,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "mode (a full run always does)")
     p.add_argument("--approx", action="store_true", help="what float16 window storage and the shortlist cost: "
                    "hit rates and agreement with the exact route on --n-route prompts per task (writes approx.md)")
+    p.add_argument("--confidence", action="store_true", help="knowing when not to route: chooses min_score on "
+                   "validation (per-task 5 %% in-pool budget), reports fallback rates and score effects on test for "
+                   "in-pool, unseen and generic prompts, --n per task and split (writes confidence.md)")
     p.add_argument("--keep-rules", action="store_true", help="when a conversation may keep its mixture: the keep "
                    "rules on two-turn held-out chats, --n same-task and --n task-switch chats per task and split; "
                    "chooses keep_score/keep_drop on validation, reports test (writes keep.md)")

@@ -556,7 +556,7 @@ class Engine:
 
     def _merged_handle(self, idx: list[int], weights: list[float], merge: str) -> LoraHandle:
         """A packed or fused adapter for this mixture, built once and kept for a few mixtures."""
-        key = (merge, *zip(idx, np.round(weights, 6)))
+        key = (merge, *zip(idx, (float(w) for w in weights)))  # exact: a mixture is never answered by a neighbour
         if key in self._merged:
             return self._merged[key]
         loras = [self._lora_file(self.pool.adapters[i].path) for i in idx]
