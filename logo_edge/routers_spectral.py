@@ -223,3 +223,61 @@ WEIGHTS: dict[str, Callable[[SpectralConfig], Callable[[np.ndarray], np.ndarray]
     "arrow": _arrow_weights,
     "spectr": _uniform,
 }
+
+
+# ---- routing time against N: python -m logo_edge.routers_spectral --pools DIR [DIR ...]
+
+
+def route_times(pool_dirs, repeats: int = 20, threads: int | None = None, model=None) -> list[dict]:
+    """Per pool directory: the LoGo default's route and Arrow's and SpectR's (window mean, k=3) from one probe of
+    the same prompt, median ms over `repeats` (after one untimed route), and the spectral bank's one-off build."""
+    import statistics
+    import time
+
+    from .engine import Engine, RouteConfig
+
+    out = []
+    for d in pool_dirs:
+        with Engine(model, adapters=str(d), n_threads=threads) as eng:
+            tokens = eng.tokenize(eng.format_chat([{"role": "user", "content": "Is 91 a prime number? Explain."}]))
+            h_res, h_norm = eng.probe(tokens, "residual"), eng.probe(tokens, "normed")
+            eng.calibrate("residual")
+            t0 = time.perf_counter()
+            bank = SpectralBank.from_pool(eng.pool)
+            build = time.perf_counter() - t0
+            row = {"pool": str(d), "N": len(eng.pool), "spectral build s": build,
+                   "spectral MB": (bank.proto.nbytes + bank.rows.nbytes) / 2**20}
+            runs = {"LoGo default": lambda: eng.route_state(h_res, RouteConfig()),
+                    "Arrow": lambda: bank.route(h_norm, SpectralConfig("arrow", 3)),
+                    "SpectR": lambda: bank.route(h_norm, SpectralConfig("spectr", 3))}
+            for name, fn in runs.items():
+                fn()
+                times = []
+                for _ in range(repeats):
+                    t = time.perf_counter()
+                    fn()
+                    times.append(time.perf_counter() - t)
+                row[f"{name} ms"] = 1e3 * statistics.median(times)
+            out.append(row)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--pools", nargs="+", required=True, help="pool directories (e.g. the bench's random pools)")
+    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--threads", type=int)
+    p.add_argument("--model", help="base model GGUF (default: the default model)")
+    args = p.parse_args(argv)
+    rows = route_times(args.pools, args.repeats, args.threads, args.model)
+    cols = ["N", "LoGo default ms", "Arrow ms", "SpectR ms", "spectral build s", "spectral MB"]
+    print(" ".join(f"{c:>16}" for c in cols))
+    for r in rows:
+        print(" ".join(f"{r[c]:>16.2f}" if isinstance(r[c], float) else f"{r[c]:>16}" for c in cols))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -193,3 +193,22 @@ def test_arrow_prototypes_equal_peft_power_iteration(tiny, peft_q):
             assert abs(float(v @ bank.proto[j, i])) == pytest.approx(1.0, abs=1e-4)
             checked += 1
     assert checked >= 3 * len(entries)
+
+
+@pytest.mark.slow
+def test_route_times_reports_every_router(tiny, tmp_path, capsys):
+    """`python -m logo_edge.routers_spectral --pools ...`: one row per pool with every router's time."""
+    import shutil
+
+    from logo_edge.routers_spectral import main
+
+    pool = tmp_path / "pool"
+    pool.mkdir()
+    for n in ("qv_r8", "all7_r4", "rs_r16"):
+        shutil.copy(tiny / "gguf" / f"{n}.gguf", pool / f"{n}.gguf")
+    assert main(["--pools", str(pool), "--repeats", "2", "--threads", "1", "--model", str(tiny / "tiny-f32.gguf")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["N", "LoGo", "default", "ms", "Arrow", "ms", "SpectR", "ms", "spectral", "build", "s",
+                                "spectral", "MB"]
+    nums = [float(x) for x in lines[1].split()]
+    assert nums[0] == 3 and all(np.isfinite(nums)) and all(x > 0 for x in nums[1:])
