@@ -319,6 +319,10 @@ class AdapterPool:
     def calibrated_inputs(self) -> list[str]:
         return list(self._states)
 
+    def calibration_states(self, probe_input: str) -> np.ndarray | None:
+        """The calibration prompts' states for a probe input (n_prompts, n_blocks, d_in), if given."""
+        return self._states.get(probe_input)
+
     def set_calibration_states(self, probe_input: str, states: np.ndarray) -> None:
         """Give the pool the calibration prompts' states (n_prompts, n_blocks, d_in) for a probe input;
         every adapter is calibrated."""

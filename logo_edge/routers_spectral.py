@@ -262,15 +262,59 @@ def route_times(pool_dirs, repeats: int = 20, threads: int | None = None, model=
     return out
 
 
+def hit_rates(eng, n_route: int, seed: int = 0) -> dict:
+    """Top-1 hit rate (the prompt's own task adapter ranked first) on n_route held-out test prompts per pool task,
+    [bootstrap 95 % interval], for the LoGo default and Arrow and SpectR raw and z-score calibrated: each adapter's
+    spectral score standardised by its mean and sd over the calibration prompts' states (what LoGo's zscore does)."""
+    from .eval_approx import _interval
+    from .tasks import TASKS, splits
+
+    eng.calibrate("normed")
+    eng.calibrate(eng.routing.probe_input)
+    bank = SpectralBank.from_pool(eng.pool)
+    cal = eng.pool.calibration_states("normed")
+    stats = {}
+    for m in SCORES:
+        c = np.stack([bank.scores(x, m) for x in cal])
+        stats[m] = (c.mean(axis=0), np.maximum(c.std(axis=0), 1e-12))
+    names = bank.probeable
+    hits: dict[str, list[bool]] = {k: [] for k in ("LoGo default", "Arrow", "SpectR", "Arrow [zscore]",
+                                                    "SpectR [zscore]")}
+    tasks = [t for t in eng.pool.names if t in TASKS]
+    for task in tasks:
+        for ex in splits(TASKS[task])["test"][:n_route]:
+            tokens = eng.tokenize(eng.format_chat([{"role": "user", "content": ex.prompt}]))
+            routed = eng.route_state(eng.probe(tokens, eng.routing.probe_input))[0]
+            hits["LoGo default"].append(routed.names[routed.selected[0]] == task)
+            h = eng.probe(tokens, "normed")
+            for m, label in (("arrow", "Arrow"), ("spectr", "SpectR")):
+                raw = bank.scores(h, m)
+                hits[label].append(names[int(np.argmax(raw))] == task)
+                hits[f"{label} [zscore]"].append(names[int(np.argmax((raw - stats[m][0]) / stats[m][1]))] == task)
+    rng = np.random.default_rng(seed)
+    return {k: _interval(np.array(v, float), rng) for k, v in hits.items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--pools", nargs="+", required=True, help="pool directories (e.g. the bench's random pools)")
+    p.add_argument("--pools", nargs="+", help="routing time over these pool directories (e.g. the bench's random "
+                   "pools)")
+    p.add_argument("--hit-rates", type=int, metavar="N_ROUTE", help="top-1 hit rates of LoGo, Arrow and SpectR, raw "
+                   "and calibrated, on N_ROUTE held-out prompts per task of the shipped pool")
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--threads", type=int)
     p.add_argument("--model", help="base model GGUF (default: the default model)")
     args = p.parse_args(argv)
+    if args.hit_rates:
+        from .engine import Engine
+
+        with Engine(args.model, n_threads=args.threads) as eng:
+            for k, (mean, lo, hi) in hit_rates(eng, args.hit_rates).items():
+                print(f"{k:<16} top-1 {100 * mean:5.1f} [{100 * lo:5.1f}, {100 * hi:5.1f}]")
+    if not args.pools:
+        return 0
     rows = route_times(args.pools, args.repeats, args.threads, args.model)
     cols = ["N", "LoGo default ms", "Arrow ms", "SpectR ms", "spectral build s", "spectral MB"]
     print(" ".join(f"{c:>16}" for c in cols))

@@ -212,3 +212,31 @@ def test_route_times_reports_every_router(tiny, tmp_path, capsys):
                                 "spectral", "MB"]
     nums = [float(x) for x in lines[1].split()]
     assert nums[0] == 3 and all(np.isfinite(nums)) and all(x > 0 for x in nums[1:])
+
+
+@pytest.mark.slow
+def test_hit_rates_rank_the_calibrated_scores_as_standardised_by_hand(tiny, monkeypatch):
+    """hit_rates: on tiny adapters under pool task names, the calibrated spectral hit rates equal ranking each
+    prompt's scores standardised by the calibration prompts' mean and sd, computed here by a plain loop."""
+    from logo_edge.engine import Engine
+    from logo_edge.routers_spectral import hit_rates
+    from logo_edge.tasks import TASKS, splits
+
+    with Engine(tiny / "tiny-f32.gguf", n_ctx=1024, n_batch=64, n_threads=1, kv_type="f32") as eng:
+        for task, adapter in (("sentiment", "qv_r8"), ("addition", "all7_r4"), ("langid", "rs_r16")):
+            eng.add_adapter(tiny / "gguf" / f"{adapter}.gguf", task)
+        got = hit_rates(eng, 2)
+        bank = SpectralBank.from_pool(eng.pool)
+        cal = eng.pool.calibration_states("normed")
+        want = []
+        for task in ("sentiment", "addition", "langid"):
+            for ex in splits(TASKS[task])["test"][:2]:
+                h = eng.probe(eng.tokenize(eng.format_chat([{"role": "user", "content": ex.prompt}])), "normed")
+                z = []
+                for i in range(3):
+                    c = [bank.scores(x, "spectr")[i] for x in cal]
+                    z.append((bank.scores(h, "spectr")[i] - np.mean(c)) / np.std(c))
+                want.append(bank.probeable[int(np.argmax(z))] == task)
+    assert got["SpectR [zscore]"][0] == pytest.approx(np.mean(want))
+    assert set(got) == {"LoGo default", "Arrow", "SpectR", "Arrow [zscore]", "SpectR [zscore]"}
+    assert all(0 <= lo <= m <= hi <= 1 for m, lo, hi in got.values())
