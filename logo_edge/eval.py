@@ -32,8 +32,10 @@ SIGNAL_NAMES = ("norm", "entropy")
 SPECTRAL = {"Arrow k=3": (SpectralConfig("arrow", 3), "arrow [window mean]"),
             "SpectR k=3": (SpectralConfig("spectr", 3), "spectr [window mean]"),
             "Arrow k=3 [target block]": (SpectralConfig("arrow", 3, blocks="target"), "arrow [target block]"),
-            "SpectR k=3 [target block]": (SpectralConfig("spectr", 3, blocks="target"), "spectr [target block]")}
-GENERATED_SPECTRAL = ("Arrow k=3", "SpectR k=3")
+            "SpectR k=3 [target block]": (SpectralConfig("spectr", 3, blocks="target"), "spectr [target block]"),
+            "Arrow k=3 [zscore]": (SpectralConfig("arrow", 3, calibration="zscore"), "arrow [zscore]"),
+            "SpectR k=3 [zscore]": (SpectralConfig("spectr", 3, calibration="zscore"), "spectr [zscore]")}
+GENERATED_SPECTRAL = ("Arrow k=3", "SpectR k=3", "Arrow k=3 [zscore]", "SpectR k=3 [zscore]")
 BOOTSTRAP = 2000  # resamples for the 95 % intervals of the routers table
 
 
@@ -96,7 +98,10 @@ class Evaluator:
         """Arrow / SpectR (`SPECTRAL[method]`) on the normed probe states; k overrides the config's."""
         cfg = SPECTRAL[method][0]
         if k is not None:
-            cfg = SpectralConfig(cfg.method, k, cfg.temperature, cfg.blocks)
+            cfg = SpectralConfig(cfg.method, k, cfg.temperature, cfg.blocks, cfg.calibration)
+        if cfg.calibration == "zscore" and not getattr(self.spectral, "_stats", None):
+            self.eng.calibrate("normed")
+            self.spectral.calibrate(self.eng.pool.calibration_states("normed"))
         return self.spectral.route(states[self.normed], cfg)
 
     def route(self, h, label: str, signal: str, k: int, calibration: str = "raw"):

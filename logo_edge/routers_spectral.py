@@ -46,6 +46,9 @@ class SpectralConfig:
     k: int = 3
     temperature: float = 1.0  # Arrow's router_temperature; SpectR weights are uniform
     blocks: str = "mean"  # mean over the probe window's blocks, or the target block alone
+    # "zscore": each adapter's score standardised by its mean and sd over the calibration prompts' states (as
+    # LoGo's default calibration; SpectralBank.calibrate gives the bank those states); "raw": as published
+    calibration: str = "raw"
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -56,6 +59,8 @@ class SpectralConfig:
             raise RoutingError(f"temperature must be > 0, got {self.temperature!r}")
         if self.blocks not in BLOCKS:
             raise RoutingError(f"blocks must be one of {list(BLOCKS)}, got {self.blocks!r}")
+        if self.calibration not in ("raw", "zscore"):
+            raise RoutingError(f"calibration must be 'raw' or 'zscore', got {self.calibration!r}")
 
 
 def spectrum(a: np.ndarray, b: np.ndarray, c: float) -> tuple[np.ndarray, np.ndarray]:
@@ -139,10 +144,25 @@ class SpectralBank:
             return per_block[-1]
         return (per_block * self.present).sum(axis=0) / np.maximum(self.present.sum(axis=0), 1)
 
+    def calibrate(self, states: np.ndarray) -> None:
+        """Every method's and block rule's per-adapter mean and sd over the calibration prompts' states
+        (n_prompts, n_blocks, d_in): what calibration="zscore" standardises by."""
+        self._stats = {}
+        for m in SCORES:
+            for b in BLOCKS:
+                c = np.stack([self.scores(x, m, b) for x in states])
+                self._stats[(m, b)] = (c.mean(axis=0), np.maximum(c.std(axis=0), 1e-12))
+
     def route(self, h: np.ndarray, config: SpectralConfig) -> Routing:
         """Rank by `config`'s scores, keep the top k (k > N: N), weight them by the method's rule."""
         with np.errstate(all="ignore"):
             raw = self.scores(h, config.method, config.blocks)
+            if config.calibration == "zscore":
+                if not getattr(self, "_stats", None):
+                    raise RoutingError("calibration='zscore' needs the calibration prompts' states: "
+                                       "SpectralBank.calibrate(pool.calibration_states('normed'))")
+                mean, sd = self._stats[(config.method, config.blocks)]
+                raw = (raw - mean) / sd
         rows = np.array([i for i, n in enumerate(self.names) if n not in self.unprobeable], np.intp)
         signals = np.full(len(self.names), np.nan)
         signals[rows] = raw
@@ -272,11 +292,8 @@ def hit_rates(eng, n_route: int, seed: int = 0) -> dict:
     eng.calibrate("normed")
     eng.calibrate(eng.routing.probe_input)
     bank = SpectralBank.from_pool(eng.pool)
-    cal = eng.pool.calibration_states("normed")
-    stats = {}
-    for m in SCORES:
-        c = np.stack([bank.scores(x, m) for x in cal])
-        stats[m] = (c.mean(axis=0), np.maximum(c.std(axis=0), 1e-12))
+    bank.calibrate(eng.pool.calibration_states("normed"))
+    stats = {m: bank._stats[(m, "mean")] for m in SCORES}
     names = bank.probeable
     hits: dict[str, list[bool]] = {k: [] for k in ("LoGo default", "Arrow", "SpectR", "Arrow [zscore]",
                                                     "SpectR [zscore]")}

@@ -113,6 +113,26 @@ def test_route_weights_top_k_and_edge_cases():
         bank.route(np.full((2, 24), np.nan), SpectralConfig("spectr"))
 
 
+def test_zscore_calibration_standardises_each_adapter_over_the_calibration_states():
+    """calibration="zscore": each adapter's score minus its mean over the calibration states, over their sd (a plain
+    loop here); the top k and weights follow from the standardised scores; refused before calibrate()."""
+    rng = np.random.default_rng(2)
+    names = [f"a{i}" for i in range(5)]
+    bank = SpectralBank(names, random_entries(rng, 5, 2), {})
+    cal, x = rng.normal(size=(12, 2, 24)), rng.normal(size=(2, 24))
+    with pytest.raises(RoutingError, match="needs the calibration prompts' states"):
+        bank.route(x, SpectralConfig("arrow", 2, calibration="zscore"))
+    bank.calibrate(cal)
+    for method in ("arrow", "spectr"):
+        c = np.array([[bank.scores(s, method)[i] for i in range(5)] for s in cal])
+        z = (bank.scores(x, method) - c.mean(axis=0)) / c.std(axis=0)
+        r = bank.route(x, SpectralConfig(method, 2, calibration="zscore"))
+        np.testing.assert_allclose(r.signals, z, rtol=1e-6)
+        assert r.selected == list(np.argsort(-z, kind="stable")[:2])
+    with pytest.raises(RoutingError, match="calibration must be"):
+        SpectralConfig("arrow", calibration="ratio")
+
+
 def test_a_zero_update_scores_zero():
     rng = np.random.default_rng(2)
     entries = random_entries(rng, 3, 1)
