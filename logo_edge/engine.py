@@ -486,11 +486,8 @@ class Engine:
         """A continuing turn's new tokens prefilled under the mixture set now, routed on the probe window's states
         they reach: (routing, shortlist mask, cached tokens reused, prefill s, route s), the tokens left in the
         cache; None when the request does not continue the conversation under this merge (nothing is run)."""
-        merge, current = self._mixture
-        if cfg.keep <= 0 or cfg.prefill != "exact" or merge != cfg.merge or not current:
-            return None
-        reused = _common_prefix(self._cache, tokens)
-        if reused < max(KEEP_MIN_PREFIX, len(tokens) // 2) or len(self.pool) == 0:
+        reused = self._continuing(tokens, cfg)
+        if reused is None or len(self.pool) == 0:
             return None
         n_keep = self.ctx.cache_truncate(min(reused, len(tokens) - 1), reset_ok=True)
         self._cache = self._cache[:n_keep]
@@ -516,13 +513,20 @@ class Engine:
         """The mixture set now, if this request continues its conversation and routes close to it again (total
         variation distance of the weights <= cfg.keep); else None. "Continues" means at least half of the prompt (and
         more than the chat template's header) is the cached history."""
+        current = self._mixture[1]
+        if self._continuing(tokens, cfg) is None:
+            return None
+        return dict(current) if weight_distance(dict(zip(idx, weights)), current) <= cfg.keep else None
+
+    def _continuing(self, tokens: list[int], cfg: RouteConfig) -> int | None:
+        """The cached tokens this request reuses if it continues the conversation under the mixture set now (keep
+        on, exact prefill, the same merge; at least half of the prompt, and more than the chat template's header,
+        cached); else None."""
         merge, current = self._mixture
         if cfg.keep <= 0 or cfg.prefill != "exact" or merge != cfg.merge or not current:
             return None
         reused = _common_prefix(self._cache, tokens)
-        if reused < max(KEEP_MIN_PREFIX, len(tokens) // 2):
-            return None
-        return dict(current) if weight_distance(dict(zip(idx, weights)), current) <= cfg.keep else None
+        return reused if reused >= max(KEEP_MIN_PREFIX, len(tokens) // 2) else None
 
     def _apply(self, idx: list[int], weights: list[float], merge: str, keep_cache: bool = False) -> str:
         """Set the mixture in the context; returns how it was applied (merge="auto" resolved)."""

@@ -293,8 +293,6 @@ def hit_rates(eng, n_route: int, seed: int = 0) -> dict:
     eng.calibrate(eng.routing.probe_input)
     bank = SpectralBank.from_pool(eng.pool)
     bank.calibrate(eng.pool.calibration_states("normed"))
-    stats = {m: bank._stats[(m, "mean")] for m in SCORES}
-    names = bank.probeable
     hits: dict[str, list[bool]] = {k: [] for k in ("LoGo default", "Arrow", "SpectR", "Arrow [zscore]",
                                                     "SpectR [zscore]")}
     tasks = [t for t in eng.pool.names if t in TASKS]
@@ -305,9 +303,9 @@ def hit_rates(eng, n_route: int, seed: int = 0) -> dict:
             hits["LoGo default"].append(routed.names[routed.selected[0]] == task)
             h = eng.probe(tokens, "normed")
             for m, label in (("arrow", "Arrow"), ("spectr", "SpectR")):
-                raw = bank.scores(h, m)
-                hits[label].append(names[int(np.argmax(raw))] == task)
-                hits[f"{label} [zscore]"].append(names[int(np.argmax((raw - stats[m][0]) / stats[m][1]))] == task)
+                for name, calibration in ((label, "raw"), (f"{label} [zscore]", "zscore")):
+                    r = bank.route(h, SpectralConfig(m, 1, calibration=calibration))
+                    hits[name].append(r.names[r.selected[0]] == task)
     rng = np.random.default_rng(seed)
     return {k: _interval(np.array(v, float), rng) for k, v in hits.items()}
 

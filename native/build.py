@@ -85,6 +85,13 @@ def native_build(extra_flags: list[str]) -> bool:
     return not any(f.replace(" ", "").upper() in ("-DGGML_NATIVE=OFF", "-DGGML_NATIVE=0") for f in extra_flags)
 
 
+def _install(tmp_out: Path, out: Path) -> None:
+    """Record the built files' SHA-256 beside them, then move the finished directory into the cache's place."""
+    write_hashes(tmp_out)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp_out.rename(out)
+
+
 def build_key(backend: str, extra_flags: list[str]) -> str:
     """Key of one build: bindings version, patches, backend, flags and, for native builds, the CPU."""
     h = hashlib.sha256()
@@ -241,9 +248,7 @@ def build(backend: str = "cpu", extra_flags: list[str] | None = None, force: boo
         tmp_out.mkdir(parents=True)
         for p in libs:
             shutil.copy2(p, tmp_out / p.name, follow_symlinks=True)
-        write_hashes(tmp_out)
-        shutil.rmtree(out, ignore_errors=True)
-        tmp_out.rename(out)
+        _install(tmp_out, out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     _log(f"built in {time.time() - t0:.0f} s: {out}")
@@ -324,9 +329,7 @@ def build_tools(targets=TOOL_TARGETS, rpc: bool = True, backend: str = "cpu", ex
             if not exe.exists():
                 raise BuildError(f"the build finished but {t} was not found in {bdir / 'bin'}")
             shutil.copy2(exe, tmp_out / t)
-        write_hashes(tmp_out)
-        shutil.rmtree(out, ignore_errors=True)
-        tmp_out.rename(out)
+        _install(tmp_out, out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     _log(f"tools built in {time.time() - t0:.0f} s: {out}")
