@@ -99,7 +99,8 @@ def _index_root(eng, pool_dir: str) -> Path:
     from .pool_index import index_key, index_root
 
     pool = eng.pool
-    return index_root(index_key(eng.model.path, pool.blocks, pool.target_module, pool.query_rows, [Path(pool_dir)]))
+    return index_root(index_key(eng.model.path, pool.blocks, pool.target_module, pool.query_rows, [Path(pool_dir)],
+                                pool.probe_modules))
 
 
 def sweep_pool(model_path: Path, sizes: list[int], prompts: list[list[int]], threads: int, repeats: int) -> dict:

@@ -32,6 +32,7 @@ def _engine(args):
     routing = route_config(args)
     return Engine(args.model, adapters, n_ctx=args.n_ctx, n_threads=args.threads, n_gpu_layers=args.gpu_layers,
                   target_block=args.target_block, target_module=args.target_module,
+                  probe_modules=args.probe_modules,
                   probe_blocks=args.probe_blocks, routing=routing,
                   max_loaded_mb=args.max_loaded_mb, pool_index=args.pool_index, rpc=args.rpc)
 
@@ -186,6 +187,15 @@ def cmd_eval(args) -> int:
 
     from .eval import run_eval
 
+    if args.modules:  # builds its own engines, one per pool variant
+        from . import defaults
+        from .eval_modules import modules_report
+
+        pools = [Path(a) for a in args.adapters] if args.adapters else [defaults.shipped_pool()]
+        rows = modules_report({p.name: p for p in pools}, args.n_route, Path(args.out), args.model, args.threads)
+        print(_json.dumps([r.__dict__ for r in rows], indent=1))
+        print(f"report: {Path(args.out) / 'modules.md'}")
+        return 0
     with _engine(args) as eng:
         if args.alone:
             from .eval import score_alone
@@ -325,6 +335,10 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                    help=f"blocks whose probe-module update the norm signal sums, ending at the target block "
                         f"(default {defaults.PROBE_BLOCKS}; 1 = the paper's last block alone)")
     p.add_argument("--target-module", default="attn_q")
+    p.add_argument("--probe-modules", choices=["target-first", "target", "input"], default="target-first",
+                   help="modules an adapter is scored over: 'target-first' (default) the target module, or for an "
+                        "adapter without it the modules it adapts that read the same input (k, v); 'target' the "
+                        "paper's probe (adapters without the target are not routed); 'input' all of them")
     p.add_argument("--n-ctx", type=int, default=2048)
     p.add_argument("--threads", type=int)
     p.add_argument("--gpu-layers", type=int, default=0, help="layers to offload (CUDA/Metal builds)")
@@ -417,6 +431,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-rules", action="store_true", help="when a conversation may keep its mixture: the keep "
                    "rules on two-turn held-out chats, --n same-task and --n task-switch chats per task and split; "
                    "chooses keep_score/keep_drop on validation, reports test (writes keep.md)")
+    p.add_argument("--modules", action="store_true", help="every adapter routable: top-1 hit rates of pools whose "
+                   "adapters lost their query LoRA (scored over k/v), --n-route prompts per task, for --adapters "
+                   "pool directories (default: the shipped pool; writes modules.md)")
     p.add_argument("--alone", action="store_true", help="each adapter alone vs base on its own task (writes "
                    "alone.md, and the scores into the pool's manifest.json)")
     p.set_defaults(fn=cmd_eval)

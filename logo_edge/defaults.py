@@ -44,3 +44,24 @@ def shipped_pool() -> Path:
                              + ", ".join(str(p) for p in _POOL_PLACES)
                              + "); reinstall logo-edge, or pass adapters= a directory of GGUF adapters")
     return pool
+
+
+# Probe targets: module -> (graph tensor of its normed input, of the residual entering that sub-block).
+# The residual entering block b is the output of block b-1 (`l_out-{b-1}`); for block 0 see _residual_src.
+PROBE_INPUTS = {
+    "attn_q": ("attn_norm", None),
+    "attn_qkv": ("attn_norm", None),  # fused q/k/v (phi3): the pool probes its query rows
+    "attn_k": ("attn_norm", None),
+    "attn_v": ("attn_norm", None),
+    "ffn_gate": ("ffn_norm", "ffn_inp"),
+    "ffn_up": ("ffn_norm", "ffn_inp"),
+}
+
+
+def same_input_modules(module: str) -> tuple[str, ...]:
+    """The probe targets that read the same state as `module` (the attention norm's output feeds q, k and v;
+    the FFN norm's feeds gate and up), `module` first: one probe pass reads the input of them all."""
+    if module == "attn_qkv":
+        return (module,)  # fused q/k/v: its k and v rows are the same tensor
+    normed = PROBE_INPUTS[module][0]
+    return (module, *(m for m, (n, _) in PROBE_INPUTS.items() if n == normed and m not in (module, "attn_qkv")))

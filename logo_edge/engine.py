@@ -156,13 +156,16 @@ class Engine:
                  flash_attn: bool | None = None,
                  target_block: int = -1, target_module: str = "attn_q", probe_blocks: int = defaults.PROBE_BLOCKS,
                  routing: RouteConfig | None = None, max_loaded_mb: float = 1024, verbose: bool = False,
-                 extra_bufts: bool | None = None, pool_index: bool = True, rpc: list[str] | None = None):
+                 extra_bufts: bool | None = None, pool_index: bool = True, rpc: list[str] | None = None,
+                 probe_modules: str = "target-first"):
         # extra_bufts: llama.cpp's fast CPU weight layouts (AMX, repacking); None = on where the
         # self-check found them safe on this CPU (logo_edge.selfcheck), off where they crash or disagree.
         # pool_index: keep the pool's probe bank and calibration in a persisted index (logo_edge.pool_index),
         # mapped at the next start instead of re-reading every adapter file
         # rpc: llama.cpp rpc-servers ("host:port") the model's layers are placed across (every layer unless
         # n_gpu_layers says otherwise); needs the GGML_RPC=ON libllama, loaded with LOGO_EDGE_RPC=1
+        # probe_modules: how adapters are scored (pool.PROBE_MODULES): by default over the target module, and an
+        # adapter without it over the modules it adapts that read the same input (k, v); "target": the paper's
         if rpc:
             from ._lib import add_rpc_servers
 
@@ -177,7 +180,7 @@ class Engine:
         self._probe_memo: dict[tuple, np.ndarray] = {}  # recent probes' h by (tokens, block, module, input)
         self._probe_reused = 0  # prompt tokens the last probe found in its cache
         self.pool = AdapterPool(self.model, target_block, target_module, max_loaded_mb, probe_blocks,
-                                use_index=pool_index)
+                                use_index=pool_index, probe_modules=probe_modules)
         if self.routing.calibration != "raw":  # calibrate adapters as they enter the pool
             self.calibrate(self.routing.probe_input)
         if adapters is None and model is None:  # Engine(): the default model with the shipped pool
@@ -391,12 +394,15 @@ class Engine:
     def _record(self, routing: Routing, considered, cfg: RouteConfig, tokens: list[int]) -> RoutingRecord:
         rank = {i: r + 1 for r, i in enumerate(routing.selected)}
         signals, calibrated = _finite_list(routing.signals), _finite_list(routing.scores)
-        scores = [AdapterScore(n, signals[i], w, rank.get(i), routing.excluded.get(n), calibrated[i])
+        probed = [a.probed for a in self.pool.adapters]
+        notes = [routing.excluded.get(n) or (f"scored over {', '.join(p)}" if p and p != [self.pool.target_module]
+                                             else None) for n, p in zip(routing.names, probed)]
+        scores = [AdapterScore(n, signals[i], w, rank.get(i), notes[i], calibrated[i])
                   for i, (n, w) in enumerate(zip(routing.names, routing.weights.tolist()))]
         settings = dict(signal=cfg.signal, k=cfg.k, k_used=len(routing.selected), calibration=cfg.calibration,
                         shortlist=None if considered is None else int(considered.sum()),
                         target_block=self.pool.target_block, probe_blocks=len(self.pool.blocks),
-                        target_module=self.pool.target_module,
+                        target_module=self.pool.target_module, probe_modules=self.pool.probe_modules,
                         probe_input=cfg.probe_input, merge=cfg.merge, prefill=cfg.prefill)
         return RoutingRecord("routed", settings, scores, Timings(prompt_tokens=len(tokens)))
 
@@ -414,8 +420,13 @@ class Engine:
                 raw, considered = shortlist_norms(bank, h, cfg.shortlist, cfg.calibration, stats1)
             else:
                 raw = bank.signals(h, cfg.signal)
+        unprobeable = self.pool.unprobeable
+        if cfg.signal != "norm" and self.pool.norm_only:  # no target outputs in the bank for these
+            keep = np.array([a.name not in self.pool.norm_only for a in self.pool.adapters if a.bank_index is not None])
+            raw, stats = raw[keep], None if stats is None else (stats[0][keep], stats[1][keep])
+            unprobeable = {**unprobeable, **self.pool.norm_only}
         rcfg = RouterConfig(cfg.signal, cfg.k, cfg.calibration)
-        return route_signals(raw, self.pool.names, rcfg, self.pool.unprobeable, stats, considered), considered
+        return route_signals(raw, self.pool.names, rcfg, unprobeable, stats, considered), considered
 
     def _plan(self, tokens: list[int], adapters: AdapterChoice, cfg: RouteConfig):
         """Decide the mixture: (pool indices, weights, record)."""

@@ -17,22 +17,12 @@ import numpy as np
 
 from . import _lib
 from ._lib import llama_cpp
+from .defaults import PROBE_INPUTS, same_input_modules  # noqa: F401  (the probe targets, here for the probe)
 from .errors import AdapterError, ContextOverflowError, DecodeError, ModelLoadError, NativeCallError, ProbeError
 from .gguf_files import BaseInfo
 
 _internals = _lib._internals
 llama_cpp._logger.set_verbose(False)  # llama.cpp errors only; our own checks say what is wrong
-
-# Probe targets: module -> (graph tensor of its normed input, of the residual entering that sub-block).
-# The residual entering block b is the output of block b-1 (`l_out-{b-1}`); for block 0 see _residual_src.
-PROBE_INPUTS = {
-    "attn_q": ("attn_norm", None),
-    "attn_qkv": ("attn_norm", None),  # fused q/k/v (phi3): the pool probes its query rows
-    "attn_k": ("attn_norm", None),
-    "attn_v": ("attn_norm", None),
-    "ffn_gate": ("ffn_norm", "ffn_inp"),
-    "ffn_up": ("ffn_norm", "ffn_inp"),
-}
 
 
 class Model:

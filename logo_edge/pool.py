@@ -21,30 +21,35 @@ from .calibration import Stats
 from .defaults import PROBE_BLOCKS
 from .errors import AdapterError, RoutingError
 from .gguf_files import read_lora
-from .llm import PROBE_INPUTS, LoraHandle, Model
+from .llm import PROBE_INPUTS, LoraHandle, Model, same_input_modules
 from .pool_index import Entry, PoolIndex, index_key, index_root
 from .router import ProbeBank
 
 LARGE_POOL = 256  # adapter files beyond which a new index stores the earlier window blocks in float16
+# How an adapter is scored (AdapterPool's probe_modules): "target-first" over the target module where it has a
+# LoRA there, else over every module it adapts that reads the same input (a v-only adapter over its v); "target"
+# the paper's probe (an adapter without the target is not routed); "input" over every module reading the input
+PROBE_MODULES = ("target-first", "target", "input")
 
 
 @dataclass
 class PoolAdapter:
     """One adapter of the pool: its row of the pool's probe bank (None, with a reason, when it has no
-    LoRA on the probe target) and its calibration statistics."""
+    LoRA on a module the probe reads) and its calibration statistics."""
 
     name: str
     path: Path
     modules: list[str]
     alpha: float | None
     bank_index: int | None
-    rank: int | None  # rank on the probe target
+    rank: int | None  # its rows in the probe bank: the rank on the probe target (summed over `probed`)
     unprobeable_reason: str | None = None
     handle: LoraHandle | None = field(default=None, repr=False)
     nbytes: int = 0  # size of the full adapter's tensors (what loading it into llama.cpp costs)
     stats: dict[str, Stats] = field(default_factory=dict, repr=False)  # probe input -> signal stats
     calibrate_s: float = 0.0  # time spent computing `stats` (the matrix products)
     max_rank: int = 0  # the largest rank over all its tensors
+    probed: list[str] = field(default_factory=list)  # the modules it is scored over (empty: unprobeable)
 
 
 def _resolve_target(info, target_module: str, block: int) -> tuple[str, int | None]:
@@ -86,10 +91,12 @@ class AdapterPool:
 
     def __init__(self, model: Model, target_block: int = -1, target_module: str = "attn_q",
                  max_loaded_mb: float = 1024, probe_blocks: int = PROBE_BLOCKS, use_index: bool = False,
-                 window_dtype=ProbeBank.WINDOW_DTYPE):
+                 window_dtype=ProbeBank.WINDOW_DTYPE, probe_modules: str = "target-first"):
         if target_module not in PROBE_INPUTS:
             raise AdapterError(f"target module {target_module!r} cannot be probed; choose one of "
                                f"{sorted(PROBE_INPUTS)}")
+        if probe_modules not in PROBE_MODULES:
+            raise AdapterError(f"probe_modules must be one of {list(PROBE_MODULES)}, got {probe_modules!r}")
         n_layer = model.info.n_layer
         block = target_block + n_layer if target_block < 0 else target_block
         if not 0 <= block < n_layer:
@@ -103,6 +110,9 @@ class AdapterPool:
         self.blocks = list(range(max(0, block - probe_blocks + 1), block + 1))  # the probe window, target last
         self.window_tensors = [f"blk.{b}.{target_module}.weight" for b in self.blocks]
         self.target_tensor = self.window_tensors[-1]
+        self.probe_modules = probe_modules
+        self.input_modules = (target_module,) if probe_modules == "target" else same_input_modules(target_module)
+        self.read_tensors = [f"blk.{b}.{m}.weight" for b in self.blocks for m in self.input_modules]
         self.adapters: list[PoolAdapter] = []
         d_out = self.query_rows or model.info.shapes[self.target_tensor][1]
         self._bank = ProbeBank(len(self.blocks), model.n_embd, d_out, window_dtype)
@@ -121,21 +131,22 @@ class AdapterPool:
         """Validate one GGUF LoRA against the base and add it; AdapterError leaves the pool unchanged."""
         if self._index is not None:
             return self._add_indexed([Path(path)], [name])[0]
-        lora = read_lora(path, self.model.info, only=self.window_tensors)  # validates all, keeps the window
+        lora = read_lora(path, self.model.info, only=self.read_tensors)  # validates all, keeps the window
         name = name or lora.name
         if any(a.name == name for a in self.adapters):
             raise AdapterError(f"{lora.path}: an adapter named {name!r} is already in the pool; "
                                "rename the file or pass another name")
-        index, rank, reason = None, None, None
-        if self.target_tensor in lora.pairs:  # folded into the bank: the pool keeps no other copy
-            index = self._bank.add([self._entry(lora, t) if t in lora.pairs else None for t in self.window_tensors])
+        index, rank = None, None
+        entries, probed, reason = self._probe_entries(lora)
+        if entries is not None:  # folded into the bank: the pool keeps no other copy
+            index = self._bank.add(entries)
             rank = int(self._bank.ranks[index])
         else:
-            reason = f"no LoRA on {self.target_tensor} (the probe target); it has {len(lora.stems)} other tensors"
             warnings.warn(f"adapter {name!r} ({lora.path.name}) cannot be probed: {reason}; it will not be "
                           "routed to, but can still be used by name", UserWarning, stacklevel=2)
         adapter = PoolAdapter(name, lora.path, lora.stems, lora.alpha, index, rank, reason,
-                              nbytes=lora.path.stat().st_size, max_rank=max(lora.ranks.values(), default=0))
+                              nbytes=lora.path.stat().st_size, max_rank=max(lora.ranks.values(), default=0),
+                              probed=probed)
         for probe_input, states in self._states.items():
             self._calibrate(adapter, probe_input, states)
         self.adapters.append(adapter)
@@ -146,6 +157,43 @@ class AdapterPool:
         """(A, B, c) of one probe-window tensor; a fused q/k/v keeps B's query rows: o = c B[:n_q] A h."""
         a, b = lora.pairs[tensor]
         return (a, b if self.query_rows is None else b[:self.query_rows], lora.scale(tensor))
+
+    def scored_modules(self, at_target: Iterable[str]) -> list[str]:
+        """The modules an adapter is scored over, from the modules it adapts at the target block (empty: it
+        cannot be probed). See PROBE_MODULES."""
+        at_target = set(at_target)
+        have = [m for m in self.input_modules if m in at_target]
+        if self.target_module in have and self.probe_modules != "input":
+            return [self.target_module]
+        return have
+
+    def _probe_entries(self, lora) -> tuple[list | None, list[str], str | None]:
+        """(its probe bank entries, the modules scored, None) or (None, [], why it cannot be probed)."""
+        at_target = {t.split(".")[2] for t in lora.pairs if t.startswith(f"blk.{self.target_block}.")}
+        modules = self.scored_modules(at_target)
+        if not modules:
+            return None, [], self._unprobeable_reason(lora.stems)
+        if modules == [self.target_module]:  # the paper's probe
+            return [self._entry(lora, t) if t in lora.pairs else None for t in self.window_tensors], modules, None
+        entries = []
+        for b in self.blocks:
+            here = [f"blk.{b}.{m}.weight" for m in modules if f"blk.{b}.{m}.weight" in lora.pairs]
+            entries.append([(*lora.pairs[t], lora.scale(t)) for t in here] or None)
+        return entries, modules, None
+
+    def _unprobeable_reason(self, stems: list[str]) -> str:
+        adapts = sorted({s.split(".")[2] for s in stems})
+        if self.probe_modules == "target":
+            return f"no LoRA on {self.target_tensor} (the probe target); it adapts {', '.join(adapts)}"
+        return (f"no LoRA at block {self.target_block} on {' or '.join(self.input_modules)} (the modules reading "
+                f"the probe's input); it adapts {', '.join(adapts)}")
+
+    @property
+    def norm_only(self) -> dict[str, str]:
+        """Adapters scored over other modules than the target alone: the bank has no target outputs for them,
+        so only the norm signal ranks them (name -> why)."""
+        return {a.name: f"scored over {', '.join(a.probed)}: only the norm signal reads them"
+                for a in self.adapters if a.probed and a.probed != [self.target_module]}
 
     def add_many(self, sources: Iterable[str | Path] | str | Path) -> list[PoolAdapter]:
         """Add a directory of *.gguf adapters (sorted by name, each named by its file name), a file, or a
@@ -171,7 +219,8 @@ class AdapterPool:
                 dirs.append(src.parent)
         if self.use_index:
             if self._index is None and not self.adapters:
-                key = index_key(self.model.path, self.blocks, self.target_module, self.query_rows, dirs)
+                key = index_key(self.model.path, self.blocks, self.target_module, self.query_rows, dirs,
+                                self.probe_modules)
                 # a large pool keeps its earlier window blocks in float16 (half the memory; the cost in
                 # hit rate: `logo-edge eval --approx`), a small one exactly
                 dtype = np.float16 if len(files) > LARGE_POOL else np.float32
@@ -186,15 +235,13 @@ class AdapterPool:
 
     def _read(self, path: Path) -> dict:
         """What the index keeps of one file: validated (AdapterError), folded, calibrated."""
-        lora = read_lora(path, self.model.info, only=self.window_tensors)
+        lora = read_lora(path, self.model.info, only=self.read_tensors)
         out = dict(name=lora.name, alpha=lora.alpha, stems=lora.stems, ranks=lora.ranks, rows=None, reason=None,
                    stats={}, calibrate_s=0.0)
-        if self.target_tensor not in lora.pairs:
-            out["reason"] = (f"no LoRA on {self.target_tensor} (the probe target); it has {len(lora.stems)} "
-                             "other tensors")
+        entries, _, out["reason"] = self._probe_entries(lora)
+        if entries is None:
             return out
         bank = self._bank
-        entries = [self._entry(lora, t) if t in lora.pairs else None for t in self.window_tensors]
         r, folded = ProbeBank.fold_entries(entries, bank.d_in, bank.Q.shape[1])
         t, w, q = ProbeBank.rows_of(r, folded, len(self.blocks), bank.d_in, bank.Q.shape[1],
                                     np.dtype(self._index.meta_window_dtype))
@@ -248,8 +295,10 @@ class AdapterPool:
             a = old.get(path)
             stats = {pi: {k: tuple(v) for k, v in s.items()} for pi, s in e.stats.items()}
             if a is None:
+                scored = [] if e.offset is None else self.scored_modules(
+                    m for m, blocks in e.modules.items() if self.target_block in blocks)
                 a = PoolAdapter(name, path, e.stems, e.alpha, None, e.rank, e.reason, nbytes=e.size,
-                                calibrate_s=e.calibrate_s, max_rank=e.max_rank)
+                                calibrate_s=e.calibrate_s, max_rank=e.max_rank, probed=scored)
             a.name, a.bank_index, a.stats = name, probed.get(id(e)), stats
             adapters.append(a)
         self._bank = self._index.bank(entries)

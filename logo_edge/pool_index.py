@@ -39,7 +39,7 @@ import numpy as np
 
 from .router import ProbeBank
 
-VERSION = 3
+VERSION = 4  # 4: adapters without the probe target scored over the modules reading its input
 
 
 def file_sha256(path: Path) -> str:
@@ -51,13 +51,13 @@ def file_sha256(path: Path) -> str:
 
 
 def index_key(model_path: Path, blocks: Sequence[int], module: str, query_rows: int | None,
-              sources: Sequence[Path]) -> str:
-    """What makes two pools share an index: the same base model content, probe window and module, the
-    calibration prompts, and the same pool directories."""
+              sources: Sequence[Path], probe_modules: str = "target-first") -> str:
+    """What makes two pools share an index: the same base model content, probe window and module, the modules
+    scored (AdapterPool's probe_modules), the calibration prompts, and the same pool directories."""
     from .calibration import model_key, prompts_key
 
     parts = [f"v{VERSION}", model_key(Path(model_path)), ",".join(map(str, blocks)), module, str(query_rows),
-             prompts_key(), *sorted({str(Path(s).resolve()) for s in sources})]
+             probe_modules, prompts_key(), *sorted({str(Path(s).resolve()) for s in sources})]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
@@ -73,7 +73,7 @@ class Entry:
     alpha: float | None
     modules: dict[str, list[int]]  # GGUF module -> blocks it adapts
     max_rank: int
-    offset: int | None  # first row in the bank (None: no LoRA on the probe target)
+    offset: int | None  # first row in the bank (None: no LoRA on a module the probe reads)
     rank: int | None  # rows in the bank
     reason: str | None  # why it cannot be probed
     stats: dict  # probe input -> signal -> [mean, sd]

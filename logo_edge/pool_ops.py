@@ -19,6 +19,7 @@ import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from .defaults import same_input_modules
 from .errors import AdapterError
 from .gguf_files import BaseInfo, _fsync_dir, read_lora
 
@@ -126,12 +127,13 @@ def _base_info(base) -> BaseInfo:
     return BaseInfo.read(base or defaults.default_model_path())
 
 
-def describe(path: Path, base: BaseInfo, origin: str, probe_tensor: str | None = None) -> PoolEntry:
-    """A PoolEntry for one adapter file, validated against `base` (AdapterError if it does not fit)."""
+def describe(path: Path, base: BaseInfo, origin: str, probe: list[str] | None = None) -> PoolEntry:
+    """A PoolEntry for one adapter file, validated against `base` (AdapterError if it does not fit);
+    `probe`: the tensors the probe can score it on (probe_tensors), for `probeable`."""
     lora = read_lora(path, base, only=[])
     modules = sorted({s.split(".")[2] for s in lora.stems})
     blocks = len({s.split(".")[1] for s in lora.stems})
-    probeable = None if probe_tensor is None else probe_tensor in lora.stems
+    probeable = None if probe is None else any(t in lora.stems for t in probe)
     return PoolEntry(path.stem, path, origin, max(lora.ranks.values(), default=0), modules, blocks,
                      path.stat().st_size, probeable)
 
@@ -250,16 +252,17 @@ def list_pool(pool_dir: str | Path, base=None) -> list[PoolEntry]:
     manifest = read_manifest(pool_dir)
     files = adapter_files(pool_dir)
     info = _base_info(base)
-    probe = probe_tensor(info)
+    probe = probe_tensors(info)
     return [describe(p, info, origin_of(pool_dir, p.stem, manifest), probe) for p in files]
 
 
-def probe_tensor(info: BaseInfo) -> str:
-    """The default probe target of a base: the last block's query projection (fused q/k/v where there is
-    no separate one)."""
+def probe_tensors(info: BaseInfo) -> list[str]:
+    """What the default probe scores an adapter on (an engine's defaults, pool.PROBE_MODULES): the last block's
+    query projection (fused q/k/v where there is no separate one), else the modules reading the same input."""
     last = info.n_layer - 1
-    q = f"blk.{last}.attn_q.weight"
-    return q if q in info.shapes or f"blk.{last}.attn_qkv.weight" not in info.shapes else f"blk.{last}.attn_qkv.weight"
+    target = "attn_q" if f"blk.{last}.attn_q.weight" in info.shapes or \
+        f"blk.{last}.attn_qkv.weight" not in info.shapes else "attn_qkv"
+    return [f"blk.{last}.{m}.weight" for m in same_input_modules(target)]
 
 
 def engine_entries(engine) -> list[PoolEntry]:

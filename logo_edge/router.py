@@ -94,7 +94,7 @@ class ProbeBank:
     @classmethod
     def of(cls, entries: Sequence[Sequence[Entry | None]]) -> "ProbeBank":
         """A bank of several adapters at once (each a list of per-block entries)."""
-        first = next((e for row in entries for e in row if e is not None), None)
+        first = next((e[0] if isinstance(e, list) else e for row in entries for e in row if e is not None), None)
         if first is None:
             raise RoutingError("the probe bank is empty: load at least one adapter with the target module")
         bank = cls(len(entries[0]), first[0].shape[1], first[1].shape[0])
@@ -121,21 +121,33 @@ class ProbeBank:
         return bank
 
     @staticmethod
-    def fold_entries(entries: Sequence[Entry | None], d_in: int, d_out: int):
-        """One adapter's window entries folded: (rank, [(block j, M_j, Q_j)]); RoutingError if they do not fit."""
+    def fold_entries(entries: Sequence[Entry | list[Entry] | None], d_in: int, d_out: int):
+        """One adapter's window entries folded: (rank, [(block j, M_j, Q_j)]); RoutingError if they do not fit.
+
+        An entry may be a list of (A, B, c), one per module that reads the probe's input (an adapter scored
+        over several modules, or over others than the target): their folded rows are stacked, so the norm
+        is sqrt(sum over modules of ||c B A h||^2), and Q is zero (the target's outputs are not among them:
+        signals other than the norm cannot read them)."""
         if entries[-1] is None:
             raise RoutingError(f"a probe bank entry needs one (A, B, c) or None per window block ({len(entries)}), "
                                "and its target (last) block")
-        r = max(e[0].shape[0] for e in entries if e is not None)
         folded = []
         for j, e in enumerate(entries):
-            if e is not None:
-                a, b, c = e
-                if a.shape[1] != d_in or b.shape != (d_out, a.shape[0]):
+            if e is None:
+                continue
+            several = isinstance(e, list)
+            parts = []
+            for a, b, c in (e if several else [e]):
+                if a.shape[1] != d_in or b.shape[1] != a.shape[0] or (not several and b.shape[0] != d_out):
                     raise RoutingError(f"probe bank entry for block {j}: A {a.shape} / B {b.shape} do not match "
-                                       f"d_in={d_in}, d_out={d_out}")
-                folded.append((j, *fold(a, b, c)))
-        return r, folded
+                                       f"d_in={d_in}" + ("" if several else f", d_out={d_out}"))
+                parts.append(fold(a, b, c))
+            if several:
+                m = np.concatenate([p[0] for p in parts])
+                folded.append((j, m, np.zeros((d_out, m.shape[0]))))
+            else:
+                folded.append((j, *parts[0]))
+        return max(m.shape[0] for _, m, _ in folded), folded
 
     @staticmethod
     def rows_of(r: int, folded, n_blocks: int, d_in: int, d_out: int, window_dtype=WINDOW_DTYPE):

@@ -122,9 +122,11 @@ class SpectralBank:
         by the files' paths, sizes and mtimes, the window tensors and the model)."""
         key = (str(pool.model.path), tuple(pool.window_tensors), pool.query_rows,
                tuple((a.name, str(a.path), *_stamp(a.path)) for a in pool.adapters))
-        if key not in _CACHE:
-            _CACHE[key] = cls(pool.names, [pool_entries(pool, a.path) for a in pool.adapters
-                                           if a.bank_index is not None], pool.unprobeable)
+        if key not in _CACHE:  # an adapter scored over other modules than the target (pool.norm_only) has none
+            skip = {**pool.unprobeable, **{n: f"{why} (Arrow and SpectR read the target module)"
+                                           for n, why in pool.norm_only.items()}}
+            _CACHE[key] = cls(pool.names, [pool_entries(pool, a.path) for a in pool.adapters if a.name not in skip],
+                              skip)
         return _CACHE[key]
 
     def block_scores(self, h: np.ndarray, method: str) -> np.ndarray:

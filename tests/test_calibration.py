@@ -103,7 +103,7 @@ def test_engine_calibration_matches_pytorch(tiny, hf_tiny, monkeypatch, tmp_path
     from tiny import ADAPTERS, N_LAYER
 
     monkeypatch.setenv("LOGO_EDGE_CACHE", str(tmp_path))  # a fresh states cache
-    with pytest.warns(UserWarning, match="v_only"):
+    with pytest.warns(UserWarning, match="mlp_only"):
         eng = Engine(tiny / "tiny-f32.gguf", tiny / "gguf", n_ctx=256, kv_type="f32", flash_attn=False,
                      probe_blocks=2, routing=RouteConfig(calibration="ratio", probe_input="normed"))
     try:
@@ -126,7 +126,7 @@ def test_engine_calibration_matches_pytorch(tiny, hf_tiny, monkeypatch, tmp_path
         files = list((tmp_path / "calibration").glob("*.npy"))
         assert len(files) == 1
         monkeypatch.setattr(Engine, "probe", lambda *a, **k: (_ for _ in ()).throw(AssertionError("probed")))
-        with pytest.warns(UserWarning, match="v_only"):
+        with pytest.warns(UserWarning, match="mlp_only"):
             eng2 = Engine(tiny / "tiny-f32.gguf", tiny / "gguf", n_ctx=256, probe_blocks=2,
                           routing=RouteConfig(calibration="zscore", probe_input="normed"))
         assert eng2.pool.adapters[0].stats == eng.pool.adapters[0].stats
@@ -134,7 +134,7 @@ def test_engine_calibration_matches_pytorch(tiny, hf_tiny, monkeypatch, tmp_path
         files[0].write_bytes(b"not a numpy file")  # a corrupt cache is recomputed, not trusted
         monkeypatch.undo()
         monkeypatch.setenv("LOGO_EDGE_CACHE", str(tmp_path))
-        with pytest.warns(UserWarning, match="v_only"):
+        with pytest.warns(UserWarning, match="mlp_only"):
             eng3 = Engine(tiny / "tiny-f32.gguf", tiny / "gguf", n_ctx=256, kv_type="f32", flash_attn=False,
                           probe_blocks=2, routing=RouteConfig(calibration="zscore", probe_input="normed"))
         assert eng3.pool.adapters[0].stats["normed"]["norm"] == pytest.approx(

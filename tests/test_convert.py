@@ -14,7 +14,7 @@ from logo_edge.convert.lora import convert_lora
 from logo_edge.errors import ConversionError
 from logo_edge.gguf_files import tensor_array
 from logo_edge.native.build import source_tree
-from tiny import ADAPTERS, UNPROBEABLE
+from tiny import ADAPTERS, NO_QUERY
 
 pytestmark = pytest.mark.slow
 
@@ -34,7 +34,7 @@ def read(path):
     return meta, {t.name: (int(t.tensor_type), tensor_array(t)) for t in r.tensors}
 
 
-CASES = [(n, "f32") for n in list(ADAPTERS) + list(UNPROBEABLE)] + [
+CASES = [(n, "f32") for n in list(ADAPTERS) + list(NO_QUERY)] + [
     (n, t) for n in ("all7_r4", "rs_r16") for t in ("f16", "q8_0")]
 
 

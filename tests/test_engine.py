@@ -98,7 +98,7 @@ def test_record_has_every_adapter_settings_and_timings(tiny_engine):
     assert sum(a["weight"] for a in rec["adapters"]) == pytest.approx(1.0)
     assert sum(a["rank"] is not None for a in rec["adapters"]) == 2
     assert rec["settings"] == dict(signal="norm", k=2, k_used=2, calibration="zscore", target_block=3,
-                                   probe_blocks=4, target_module="attn_q",
+                                   probe_blocks=4, target_module="attn_q", probe_modules="target-first",
                                    probe_input="residual", merge="auto", merge_applied="packed", prefill="exact",
                                    mixture="new", shortlist=None, keep_rule="base probe")  # None: every window read
     t = rec["timings"]
@@ -172,12 +172,34 @@ def test_fusion_equals_the_averaged_adapter(tiny, tmp_path, pairs):
 
 
 def test_unprobeable_adapter_reported_at_load_and_usable_by_name(tiny, tiny_engine):
-    assert "v_only" in tiny_engine.pool.unprobeable
+    assert set(tiny_engine.pool.unprobeable) == {"mlp_only"}
     rec = tiny_engine.route("any prompt", k=10)
-    v = next(a for a in rec.adapters if a.name == "v_only")
-    assert v.signal is None and v.weight == 0 and "attn_q" in v.note
-    out = tiny_engine.create_completion("any prompt", adapters=["v_only"], max_tokens=3)
+    m = next(a for a in rec.adapters if a.name == "mlp_only")
+    assert m.signal is None and m.weight == 0 and "attn_q or attn_k or attn_v" in m.note and "ffn_up" in m.note
+    out = tiny_engine.create_completion("any prompt", adapters=["mlp_only"], max_tokens=3)
     assert out["routing"]["mode"] == "manual"
+    # without a query LoRA, v_only is scored over its v (the same input): ranked like the others, and it says so
+    v = next(a for a in rec.adapters if a.name == "v_only")
+    assert v.signal > 0 and v.rank is not None and v.note == "scored over attn_v"
+    assert rec.settings["probe_modules"] == "target-first"
+
+
+def test_paper_probe_routes_only_adapters_with_the_target(tiny):
+    """probe_modules="target": the paper's probe, exactly; an adapter without the query projection is not routed
+    (and the index built for the default is not reused for it)."""
+    from logo_edge.engine import Engine
+
+    with pytest.warns(UserWarning, match="v_only") as caught:
+        eng = Engine(tiny / "tiny-f32.gguf", tiny / "gguf", n_ctx=128, probe_modules="target")
+    with eng:
+        assert set(eng.pool.unprobeable) == {"v_only", "mlp_only"}
+        assert "no LoRA on blk.3.attn_q.weight" in eng.pool.unprobeable["v_only"]
+        rec = eng.route("any prompt", k=10)
+        assert rec.settings["probe_modules"] == "target"
+        assert {a.name for a in rec.adapters if a.signal is None} == {"v_only", "mlp_only"}
+    assert any("mlp_only" in str(w.message) for w in caught)
+    with pytest.raises(AdapterError, match="probe_modules"):
+        Engine(tiny / "tiny-f32.gguf", tiny / "gguf", n_ctx=128, probe_modules="every")
 
 
 def test_base_mode_and_empty_pool(tiny):
@@ -216,10 +238,10 @@ def test_packed_adapters_count_in_the_budget(tiny):
     budget_mb = 2.5 * max(sizes.values()) / 2**20
     mixes = [{"qv_r8": 0.5, "all7_r4": 0.5}, {"rs_r16": 0.3, "qkd_r2": 0.7}, {"qv_r8": 0.2, "rs_r16": 0.8},
              {"all7_r4": 0.6, "qkd_r2": 0.4}, {"qv_r8": 0.5, "all7_r4": 0.5}]
-    with pytest.warns(UserWarning, match="v_only"):
+    with pytest.warns(UserWarning, match="mlp_only"):
         eng = Engine(tiny / "tiny-f32.gguf", tiny / "gguf", n_ctx=256, kv_type="f32", flash_attn=False,
                      max_loaded_mb=budget_mb)
-    with pytest.warns(UserWarning, match="v_only"):
+    with pytest.warns(UserWarning, match="mlp_only"):
         ref = Engine(tiny / "tiny-f32.gguf", tiny / "gguf", n_ctx=256, kv_type="f32", flash_attn=False)
     try:
         for mix in mixes:
@@ -272,10 +294,10 @@ def test_loaded_adapters_stay_within_the_budget_and_never_under_the_context(tiny
 
     sizes = {p.stem: p.stat().st_size for p in (tiny / "gguf").glob("*.gguf")}
     budget_mb = 1.5 * max(sizes.values()) / 2**20  # room for about one adapter
-    with pytest.warns(UserWarning, match="v_only"):
+    with pytest.warns(UserWarning, match="mlp_only"):
         eng = Engine(tiny / "tiny-f32.gguf", tiny / "gguf", n_ctx=256, kv_type="f32", flash_attn=False,
                      max_loaded_mb=budget_mb, routing=RouteConfig(merge="mixture"))
-    with pytest.warns(UserWarning, match="v_only"):
+    with pytest.warns(UserWarning, match="mlp_only"):
         ref = Engine(tiny / "tiny-f32.gguf", tiny / "gguf", n_ctx=256, kv_type="f32", flash_attn=False)
     try:
         for mix in ({"qv_r8": 1.0}, {"all7_r4": 0.5, "rs_r16": 0.5}, {"qkd_r2": 1.0}, {"qv_r8": 0.3, "qkd_r2": 0.7}):
@@ -294,14 +316,15 @@ def test_loaded_adapters_stay_within_the_budget_and_never_under_the_context(tiny
 def test_route_command_shows_raw_and_calibrated_signals_and_the_window(tiny, capsys):
     from logo_edge.cli import main
 
-    with pytest.warns(UserWarning, match="v_only"):
+    with pytest.warns(UserWarning, match="mlp_only"):
         assert main(["route", "Tell me a story", "--raw", "--model", str(tiny / "tiny-f32.gguf"),
                      "--adapters", str(tiny / "gguf"), "--n-ctx", "128", "--probe-blocks", "2"]) == 0
     out = capsys.readouterr().out
     head = out.splitlines()[0].split()
     assert head[:4] == ["adapter", "raw", "signal", "zscore"]
     assert "norm signal of attn_q (residual input) over blocks 2-3" in out
-    assert "v_only" in out and "no LoRA on blk.3.attn_q.weight" in out
+    assert "mlp_only" in out and "no LoRA at block 3 on attn_q or attn_k or attn_v" in out
+    assert "scored over attn_v" in out
 
 
 def test_interleaved_streams_are_refused_not_mixed(tiny_engine):

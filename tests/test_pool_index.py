@@ -20,7 +20,7 @@ PROMPTS = ["What is 12 + 30?", "Translate 'cat' into French.", "SELECT name FROM
 
 @pytest.fixture()
 def pool_dir(tiny, tmp_path, monkeypatch):
-    """A pool directory of 12 random q,v adapters for the tiny base, in a fresh cache."""
+    """A pool directory of 12 random q,v adapters for the tiny base, v_only and mlp_only, in a fresh cache."""
     import logo_edge.engine  # noqa: F401  (finds the native library in the real cache first)
     from logo_edge.bench import _write_random
     from logo_edge.gguf_files import BaseInfo
@@ -31,14 +31,15 @@ def pool_dir(tiny, tmp_path, monkeypatch):
     d.mkdir()
     for i in range(12):
         _write_random(info, d / f"a{i:02d}.gguf", ["attn_q", "attn_v"], rank=2 + i % 5, seed=i)
-    shutil.copy(tiny / "gguf" / "v_only.gguf", d / "v_only.gguf")  # an adapter the probe cannot read
+    shutil.copy(tiny / "gguf" / "v_only.gguf", d / "v_only.gguf")  # scored over its v: no q
+    shutil.copy(tiny / "gguf" / "mlp_only.gguf", d / "mlp_only.gguf")  # an adapter the probe cannot read
     return d
 
 
 def engine(tiny, adapters, **kw):
     from logo_edge.engine import Engine
 
-    with pytest.warns(UserWarning, match="v_only"):
+    with pytest.warns(UserWarning, match="mlp_only"):
         return Engine(tiny / "tiny-f32.gguf", adapters, n_ctx=256, kv_type="f32", flash_attn=False, probe_blocks=3,
                       **kw)
 
@@ -104,7 +105,8 @@ def test_indexed_pool_routes_as_a_pool_built_from_scratch(tiny, pool_dir, monkey
             base = base.base
         assert isinstance(base, mmap.mmap)  # the bank is the index's file, mapped, not a copy
         assert again.pool.names == sorted(p.stem for p in pool_dir.glob("*.gguf"))
-        assert again.pool.unprobeable.keys() == {"v_only"}
+        assert again.pool.unprobeable.keys() == {"mlp_only"}
+        assert again.pool.adapters[again.pool.index("v_only")].probed == ["attn_v"]
         assert_same(routes(again), want)
         for a in again.pool.adapters:
             for pi, stats in want_stats[a.name].items():

@@ -20,16 +20,19 @@ PROMPTS = [
 ]
 
 
-def peft_probe_mats(tiny, name, block):
-    """(A, B, c) of the adapter's q_proj at `block`, straight from PEFT's files."""
+def peft_probe_mats(tiny, name, block, module="q_proj"):
+    """(A, B, c) of the adapter's `module` (an attention projection) at `block`, straight from PEFT's files;
+    None where it has none."""
     from safetensors.numpy import load_file
 
     cfg = json.loads((tiny / "peft" / name / "adapter_config.json").read_text())
     w = load_file(tiny / "peft" / name / "adapter_model.safetensors")
-    key = f"base_model.model.model.layers.{block}.self_attn.q_proj.lora_{{}}.weight"
+    key = f"base_model.model.model.layers.{block}.self_attn.{module}.lora_{{}}.weight"
+    if key.format("A") not in w:
+        return None
     a, b = w[key.format("A")].astype(np.float64), w[key.format("B")].astype(np.float64)
     r = a.shape[0]
-    alpha = cfg.get("alpha_pattern", {}).get("q_proj", cfg["lora_alpha"])
+    alpha = cfg.get("alpha_pattern", {}).get(module, cfg["lora_alpha"])
     c = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
     return a, b, c
 
@@ -57,12 +60,18 @@ def reference_signal(o, signal):
 @pytest.mark.parametrize("probe_input", ["residual", "normed"])
 @pytest.mark.parametrize("signal", ["norm", "entropy"])
 @pytest.mark.parametrize("block", [N_LAYER - 1, 1, 0])
-def test_signals_match_pytorch(tiny, hf_tiny, probe_input, signal, block):
+@pytest.mark.parametrize("probe_modules", ["target-first", "input"])
+def test_signals_match_pytorch(tiny, hf_tiny, probe_input, signal, block, probe_modules):
+    """Each adapter's signal as PEFT's own A, B and scaling give it on transformers' hidden states: over its
+    q_proj (the paper's probe), or, for an adapter without one (v_only), over the modules reading the same
+    input; with probe_modules="input" over all of q, k and v. mlp_only is not probed."""
     from logo_edge.engine import Engine
 
-    with pytest.warns(UserWarning, match="v_only"):
+    if probe_modules == "input" and (signal != "norm" or block == 1):
+        pytest.skip("probe_modules='input' is checked on the norm signal at two target blocks")
+    with pytest.warns(UserWarning, match="mlp_only"):
         eng = Engine(tiny / "tiny-f32.gguf", tiny / "gguf", n_ctx=256, n_batch=32, target_block=block,
-                     kv_type="f32", flash_attn=False)
+                     kv_type="f32", flash_attn=False, probe_modules=probe_modules)
     try:
         for prompt in PROMPTS:
             tokens = eng.tokenize(prompt)
@@ -72,19 +81,28 @@ def test_signals_match_pytorch(tiny, hf_tiny, probe_input, signal, block):
             assert eng.pool.blocks == list(range(block + 1))
             hs = {b: reference_h(hf_tiny, tokens, b, probe_input) for b in eng.pool.blocks}
             ref = {}
-            for name in ADAPTERS:
-                outs = []
+            for name in [*ADAPTERS, "v_only"]:
+                has_q = peft_probe_mats(tiny, name, block) is not None
+                modules = ["q_proj"] if has_q and probe_modules == "target-first" else ["q_proj", "k_proj", "v_proj"]
+                if signal != "norm" and modules != ["q_proj"]:
+                    continue  # only the norm reads other modules than the target
+                outs = {}
                 for blk in eng.pool.blocks:
-                    a, b, c = peft_probe_mats(tiny, name, blk)
-                    outs.append(c * (b @ (a @ hs[blk])))
-                ref[name] = (math.sqrt(sum(float(x) ** 2 for o in outs for x in o)) if signal == "norm"
-                             else reference_signal(list(outs[-1]), signal))
+                    for m in modules:
+                        if (abc := peft_probe_mats(tiny, name, blk, m)) is not None:
+                            a, b, c = abc
+                            outs[blk, m] = c * (b @ (a @ hs[blk]))
+                ref[name] = (math.sqrt(sum(float(x) ** 2 for o in outs.values() for x in o)) if signal == "norm"
+                             else reference_signal(list(outs[block, "q_proj"]), signal))
             got = {s.name: s.signal for s in rec.adapters}
-            for name in ADAPTERS:
+            for name in ref:
                 assert got[name] == pytest.approx(ref[name], rel=1e-4), (name, prompt)
-            assert got["v_only"] is None
+            assert got["mlp_only"] is None and ("v_only" in ref or got["v_only"] is None)
+            assert len(ref) == len(ADAPTERS) + (signal == "norm")
             ref_top = sorted(ref, key=lambda n: -ref[n])[:3]
             assert [s.name for s in rec.selected] == ref_top
+            notes = {s.name: s.note for s in rec.adapters}
+            assert "attn_v" in notes["v_only"] and "mlp_only" in eng.pool.unprobeable
     finally:
         eng.close()
 
@@ -141,7 +159,7 @@ def _engine_tokens(eng, prompt, weights, n, merge="mixture"):
 def test_manual_mixture_all_modules_matches_peft(tiny, tiny_engine, merge):
     # every adapter, including the unprobeable one and the rsLoRA / alpha_pattern ones; "packed" builds
     # them as one adapter of rank 4+16+8+8 with B scaled by w_i c_i and must give the same tokens
-    weights = {"all7_r4": 0.5, "rs_r16": 0.3, "pattern_r8": 0.15, "v_only": 0.05}
+    weights = {"all7_r4": 0.5, "rs_r16": 0.3, "pattern_r8": 0.1, "v_only": 0.05, "mlp_only": 0.05}
     prompt = "In 1492 Columbus sailed"
     ref = greedy(peft_mixture_model(tiny, weights), tiny_engine.tokenize(prompt), 16)
     assert _engine_tokens(tiny_engine, prompt, weights, 16, merge) == ref

@@ -30,7 +30,9 @@ ADAPTERS = {
     "qkd_r2": dict(r=2, lora_alpha=1, target_modules=["q_proj", "k_proj", "down_proj"]),
     "pattern_r8": dict(r=8, lora_alpha=8, target_modules=["q_proj", "up_proj"], alpha_pattern={"up_proj": 32}),
 }
-UNPROBEABLE = {"v_only": dict(r=8, lora_alpha=16, target_modules=["v_proj"])}  # no q anywhere
+# no q anywhere: v_only is scored over its v (the default probe_modules), mlp_only cannot be probed
+NO_QUERY = {"v_only": dict(r=8, lora_alpha=16, target_modules=["v_proj"]),
+            "mlp_only": dict(r=4, lora_alpha=8, target_modules=["gate_proj", "up_proj", "down_proj"])}
 
 
 def smollm2_dir() -> tuple[Path, str]:
@@ -82,7 +84,7 @@ def build(progress=print) -> Path:
     (tmp / "hf" / "config.json").write_text(json.dumps(cfg_json, indent=1))
     progress("tiny model: convert_hf_to_gguf.py (llama.cpp's converter)")
     convert_base(tmp / "hf", tmp / "tiny-f32.gguf", "f32")
-    for i, (name, kw) in enumerate({**ADAPTERS, **UNPROBEABLE}.items()):
+    for i, (name, kw) in enumerate({**ADAPTERS, **NO_QUERY}.items()):
         progress(f"tiny adapters: {name}")
         random_lora(tmp / "hf", kw, 100 + i, tmp / "peft" / name)
         (tmp / "gguf").mkdir(exist_ok=True)
