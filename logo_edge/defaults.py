@@ -65,3 +65,10 @@ def same_input_modules(module: str) -> tuple[str, ...]:
         return (module,)  # fused q/k/v: its k and v rows are the same tensor
     normed = PROBE_INPUTS[module][0]
     return (module, *(m for m, (n, _) in PROBE_INPUTS.items() if n == normed and m not in (module, "attn_qkv")))
+
+
+def other_input_modules(module: str) -> tuple[str, ...]:
+    """The probe targets that read the other sub-block's input than `module` (for an attention module: the FFN
+    norm's output, feeding gate and up; for gate or up: the attention norm's), fused q/k/v aside."""
+    normed = PROBE_INPUTS[module][0]
+    return tuple(m for m, (n, _) in PROBE_INPUTS.items() if n != normed and m != "attn_qkv")

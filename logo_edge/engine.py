@@ -181,6 +181,7 @@ class Engine:
         self._probe_reused = 0  # prompt tokens the last probe found in its cache
         self.pool = AdapterPool(self.model, target_block, target_module, max_loaded_mb, probe_blocks,
                                 use_index=pool_index, probe_modules=probe_modules)
+        self.pool.other_states = lambda probe_input: self._calibration_states(self.pool, probe_input, other=True)
         if self.routing.calibration != "raw":  # calibrate adapters as they enter the pool
             self.calibrate(self.routing.probe_input)
         if adapters is None and model is None:  # Engine(): the default model with the shipped pool
@@ -312,7 +313,7 @@ class Engine:
         if self._probe_ctx is None:
             self._probe_ctx = Context(self.model, self._cfg)
         blocks = list(self.pool.blocks if blocks is None else blocks)
-        module = module or self.pool.target_module
+        module = module or self.pool.probe_reads
         key = (tuple(tokens), tuple(blocks), module, probe_input)
         if key in self._probe_memo:  # the same request routes the same way, bit for bit
             self._probe_reused = len(tokens)
@@ -321,12 +322,15 @@ class Engine:
         # the probe context keeps its cache: complete below the last block read, so a later probe that
         # stops at the same or a lower block reuses the common prefix (a chat's earlier turns, the system prompt)
         cached, depth = self._probe_cache
-        last = blocks[-1]
-        n_keep = _common_prefix(cached, tokens) if last <= depth else 0
+        # the blocks below `reach` are computed for every token: the last block's attention too where the FFN's
+        # input is read (it comes after); a cached prefix serves a probe that reaches no further than it
+        ffn = any(defaults.PROBE_INPUTS[m][0] == "ffn_norm" for m in ([module] if isinstance(module, str) else module))
+        reach = blocks[-1] + ffn
+        n_keep = _common_prefix(cached, tokens) if reach <= depth else 0
         self._probe_cache = ([], 0)
         h = cap.run(tokens, keep_cache=True, n_keep=n_keep)
         self._probe_reused = cap.n_reused  # (0 where the model's memory could not drop a suffix)
-        self._probe_cache = (list(tokens), min(last, depth) if cap.n_reused else last)
+        self._probe_cache = (list(tokens), min(reach, depth) if cap.n_reused else reach)
         if len(self._probe_memo) >= 16:
             self._probe_memo.pop(next(iter(self._probe_memo)))
         self._probe_memo[key] = h
@@ -341,7 +345,7 @@ class Engine:
         n_keep = min(_common_prefix(self._cache, tokens), len(tokens) - 1) if self._cache_approx else 0
         self.ctx.set_adapters([], [])
         self._active, self._mixture = set(), ("mixture", {})
-        cap = ProbeCapture(self.ctx, self.pool.blocks, self.pool.target_module, probe_input, stop_early=False)
+        cap = ProbeCapture(self.ctx, self.pool.blocks, self.pool.probe_reads, probe_input, stop_early=False)
         self._cache = []
         h = cap.run(tokens, keep_cache=True, n_keep=n_keep)
         self._probe_reused = cap.n_reused
@@ -352,19 +356,23 @@ class Engine:
     def calibrate(self, probe_input: str = "residual", pool: AdapterPool | None = None) -> None:
         """Give the pool (the engine's, or another over the same model) the calibration prompts' states for
         `probe_input` at its probe window (cached on disk per model and window)."""
-        from .calibration import calibration_states
-
         pool = pool or self.pool
         if probe_input in pool.calibrated_inputs:
             return
+        pool.set_calibration_states(probe_input, self._calibration_states(pool, probe_input))
+
+    def _calibration_states(self, pool: AdapterPool, probe_input: str, other: bool = False) -> np.ndarray:
+        """The calibration prompts' states at the pool's window: of the target's input, or the other one's."""
+        from .calibration import calibration_states
+
+        module = pool.other_modules[0] if other else pool.target_module
 
         def probe_prompt(text: str) -> np.ndarray:
             prompt = self.format_chat([{"role": "user", "content": text}]) if self.model.info.chat_template \
                 else text
-            return self.probe(self.tokenize(prompt), probe_input, pool.blocks, pool.target_module)
+            return self.probe(self.tokenize(prompt), probe_input, pool.blocks, module)
 
-        states = calibration_states(self.model.path, pool.blocks, pool.target_module, probe_input, probe_prompt)
-        pool.set_calibration_states(probe_input, states)
+        return calibration_states(self.model.path, pool.blocks, module, probe_input, probe_prompt)
 
     def route(self, prompt: str | list[int] | list[dict], **overrides) -> RoutingRecord:
         """Route a prompt (text, tokens, or chat messages) without generating."""
@@ -407,26 +415,38 @@ class Engine:
         return RoutingRecord("routed", settings, scores, Timings(prompt_tokens=len(tokens)))
 
     def route_state(self, h: np.ndarray, cfg: RouteConfig | None = None) -> tuple[Routing, np.ndarray | None]:
-        """Route from probe states h (n_blocks, d_in) as a request would: (routing, the shortlist's mask or
-        None when every adapter's window was read)."""
+        """Route from probe states h (n_blocks, d_in; twice the rows while adapters are scored over the other
+        input, pool.probe_reads) as a request would: (routing, the shortlist's mask or None when every adapter's
+        window was read)."""
         cfg = cfg or self.routing
-        bank = self.pool.bank
+        pool = self.pool
+        h, h_other = pool.split_states(np.asarray(h))
         calibrated = cfg.calibration != "raw"
-        stats = self.pool.stats(cfg.probe_input, cfg.signal) if calibrated else None
+        stats = pool.stats(cfg.probe_input, cfg.signal) if calibrated else None
+        in_bank = pool.in_bank
         considered = None
         with one_blas_thread():
-            if cfg.signal == "norm" and 0 < cfg.shortlist < len(bank) and bank.n_blocks > 1:
-                stats1 = self.pool.stats(cfg.probe_input, TARGET_NORM) if calibrated else None
+            bank = pool._bank
+            if len(bank) == 0:
+                raw = np.zeros(0)
+            elif cfg.signal == "norm" and 0 < cfg.shortlist < len(bank) and bank.n_blocks > 1:
+                stats1 = pool.stats(cfg.probe_input, TARGET_NORM) if calibrated else None
+                stats1 = None if stats1 is None else (stats1[0][in_bank], stats1[1][in_bank])
                 raw, considered = shortlist_norms(bank, h, cfg.shortlist, cfg.calibration, stats1)
             else:
                 raw = bank.signals(h, cfg.signal)
-        unprobeable = self.pool.unprobeable
-        if cfg.signal != "norm" and self.pool.norm_only:  # no target outputs in the bank for these
-            keep = np.array([a.name not in self.pool.norm_only for a in self.pool.adapters if a.bank_index is not None])
+            if len(pool.other_bank):  # MLP-only adapters: the norm over the other input (others: norm_only)
+                other = pool.other_bank.norms(h_other) if h_other is not None else np.full(len(pool.other_bank),
+                                                                                             np.nan)
+                raw = pool.merge(raw, other)
+                considered = None if considered is None else pool.merge(considered, np.ones(len(other), bool))
+        unprobeable = pool.unprobeable
+        if cfg.signal != "norm" and pool.norm_only:  # no target outputs in the bank for these
+            keep = np.array([a.name not in pool.norm_only for a in pool.adapters if a.probeable])
             raw, stats = raw[keep], None if stats is None else (stats[0][keep], stats[1][keep])
-            unprobeable = {**unprobeable, **self.pool.norm_only}
+            unprobeable = {**unprobeable, **pool.norm_only}
         rcfg = RouterConfig(cfg.signal, cfg.k, cfg.calibration)
-        return route_signals(raw, self.pool.names, rcfg, unprobeable, stats, considered), considered
+        return route_signals(raw, pool.names, rcfg, unprobeable, stats, considered), considered
 
     def _plan(self, tokens: list[int], adapters: AdapterChoice, cfg: RouteConfig):
         """Decide the mixture: (pool indices, weights, record)."""
@@ -507,7 +527,7 @@ class Engine:
         if cfg.calibration != "raw":
             self.calibrate(cfg.probe_input)
         t0 = time.perf_counter()
-        cap = ProbeCapture(self.ctx, self.pool.blocks, self.pool.target_module, cfg.probe_input, stop_early=False)
+        cap = ProbeCapture(self.ctx, self.pool.blocks, self.pool.probe_reads, cfg.probe_input, stop_early=False)
         try:
             h = cap.run(tokens, keep_cache=True, n_keep=n_keep)  # under the mixture: the answer's own K/V
         except Exception:
@@ -659,7 +679,7 @@ class Engine:
             # a mixture routed afresh for a chat that may keep it: read the turn's states under it while prefilling
             chose = (rec.settings.get("mixture") == "new" and cfg.keep_probe == "mixture" and _uses_score_rule(cfg)
                      and bool(idx))
-            cap = ProbeCapture(self.ctx, self.pool.blocks, self.pool.target_module, cfg.probe_input,
+            cap = ProbeCapture(self.ctx, self.pool.blocks, self.pool.probe_reads, cfg.probe_input,
                                stop_early=False) if chose else None
             reused = self._prefill(tokens, cap)
             if chose:

@@ -88,7 +88,7 @@ def measure(eng, pairs, what: str, answers: bool = False) -> list[Pair]:
         lead = max(current, key=current.get)
         from .llm import ProbeCapture
         t1 = eng.tokenize(eng.format_chat(turn1))
-        cap = ProbeCapture(eng.ctx, eng.pool.blocks, eng.pool.target_module, cfg.probe_input, stop_early=False)
+        cap = ProbeCapture(eng.ctx, eng.pool.blocks, eng.pool.probe_reads, cfg.probe_input, stop_early=False)
         eng.ctx.cache_truncate(0)
         ref = eng.route_state(cap.run(t1, keep_cache=True), cfg)[0]
         eng._cache = list(t1)

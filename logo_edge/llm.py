@@ -293,17 +293,19 @@ def _op_name(op: int) -> str:
     return _lib.ggml_op_name(op).decode() if 0 <= op < _lib.GGML_OP_COUNT else f"op {op}"
 
 
-def _block0_residual(attn_norm: _lib.GGMLTensor) -> int:
-    """Address of the residual entering block 0, read as x in attn_norm-0 = MUL(RMS_NORM or NORM(x), w) (the
-    embeddings have no stable name); ProbeError when the model builds that norm another way."""
+def _norm_input(attn_norm: _lib.GGMLTensor) -> int:
+    """Address of the residual a norm reads, as x in NAME = MUL(RMS_NORM or NORM(x), w): the one entering block 0
+    (attn_norm-0: the embeddings have no stable name) or the MLP (ffn_norm-b: not every family names it
+    ffn_inp); ProbeError when the model builds that norm another way."""
     norm = _lib.GGMLTensor.from_address(attn_norm.src[0]) if attn_norm.src[0] else None
     if attn_norm.op == _lib.GGML_OP_MUL and norm is not None and norm.op in _NORM_OPS and norm.src[0]:
         return norm.src[0]
     found = _op_name(attn_norm.op) + (f"({_op_name(norm.op)}(...), ...)" if norm is not None else "()")
     raise ProbeError(
-        f"block 0's residual is read as x in {attn_norm.name.decode()} = MUL(RMS_NORM or NORM(x), weight), but "
+        f"the residual is read as x in {attn_norm.name.decode()} = MUL(RMS_NORM or NORM(x), weight), but "
         f"this model's graph has {found} there: another norm graph, which the probe does not know. Probe the "
-        "normed input (probe_input='normed') or a window that starts at block 1")
+        "normed input (probe_input='normed')" + (" or a window that starts at block 1"
+                                                 if attn_norm.name.startswith(b"attn_norm") else ""))
 
 
 def _last_column(t: int, tensor: _lib.GGMLTensor, n_embd: int) -> np.ndarray:
@@ -324,20 +326,26 @@ class ProbeCapture:
     """Arms the eval callback for one decode and copies the last token's column of graph tensors.
 
     `block` is one block (run returns h, (n_embd,)) or an ascending window of blocks (run returns
-    (len(window), n_embd), one row per block), all read in the same decode. The callback is set with
-    the patch's llama_set_eval_callback only around `run`, so no Python runs per graph node during
-    generation. With `stop_early` the callback returns false once the last block's h is read: ggml stops
+    (len(window), n_embd), one row per block), all read in the same decode. `module` may be several modules
+    reading distinct inputs (an attention module and an FFN one): the window's rows for each, in turn.
+    The callback is set with the patch's llama_set_eval_callback only around `run`, so no Python runs per
+    graph node during generation. With `stop_early` the callback returns false once the last row is read: ggml stops
     the graph split computing that block (all of a CPU-only graph); later splits of a partly offloaded
     model still run (ggml-backend.cpp, ggml_backend_sched_compute_splits). `nodes_asked` counts the
     graph nodes the last run's callback was asked about (what ran, with stop_early).
     """
 
-    def __init__(self, ctx: Context, block: int | Sequence[int], module: str, inp: str, stop_early: bool = True):
-        if module not in PROBE_INPUTS:
-            raise ValueError(f"probe target module {module!r} is not supported; choose one of "
-                             f"{sorted(PROBE_INPUTS)}")
-        self._single = isinstance(block, (int, np.integer))
-        blocks = [int(block)] if self._single else [int(b) for b in block]
+    def __init__(self, ctx: Context, block: int | Sequence[int], module: str | Sequence[str], inp: str,
+                 stop_early: bool = True):
+        modules = [module] if isinstance(module, str) else list(module)
+        for m in modules:
+            if m not in PROBE_INPUTS:
+                raise ValueError(f"probe target module {m!r} is not supported; choose one of "
+                                 f"{sorted(PROBE_INPUTS)}")
+        if len({PROBE_INPUTS[m] for m in modules}) != len(modules):
+            raise ValueError(f"probe target modules {modules} must read distinct inputs")
+        self._single = isinstance(block, (int, np.integer)) and len(modules) == 1
+        blocks = [int(block)] if isinstance(block, (int, np.integer)) else [int(b) for b in block]
         if not blocks or blocks != sorted(set(blocks)):
             raise ValueError(f"probe blocks must be distinct and ascending, got {blocks}")
         for b in blocks:
@@ -347,19 +355,26 @@ class ProbeCapture:
             raise ValueError(f"probe input must be 'residual' or 'normed', got {inp!r}")
         self.ctx = ctx
         self.stop_early = stop_early
-        normed, residual = PROBE_INPUTS[module]
         self._targets: dict[bytes, int] = {}  # graph tensor name -> row of the window
-        self._via_src = None  # the row read through attn_norm-0's RMS norm (block 0's residual)
-        for row, b in enumerate(blocks):
-            if inp == "normed":
-                name = f"{normed}-{b}"
-            elif residual is not None:
-                name = f"{residual}-{b}"
-            elif b > 0:
-                name = f"l_out-{b - 1}"
-            else:  # block 0: the embeddings have no stable name; read the input of attn_norm-0's RMS norm
-                name, self._via_src = f"{normed}-0", row
-            self._targets[name.encode()] = row
+        self._via_src: set[int] = set()  # rows read through their norm's input (_norm_input)
+        # one row per (module, block), modules in the order given; an early stop comes after the row read last in
+        # the graph (the last block's, the FFN input's where there is one: it follows the attention's), which
+        # every ubatch of a long prompt reads again
+        later = max(range(len(modules)), key=lambda i: PROBE_INPUTS[modules[i]][0] == "ffn_norm")
+        self._last_row = later * len(blocks) + len(blocks) - 1
+        for mi, m in enumerate(modules):
+            normed, residual = PROBE_INPUTS[m]
+            for bi, b in enumerate(blocks):
+                row = mi * len(blocks) + bi
+                if inp == "normed":
+                    name = f"{normed}-{b}"
+                elif residual is None and b > 0:
+                    name = f"l_out-{b - 1}"
+                else:  # block 0's embeddings, the MLP's input (ffn_inp in some families): the norm's input
+                    name = f"{normed}-{b}"
+                    self._via_src.add(row)
+                self._targets[name.encode()] = row
+        blocks = blocks * len(modules)
         self._rows: list[np.ndarray | None] = [None] * len(blocks)
         self._error: ProbeError | None = None
         self.nodes_asked = 0
@@ -376,14 +391,14 @@ class ProbeCapture:
         if row is None:
             return True
         try:  # an exception must not escape: ctypes would print it and return false
-            if row == self._via_src:
-                t = _block0_residual(tensor)
+            if row in self._via_src:
+                t = _norm_input(tensor)
                 tensor = _lib.GGMLTensor.from_address(t)
             self._rows[row] = _last_column(t, tensor, self.ctx.model.n_embd)
         except ProbeError as e:
             self._error = e
             return False  # nothing worth computing after: stop (run() raises it)
-        return not (self.stop_early and row == len(self._rows) - 1)
+        return not (self.stop_early and row == self._last_row)
 
     def run(self, tokens: list[int], keep_cache: bool = False, n_keep: int = 0) -> np.ndarray:
         """Prefill `tokens` in the context, return h: (n_embd,) for one block, (n_blocks, n_embd) for a window.

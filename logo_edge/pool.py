@@ -18,7 +18,7 @@ from typing import Iterable
 import numpy as np
 
 from .calibration import Stats
-from .defaults import PROBE_BLOCKS
+from .defaults import PROBE_BLOCKS, other_input_modules
 from .errors import AdapterError, RoutingError
 from .gguf_files import read_lora
 from .llm import PROBE_INPUTS, LoraHandle, Model, same_input_modules
@@ -27,8 +27,10 @@ from .router import ProbeBank
 
 LARGE_POOL = 256  # adapter files beyond which a new index stores the earlier window blocks in float16
 # How an adapter is scored (AdapterPool's probe_modules): "target-first" over the target module where it has a
-# LoRA there, else over every module it adapts that reads the same input (a v-only adapter over its v); "target"
-# the paper's probe (an adapter without the target is not routed); "input" over every module reading the input
+# LoRA there, else over every module it adapts that reads the same input (a v-only adapter over its v), else over
+# those reading the other sub-block's input (an MLP-only adapter over its gate and up: the FFN norm's output, read
+# in the same probe pass); "target" the paper's probe (an adapter without the target is not routed); "input" over
+# every module reading the target's input (q, k and v), else as "target-first"
 PROBE_MODULES = ("target-first", "target", "input")
 
 
@@ -50,6 +52,11 @@ class PoolAdapter:
     calibrate_s: float = 0.0  # time spent computing `stats` (the matrix products)
     max_rank: int = 0  # the largest rank over all its tensors
     probed: list[str] = field(default_factory=list)  # the modules it is scored over (empty: unprobeable)
+    other_index: int | None = None  # its row of the other input's bank (scored over gate/up: no attention LoRA)
+
+    @property
+    def probeable(self) -> bool:
+        return self.bank_index is not None or self.other_index is not None
 
 
 def _resolve_target(info, target_module: str, block: int) -> tuple[str, int | None]:
@@ -112,9 +119,16 @@ class AdapterPool:
         self.target_tensor = self.window_tensors[-1]
         self.probe_modules = probe_modules
         self.input_modules = (target_module,) if probe_modules == "target" else same_input_modules(target_module)
-        self.read_tensors = [f"blk.{b}.{m}.weight" for b in self.blocks for m in self.input_modules]
-        self.adapters: list[PoolAdapter] = []
+        self.other_modules = () if probe_modules == "target" else other_input_modules(target_module)
+        self.read_tensors = [f"blk.{b}.{m}.weight" for b in self.blocks
+                             for m in self.input_modules + self.other_modules]
+        # adapters with no LoRA reading the target's input but some reading the other one (MLP-only): a bank of
+        # their own over that input's states (the probe reads both only while it holds an adapter)
         d_out = self.query_rows or model.info.shapes[self.target_tensor][1]
+        self._other = ProbeBank(len(self.blocks), model.n_embd, d_out)  # laid out as the bank (index files)
+        self._other_states: dict[str, np.ndarray] = {}  # probe input -> calibration states of the other input
+        self.other_states = None  # callable(probe input) -> those states; set by the engine that probes
+        self.adapters: list[PoolAdapter] = []
         self._bank = ProbeBank(len(self.blocks), model.n_embd, d_out, window_dtype)
         self._states: dict[str, np.ndarray] = {}  # probe input -> calibration states (n_prompts, n_blocks, d_in)
         self._stats: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}  # stats() per bank, cached
@@ -136,9 +150,12 @@ class AdapterPool:
         if any(a.name == name for a in self.adapters):
             raise AdapterError(f"{lora.path}: an adapter named {name!r} is already in the pool; "
                                "rename the file or pass another name")
-        index, rank = None, None
+        index, rank, other = None, None, None
         entries, probed, reason = self._probe_entries(lora)
-        if entries is not None:  # folded into the bank: the pool keeps no other copy
+        if entries is not None and probed[0] in self.other_modules:
+            other = self._other.add(entries)
+            rank = int(self._other.ranks[other])
+        elif entries is not None:  # folded into the bank: the pool keeps no other copy
             index = self._bank.add(entries)
             rank = int(self._bank.ranks[index])
         else:
@@ -146,7 +163,7 @@ class AdapterPool:
                           "routed to, but can still be used by name", UserWarning, stacklevel=2)
         adapter = PoolAdapter(name, lora.path, lora.stems, lora.alpha, index, rank, reason,
                               nbytes=lora.path.stat().st_size, max_rank=max(lora.ranks.values(), default=0),
-                              probed=probed)
+                              probed=probed, other_index=other)
         for probe_input, states in self._states.items():
             self._calibrate(adapter, probe_input, states)
         self.adapters.append(adapter)
@@ -160,12 +177,12 @@ class AdapterPool:
 
     def scored_modules(self, at_target: Iterable[str]) -> list[str]:
         """The modules an adapter is scored over, from the modules it adapts at the target block (empty: it
-        cannot be probed). See PROBE_MODULES."""
+        cannot be probed; the other input's modules: it is scored over that input). See PROBE_MODULES."""
         at_target = set(at_target)
         have = [m for m in self.input_modules if m in at_target]
         if self.target_module in have and self.probe_modules != "input":
             return [self.target_module]
-        return have
+        return have or [m for m in self.other_modules if m in at_target]
 
     def _probe_entries(self, lora) -> tuple[list | None, list[str], str | None]:
         """(its probe bank entries, the modules scored, None) or (None, [], why it cannot be probed)."""
@@ -181,12 +198,28 @@ class AdapterPool:
             entries.append([(*lora.pairs[t], lora.scale(t)) for t in here] or None)
         return entries, modules, None
 
+    def _scored(self, e: Entry) -> list[str]:
+        return self.scored_modules(m for m, blocks in e.modules.items() if self.target_block in blocks)
+
+    def _is_other(self, e: Entry) -> bool:
+        """Whether an indexed adapter's rows are the other input's (it has no LoRA reading the target's)."""
+        return e.offset is not None and self._scored(e)[0] in self.other_modules
+
+    def _other_states_for(self, probe_input: str) -> np.ndarray:
+        """The other input's calibration states for `probe_input`, asked of the engine once."""
+        if probe_input not in self._other_states:
+            if self.other_states is None:
+                raise AdapterError("an adapter is scored over the FFN's input, and no engine gives this pool that "
+                                   "input's calibration states")
+            self._other_states[probe_input] = np.asarray(self.other_states(probe_input), np.float32)
+        return self._other_states[probe_input]
+
     def _unprobeable_reason(self, stems: list[str]) -> str:
         adapts = sorted({s.split(".")[2] for s in stems})
         if self.probe_modules == "target":
             return f"no LoRA on {self.target_tensor} (the probe target); it adapts {', '.join(adapts)}"
-        return (f"no LoRA at block {self.target_block} on {' or '.join(self.input_modules)} (the modules reading "
-                f"the probe's input); it adapts {', '.join(adapts)}")
+        return (f"no LoRA at block {self.target_block} on {' or '.join(self.input_modules + self.other_modules)} "
+                f"(the modules reading what the probe reads); it adapts {', '.join(adapts)}")
 
     @property
     def norm_only(self) -> dict[str, str]:
@@ -238,16 +271,18 @@ class AdapterPool:
         lora = read_lora(path, self.model.info, only=self.read_tensors)
         out = dict(name=lora.name, alpha=lora.alpha, stems=lora.stems, ranks=lora.ranks, rows=None, reason=None,
                    stats={}, calibrate_s=0.0)
-        entries, _, out["reason"] = self._probe_entries(lora)
+        entries, probed, out["reason"] = self._probe_entries(lora)
         if entries is None:
             return out
+        other = probed[0] in self.other_modules  # the other input's rows: in the same files, a bank of their own
         bank = self._bank
         r, folded = ProbeBank.fold_entries(entries, bank.d_in, bank.Q.shape[1])
         t, w, q = ProbeBank.rows_of(r, folded, len(self.blocks), bank.d_in, bank.Q.shape[1],
                                     np.dtype(self._index.meta_window_dtype))
         one = ProbeBank.from_arrays(t, w, q, [0], [r])
         t0 = time.perf_counter()
-        out["stats"] = {pi: one.stats(0, states) for pi, states in self._states.items()}
+        out["stats"] = {pi: one.stats(0, self._other_states_for(pi) if other else states)
+                        for pi, states in self._states.items()}
         out.update(rows=(r, t, w, q), calibrate_s=time.perf_counter() - t0)
         return out
 
@@ -288,20 +323,23 @@ class AdapterPool:
         """Make the pool's adapters and bank those of `entries` (kept handles and LRU follow their files)."""
         old = {a.path: a for a in self.adapters}
         loaded = [self.adapters[i].path for i in self._loaded]
-        probed = {id(e): i for i, e in enumerate(e for e in entries if e.offset is not None)}
+        main = [e for e in entries if e.offset is not None and not self._is_other(e)]
+        others = [e for e in entries if e.offset is not None and self._is_other(e)]
+        probed = {id(e): i for i, e in enumerate(main)}
+        other_index = {id(e): i for i, e in enumerate(others)}
         adapters = []
         for e, name in zip(entries, names):
             path = Path(e.path)
             a = old.get(path)
             stats = {pi: {k: tuple(v) for k, v in s.items()} for pi, s in e.stats.items()}
             if a is None:
-                scored = [] if e.offset is None else self.scored_modules(
-                    m for m, blocks in e.modules.items() if self.target_block in blocks)
                 a = PoolAdapter(name, path, e.stems, e.alpha, None, e.rank, e.reason, nbytes=e.size,
-                                calibrate_s=e.calibrate_s, max_rank=e.max_rank, probed=scored)
-            a.name, a.bank_index, a.stats = name, probed.get(id(e)), stats
+                                calibrate_s=e.calibrate_s, max_rank=e.max_rank,
+                                probed=[] if e.offset is None else self._scored(e))
+            a.name, a.bank_index, a.other_index, a.stats = name, probed.get(id(e)), other_index.get(id(e)), stats
             adapters.append(a)
-        self._bank = self._index.bank(entries)
+        self._bank = self._index.bank(main)
+        self._other = self._index.bank(others)
         self._entries, self.adapters = entries, adapters
         where = {a.path: i for i, a in enumerate(adapters)}
         self._loaded = OrderedDict((where[p], None) for p in loaded if p in where)
@@ -333,6 +371,11 @@ class AdapterPool:
             for b in self.adapters:
                 if b.bank_index is not None and b.bank_index > a.bank_index:
                     b.bank_index -= 1
+        if a.other_index is not None:
+            self._other.remove(a.other_index)
+            for b in self.adapters:
+                if b.other_index is not None and b.other_index > a.other_index:
+                    b.other_index -= 1
         self._stats.clear()
         return a
 
@@ -353,14 +396,42 @@ class AdapterPool:
 
     @property
     def unprobeable(self) -> dict[str, str]:
-        return {a.name: a.unprobeable_reason for a in self.adapters if a.bank_index is None}
+        return {a.name: a.unprobeable_reason for a in self.adapters if not a.probeable}
 
     @property
     def bank(self) -> ProbeBank:
-        """The probe bank: one entry per probeable adapter, in pool order."""
+        """The probe bank: one entry per adapter scored over the target's input, in pool order."""
         if len(self._bank) == 0:
             raise RoutingError("the probe bank is empty: load at least one adapter with the target module")
         return self._bank
+
+    @property
+    def other_bank(self) -> ProbeBank:
+        """The bank of adapters scored over the other input (MLP-only ones), in pool order; may be empty."""
+        return self._other
+
+    @property
+    def probe_reads(self) -> str | tuple[str, str]:
+        """What the probe reads (ProbeCapture's module): the target's input, and the other input's too while
+        an adapter is scored over it (the states then hold the window's rows for each, in turn)."""
+        return (self.target_module, self.other_modules[0]) if len(self._other) else self.target_module
+
+    def split_states(self, h: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Probe states (as probe_reads says) -> (the target input's window, the other input's or None)."""
+        n = len(self.blocks)
+        if len(self._other) and h.ndim >= 2 and h.shape[-2] == 2 * n:
+            return h[..., :n, :], h[..., n:, :]
+        return h, None
+
+    def merge(self, main: np.ndarray, other: np.ndarray) -> np.ndarray:
+        """One value per probeable adapter in pool order, from the bank's (`main`) and the other bank's."""
+        return np.array([main[a.bank_index] if a.bank_index is not None else other[a.other_index]
+                         for a in self.adapters if a.probeable])
+
+    @property
+    def in_bank(self) -> np.ndarray:
+        """For each probeable adapter in pool order: whether it is in the (target input's) bank."""
+        return np.array([a.bank_index is not None for a in self.adapters if a.probeable], bool)
 
     # ---- calibration
 
@@ -389,6 +460,9 @@ class AdapterPool:
                                    if probe_input in a.stats})
 
     def _calibrate(self, adapter: PoolAdapter, probe_input: str, states: np.ndarray) -> None:
+        if adapter.other_index is not None:
+            adapter.stats[probe_input] = self._other.stats(adapter.other_index, self._other_states_for(probe_input))
+            return
         if adapter.bank_index is None:
             return
         t0 = time.perf_counter()
@@ -401,7 +475,7 @@ class AdapterPool:
             raise AdapterError(f"the pool has no calibration for probe input {probe_input!r}")
         key = (probe_input, signal)
         if key not in self._stats:  # built once per pool change, not per request
-            rows = [a.stats[probe_input][signal] for a in self.adapters if a.bank_index is not None]
+            rows = [a.stats[probe_input][signal] for a in self.adapters if a.probeable]
             self._stats[key] = tuple(np.array(rows, np.float64).T)
         return self._stats[key]
 

@@ -39,7 +39,7 @@ import numpy as np
 
 from .router import ProbeBank
 
-VERSION = 4  # 4: adapters without the probe target scored over the modules reading its input
+VERSION = 5  # 4: adapters without the probe target scored over the modules reading its input; 5: or the FFN input
 
 
 def file_sha256(path: Path) -> str:

@@ -19,7 +19,7 @@ import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .defaults import same_input_modules
+from .defaults import other_input_modules, same_input_modules
 from .errors import AdapterError
 from .gguf_files import BaseInfo, _fsync_dir, read_lora
 
@@ -258,11 +258,12 @@ def list_pool(pool_dir: str | Path, base=None) -> list[PoolEntry]:
 
 def probe_tensors(info: BaseInfo) -> list[str]:
     """What the default probe scores an adapter on (an engine's defaults, pool.PROBE_MODULES): the last block's
-    query projection (fused q/k/v where there is no separate one), else the modules reading the same input."""
+    query projection (fused q/k/v where there is no separate one), else the modules reading the same input,
+    else those reading the FFN's input."""
     last = info.n_layer - 1
     target = "attn_q" if f"blk.{last}.attn_q.weight" in info.shapes or \
         f"blk.{last}.attn_qkv.weight" not in info.shapes else "attn_qkv"
-    return [f"blk.{last}.{m}.weight" for m in same_input_modules(target)]
+    return [f"blk.{last}.{m}.weight" for m in same_input_modules(target) + other_input_modules(target)]
 
 
 def engine_entries(engine) -> list[PoolEntry]:
@@ -278,7 +279,7 @@ def engine_entries(engine) -> list[PoolEntry]:
                 manifests[d] = {"adapters": {}}
         modules = sorted({s.split(".")[2] for s in a.modules})
         out.append(PoolEntry(a.name, a.path, origin_of(d, a.path.stem, manifests[d]), a.max_rank, modules,
-                             len({s.split(".")[1] for s in a.modules}), a.nbytes, a.bank_index is not None,
+                             len({s.split(".")[1] for s in a.modules}), a.nbytes, a.probeable,
                              a.handle is not None))
     return out
 

@@ -18,7 +18,7 @@ def tiny():
 def tiny_engine(tiny):
     from logo_edge.engine import Engine
 
-    with pytest.warns(UserWarning, match="mlp_only"):
+    with pytest.warns(UserWarning, match="od_only"):
         eng = Engine(tiny / "tiny-f32.gguf", tiny / "gguf", n_ctx=512, n_batch=64, kv_type="f32", flash_attn=False)
     yield eng
     eng.close()

@@ -64,7 +64,11 @@ FAMILIES = {f.name: f for f in [
     Family("qwen3", "qwen3", "Qwen3ForCausalLM", "qwen3", dict(_COMMON, head_dim=16, tie_word_embeddings=True)),
     Family("gemma3", "gemma3_text", "Gemma3ForCausalLM", "gemma3",
            dict(_COMMON, head_dim=16, query_pre_attn_scalar=16, sliding_window=512, tie_word_embeddings=True,
-                layer_types=["sliding_attention", "sliding_attention", "full_attention"])),
+                # every block sliding, as llama.cpp reads this GGUF: the pinned converter writes no sliding-window
+                # pattern, and llama.cpp's default for gemma3 (5 sliding, then 1 full) makes all 3 sliding (with
+                # "full_attention" last, transformers' RoPE base there is 1e6 against llama.cpp's 1e4: its MLP's
+                # input differed by 5.5 %)
+                layer_types=["sliding_attention"] * 3)),
     Family("phi3", "phi3", "Phi3ForCausalLM", "phi3",
            dict(_COMMON, original_max_position_embeddings=1024, tie_word_embeddings=False),
            modules=FUSED, tokenizer_class="GPT2Tokenizer", probe_module="qkv_proj"),
@@ -217,6 +221,23 @@ def peft_probe_mats(fam: Family, d: Path, name: str, block: int):
     if fam.query_rows is not None:
         b = b[:fam.query_rows]
     return a, b, peft_scale(cfg, a.shape[0], fam.probe_module)
+
+
+def peft_mlp_mats(fam: Family, d: Path, name: str, block: int) -> list:
+    """[(A, B, c)] of the adapter's MLP modules reading the MLP's input (gate and up, or phi3's fused gate_up)
+    at `block`, from PEFT's files."""
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    cfg = json.loads((d / "peft" / name / "adapter_config.json").read_text())
+    w = load_file(d / "peft" / name / "adapter_model.safetensors")
+    out = []
+    for m in ("gate_proj", "up_proj", "gate_up_proj"):
+        key = f"base_model.model.model.layers.{block}.mlp.{m}.lora_{{}}.weight"
+        if key.format("A") in w:
+            a, b = w[key.format("A")].astype(np.float64), w[key.format("B")].astype(np.float64)
+            out.append((a, b, peft_scale(cfg, a.shape[0], m)))
+    return out
 
 
 def peft_mixture_model(d: Path, weights: dict):

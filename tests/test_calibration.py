@@ -99,11 +99,11 @@ def test_calibration_prompts_are_generic_and_many():
 def test_engine_calibration_matches_pytorch(tiny, hf_tiny, monkeypatch, tmp_path):
     """Statistics from the cached llama.cpp states equal transformers hidden states + PEFT A/B."""
     from logo_edge.engine import Engine, RouteConfig
-    from test_reference import peft_probe_mats, reference_h
+    from test_reference import peft_probe_mats, reference_ffn_h, reference_h
     from tiny import ADAPTERS, N_LAYER
 
     monkeypatch.setenv("LOGO_EDGE_CACHE", str(tmp_path))  # a fresh states cache
-    with pytest.warns(UserWarning, match="mlp_only"):
+    with pytest.warns(UserWarning, match="od_only"):
         eng = Engine(tiny / "tiny-f32.gguf", tiny / "gguf", n_ctx=256, kv_type="f32", flash_attn=False,
                      probe_blocks=2, routing=RouteConfig(calibration="ratio", probe_input="normed"))
     try:
@@ -116,6 +116,14 @@ def test_engine_calibration_matches_pytorch(tiny, hf_tiny, monkeypatch, tmp_path
                             for h in hs])
             got = eng.pool.adapters[eng.pool.index(name)].stats["normed"]["norm"]
             assert got == pytest.approx((sig.mean(), sig.std()), rel=1e-4), name
+        # mlp_only, scored over gate and up on the FFN's input: its statistics from that input's states
+        ffn = [reference_ffn_h(hf_tiny, t, eng.pool.blocks, "normed") for t in toks]
+        mats = {(blk, m): peft_probe_mats(tiny, "mlp_only", blk, m) for blk in eng.pool.blocks
+                for m in ("gate_proj", "up_proj")}
+        sig = np.array([math.sqrt(sum(np.sum((c * (b @ (a @ x[blk]))) ** 2) for (blk, _), (a, b, c) in mats.items()))
+                        for x in ffn])
+        got = eng.pool.adapters[eng.pool.index("mlp_only")].stats["normed"]["norm"]
+        assert got == pytest.approx((sig.mean(), sig.std()), rel=1e-4)
         rec = eng.route("What is the capital of Peru?")
         assert rec.settings["calibration"] == "ratio"
         for s in rec.adapters:
@@ -123,10 +131,10 @@ def test_engine_calibration_matches_pytorch(tiny, hf_tiny, monkeypatch, tmp_path
                 mean = eng.pool.adapters[eng.pool.index(s.name)].stats["normed"]["norm"][0]
                 assert s.score == pytest.approx(s.signal / mean, rel=1e-9)
         # a second engine reads the cached states instead of probing again
-        files = list((tmp_path / "calibration").glob("*.npy"))
-        assert len(files) == 1
+        files = sorted((tmp_path / "calibration").glob("*.npy"))  # the attention's input, and the FFN's
+        assert len(files) == 2 and "attn_q" in files[0].name and "ffn_gate" in files[1].name
         monkeypatch.setattr(Engine, "probe", lambda *a, **k: (_ for _ in ()).throw(AssertionError("probed")))
-        with pytest.warns(UserWarning, match="mlp_only"):
+        with pytest.warns(UserWarning, match="od_only"):
             eng2 = Engine(tiny / "tiny-f32.gguf", tiny / "gguf", n_ctx=256, probe_blocks=2,
                           routing=RouteConfig(calibration="zscore", probe_input="normed"))
         assert eng2.pool.adapters[0].stats == eng.pool.adapters[0].stats
@@ -134,7 +142,7 @@ def test_engine_calibration_matches_pytorch(tiny, hf_tiny, monkeypatch, tmp_path
         files[0].write_bytes(b"not a numpy file")  # a corrupt cache is recomputed, not trusted
         monkeypatch.undo()
         monkeypatch.setenv("LOGO_EDGE_CACHE", str(tmp_path))
-        with pytest.warns(UserWarning, match="mlp_only"):
+        with pytest.warns(UserWarning, match="od_only"):
             eng3 = Engine(tiny / "tiny-f32.gguf", tiny / "gguf", n_ctx=256, kv_type="f32", flash_attn=False,
                           probe_blocks=2, routing=RouteConfig(calibration="zscore", probe_input="normed"))
         assert eng3.pool.adapters[0].stats["normed"]["norm"] == pytest.approx(

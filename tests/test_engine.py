@@ -172,15 +172,19 @@ def test_fusion_equals_the_averaged_adapter(tiny, tmp_path, pairs):
 
 
 def test_unprobeable_adapter_reported_at_load_and_usable_by_name(tiny, tiny_engine):
-    assert set(tiny_engine.pool.unprobeable) == {"mlp_only"}
+    assert set(tiny_engine.pool.unprobeable) == {"od_only"}
     rec = tiny_engine.route("any prompt", k=10)
-    m = next(a for a in rec.adapters if a.name == "mlp_only")
-    assert m.signal is None and m.weight == 0 and "attn_q or attn_k or attn_v" in m.note and "ffn_up" in m.note
-    out = tiny_engine.create_completion("any prompt", adapters=["mlp_only"], max_tokens=3)
+    m = next(a for a in rec.adapters if a.name == "od_only")
+    assert m.signal is None and m.weight == 0 and "attn_q or attn_k or attn_v or ffn_gate or ffn_up" in m.note
+    assert "attn_output, ffn_down" in m.note
+    out = tiny_engine.create_completion("any prompt", adapters=["od_only"], max_tokens=3)
     assert out["routing"]["mode"] == "manual"
-    # without a query LoRA, v_only is scored over its v (the same input): ranked like the others, and it says so
+    # without a query LoRA, v_only is scored over its v (the same input), mlp_only over its gate and up (the FFN's
+    # input, read in the same probe pass): ranked like the others, and the record says so
     v = next(a for a in rec.adapters if a.name == "v_only")
     assert v.signal > 0 and v.rank is not None and v.note == "scored over attn_v"
+    m = next(a for a in rec.adapters if a.name == "mlp_only")
+    assert m.signal > 0 and m.rank is not None and m.note == "scored over ffn_gate, ffn_up"
     assert rec.settings["probe_modules"] == "target-first"
 
 
@@ -192,12 +196,13 @@ def test_paper_probe_routes_only_adapters_with_the_target(tiny):
     with pytest.warns(UserWarning, match="v_only") as caught:
         eng = Engine(tiny / "tiny-f32.gguf", tiny / "gguf", n_ctx=128, probe_modules="target")
     with eng:
-        assert set(eng.pool.unprobeable) == {"v_only", "mlp_only"}
+        assert set(eng.pool.unprobeable) == {"v_only", "mlp_only", "od_only"}
         assert "no LoRA on blk.3.attn_q.weight" in eng.pool.unprobeable["v_only"]
         rec = eng.route("any prompt", k=10)
         assert rec.settings["probe_modules"] == "target"
-        assert {a.name for a in rec.adapters if a.signal is None} == {"v_only", "mlp_only"}
-    assert any("mlp_only" in str(w.message) for w in caught)
+        assert {a.name for a in rec.adapters if a.signal is None} == {"v_only", "mlp_only", "od_only"}
+        assert eng.pool.probe_reads == "attn_q"  # the paper's probe reads the query's input alone
+    assert {n for n in ("mlp_only", "od_only") if any(n in str(w.message) for w in caught)} == {"mlp_only", "od_only"}
     with pytest.raises(AdapterError, match="probe_modules"):
         Engine(tiny / "tiny-f32.gguf", tiny / "gguf", n_ctx=128, probe_modules="every")
 
@@ -238,10 +243,10 @@ def test_packed_adapters_count_in_the_budget(tiny):
     budget_mb = 2.5 * max(sizes.values()) / 2**20
     mixes = [{"qv_r8": 0.5, "all7_r4": 0.5}, {"rs_r16": 0.3, "qkd_r2": 0.7}, {"qv_r8": 0.2, "rs_r16": 0.8},
              {"all7_r4": 0.6, "qkd_r2": 0.4}, {"qv_r8": 0.5, "all7_r4": 0.5}]
-    with pytest.warns(UserWarning, match="mlp_only"):
+    with pytest.warns(UserWarning, match="od_only"):
         eng = Engine(tiny / "tiny-f32.gguf", tiny / "gguf", n_ctx=256, kv_type="f32", flash_attn=False,
                      max_loaded_mb=budget_mb)
-    with pytest.warns(UserWarning, match="mlp_only"):
+    with pytest.warns(UserWarning, match="od_only"):
         ref = Engine(tiny / "tiny-f32.gguf", tiny / "gguf", n_ctx=256, kv_type="f32", flash_attn=False)
     try:
         for mix in mixes:
@@ -294,10 +299,10 @@ def test_loaded_adapters_stay_within_the_budget_and_never_under_the_context(tiny
 
     sizes = {p.stem: p.stat().st_size for p in (tiny / "gguf").glob("*.gguf")}
     budget_mb = 1.5 * max(sizes.values()) / 2**20  # room for about one adapter
-    with pytest.warns(UserWarning, match="mlp_only"):
+    with pytest.warns(UserWarning, match="od_only"):
         eng = Engine(tiny / "tiny-f32.gguf", tiny / "gguf", n_ctx=256, kv_type="f32", flash_attn=False,
                      max_loaded_mb=budget_mb, routing=RouteConfig(merge="mixture"))
-    with pytest.warns(UserWarning, match="mlp_only"):
+    with pytest.warns(UserWarning, match="od_only"):
         ref = Engine(tiny / "tiny-f32.gguf", tiny / "gguf", n_ctx=256, kv_type="f32", flash_attn=False)
     try:
         for mix in ({"qv_r8": 1.0}, {"all7_r4": 0.5, "rs_r16": 0.5}, {"qkd_r2": 1.0}, {"qv_r8": 0.3, "qkd_r2": 0.7}):
@@ -316,14 +321,14 @@ def test_loaded_adapters_stay_within_the_budget_and_never_under_the_context(tiny
 def test_route_command_shows_raw_and_calibrated_signals_and_the_window(tiny, capsys):
     from logo_edge.cli import main
 
-    with pytest.warns(UserWarning, match="mlp_only"):
+    with pytest.warns(UserWarning, match="od_only"):
         assert main(["route", "Tell me a story", "--raw", "--model", str(tiny / "tiny-f32.gguf"),
                      "--adapters", str(tiny / "gguf"), "--n-ctx", "128", "--probe-blocks", "2"]) == 0
     out = capsys.readouterr().out
     head = out.splitlines()[0].split()
     assert head[:4] == ["adapter", "raw", "signal", "zscore"]
     assert "norm signal of attn_q (residual input) over blocks 2-3" in out
-    assert "mlp_only" in out and "no LoRA at block 3 on attn_q or attn_k or attn_v" in out
+    assert "od_only" in out and "no LoRA at block 3 on attn_q or attn_k or attn_v or ffn_gate or ffn_up" in out
     assert "scored over attn_v" in out
 
 

@@ -44,7 +44,7 @@ def pool(tiny):
 def engine(tiny):
     from logo_edge.engine import Engine
 
-    with pytest.warns(UserWarning, match="mlp_only"):
+    with pytest.warns(UserWarning, match="od_only"):
         eng = Engine(tiny / "tiny-f32.gguf", tiny / "gguf", n_ctx=N_CTX, n_batch=N_BATCH, kv_type="f32",
                      flash_attn=False)
     yield eng
@@ -149,7 +149,7 @@ def test_concurrent_requests_through_one_fleet(fleet, engine, pool):
 
     def one(j):
         try:
-            probeable = [p for n, p in pool.items() if n != "mlp_only"]  # no warning raised in a thread
+            probeable = [p for n, p in pool.items() if n != "od_only"]  # no warning raised in a thread
             with Engine(engine.model.path, probeable, n_ctx=N_CTX, n_batch=N_BATCH, kv_type="f32",
                         flash_attn=False) as e:
                 got[j] = FleetEngine(e, fleet).create_completion(LONG, adapters=mixes[j], max_tokens=24)

@@ -100,12 +100,12 @@ def test_struct_mirror_reads_every_field_as_the_library_does(ggml):
         assert _lib.ggml_op_name(op) == name  # the enum values the probe checks, and the table's end
 
 
-def test_block0_residual_is_read_through_the_norm_only(ggml):
+def test_norm_input_is_read_through_the_norm_only(ggml):
     """attn_norm-0 = MUL(RMS_NORM or NORM(x), w) hands back x; any other graph is a ProbeError, never a
     wrong tensor read silently."""
     from logo_edge import _lib
     from logo_edge.errors import ProbeError
-    from logo_edge.llm import _block0_residual
+    from logo_edge.llm import _norm_input
 
     lib, ctx = ggml
     T = _lib.GGMLTensor.from_address
@@ -114,13 +114,13 @@ def test_block0_residual_is_read_through_the_norm_only(ggml):
     for norm in (lib.ggml_rms_norm, lib.ggml_norm):
         attn_norm = lib.ggml_mul(ctx, norm(ctx, x, 1e-6), w)
         lib.ggml_set_name(attn_norm, b"attn_norm-0")
-        assert _block0_residual(T(attn_norm)) == x
+        assert _norm_input(T(attn_norm)) == x
     for other, found in ((lib.ggml_mul(ctx, lib.ggml_scale(ctx, x, 2.0), w), r"MUL\(SCALE"),
                          (lib.ggml_add(ctx, lib.ggml_rms_norm(ctx, x, 1e-6), w), r"ADD\(RMS_NORM"),
                          (lib.ggml_mul(ctx, x, w), r"MUL\(NONE")):
         lib.ggml_set_name(other, b"attn_norm-0")
         with pytest.raises(ProbeError, match=found + r".*another norm graph.*probe_input='normed'"):
-            _block0_residual(T(other))
+            _norm_input(T(other))
 
 
 def test_probe_callback_stops_and_reports_an_unknown_graph():

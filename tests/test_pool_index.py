@@ -20,7 +20,7 @@ PROMPTS = ["What is 12 + 30?", "Translate 'cat' into French.", "SELECT name FROM
 
 @pytest.fixture()
 def pool_dir(tiny, tmp_path, monkeypatch):
-    """A pool directory of 12 random q,v adapters for the tiny base, v_only and mlp_only, in a fresh cache."""
+    """A pool directory of 12 random q,v adapters for the tiny base, v_only, mlp_only and od_only, in a fresh cache."""
     import logo_edge.engine  # noqa: F401  (finds the native library in the real cache first)
     from logo_edge.bench import _write_random
     from logo_edge.gguf_files import BaseInfo
@@ -32,14 +32,15 @@ def pool_dir(tiny, tmp_path, monkeypatch):
     for i in range(12):
         _write_random(info, d / f"a{i:02d}.gguf", ["attn_q", "attn_v"], rank=2 + i % 5, seed=i)
     shutil.copy(tiny / "gguf" / "v_only.gguf", d / "v_only.gguf")  # scored over its v: no q
-    shutil.copy(tiny / "gguf" / "mlp_only.gguf", d / "mlp_only.gguf")  # an adapter the probe cannot read
+    shutil.copy(tiny / "gguf" / "mlp_only.gguf", d / "mlp_only.gguf")  # scored over the FFN's input
+    shutil.copy(tiny / "gguf" / "od_only.gguf", d / "od_only.gguf")  # an adapter the probe cannot read
     return d
 
 
 def engine(tiny, adapters, **kw):
     from logo_edge.engine import Engine
 
-    with pytest.warns(UserWarning, match="mlp_only"):
+    with pytest.warns(UserWarning, match="od_only"):
         return Engine(tiny / "tiny-f32.gguf", adapters, n_ctx=256, kv_type="f32", flash_attn=False, probe_blocks=3,
                       **kw)
 
@@ -105,7 +106,8 @@ def test_indexed_pool_routes_as_a_pool_built_from_scratch(tiny, pool_dir, monkey
             base = base.base
         assert isinstance(base, mmap.mmap)  # the bank is the index's file, mapped, not a copy
         assert again.pool.names == sorted(p.stem for p in pool_dir.glob("*.gguf"))
-        assert again.pool.unprobeable.keys() == {"mlp_only"}
+        assert again.pool.unprobeable.keys() == {"od_only"}
+        assert again.pool.adapters[again.pool.index("mlp_only")].probed == ["ffn_gate", "ffn_up"]
         assert again.pool.adapters[again.pool.index("v_only")].probed == ["attn_v"]
         assert_same(routes(again), want)
         for a in again.pool.adapters:
@@ -209,9 +211,11 @@ def test_shortlist_is_exact_when_it_covers_the_pool_and_reads_the_window_of_its_
         for p in PROMPTS:
             eng.forget_prompts()
             rec = eng.route(p, shortlist=4)
-            assert rec.settings["shortlist"] == 4
-            considered = [a for a in rec.adapters if a.note is None]
-            assert len(considered) == 4 and all(a.signal is not None for a in considered)
+            # the shortlist bounds the bank's reads; adapters scored over the FFN's input (mlp_only) are all read
+            other = [a.name for a in eng.pool.adapters if a.other_index is not None]
+            assert other == ["mlp_only"] and rec.settings["shortlist"] == 4 + len(other)
+            considered = [a for a in rec.adapters if a.note is None or a.name in other]
+            assert len(considered) == 4 + len(other) and all(a.signal is not None for a in considered)
             assert {a.name for a in rec.selected} <= {a.name for a in considered}
             eng.forget_prompts()
             full = {a.name: a.signal for a in eng.route(p, shortlist=0).adapters}

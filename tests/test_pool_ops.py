@@ -67,8 +67,9 @@ def expected_row(tiny, name):
     n_layer = json.loads((tiny / "hf" / "config.json").read_text())["num_hidden_layers"]
     rank = max([cfg["r"], *cfg["rank_pattern"].values()])
     modules = sorted(PEFT_TO_GGUF[m] for m in cfg["target_modules"])
-    # the default probe scores q_proj, or without it any of k, v (same input); an MLP-only adapter is not probed
-    return rank, modules, n_layer, bool({"q_proj", "k_proj", "v_proj"} & set(cfg["target_modules"]))
+    # the default probe scores q_proj, or without it any of k, v (same input), or of gate, up (the FFN's input)
+    read = {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"}
+    return rank, modules, n_layer, bool(read & set(cfg["target_modules"]))
 
 
 # ---- names and places (no model needed)
@@ -422,7 +423,7 @@ def full_pool(tiny, tmp_path):
     return d
 
 
-FIXTURE_NAMES = ["all7_r4", "mlp_only", "pattern_r8", "qkd_r2", "qv_r8", "rs_r16", "v_only"]
+FIXTURE_NAMES = ["all7_r4", "mlp_only", "od_only", "pattern_r8", "qkd_r2", "qv_r8", "rs_r16", "v_only"]
 
 
 def check_rows(rows, tiny, d, origins):
@@ -442,7 +443,7 @@ def check_rows(rows, tiny, d, origins):
 @pytest.mark.slow
 def test_list_pool(tiny, base, full_pool, capsys):
     check_rows([e.to_dict() for e in pool_ops.list_pool(full_pool, base)], tiny, full_pool, {})
-    assert [e.probeable for e in pool_ops.list_pool(full_pool, base)].count(False) == 1  # mlp_only alone
+    assert [e.probeable for e in pool_ops.list_pool(full_pool, base)].count(False) == 1  # od_only alone
 
     origins = {"qv_r8": "hf://org/qv@123", "rs_r16": "shipped"}  # a recipe without an origin: shipped
     (full_pool / "manifest.json").write_text(json.dumps({"adapters": {"qv_r8": {"origin": "hf://org/qv@123"},
@@ -454,12 +455,14 @@ def test_list_pool(tiny, base, full_pool, capsys):
 
     assert cli.main(["pool", "--pool", str(full_pool), "--model", str(base), "list"]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[0] == f"{full_pool}: 8 adapter(s)"
+    assert out[0] == f"{full_pool}: 9 adapter(s)"
     v_only = next(line for line in out if line.startswith("v_only"))
     assert v_only.split()[1:4] == ["8", "4", f"{os.path.getsize(full_pool / 'v_only.gguf') / 2**20:.2f}"]
     assert v_only.split()[4:] == ["yes", "attn_v", "local", "file"]
     mlp = next(line for line in out if line.startswith("mlp_only"))
-    assert mlp.split()[4:] == ["no", "ffn_down,ffn_gate,ffn_up", "local", "file"]
+    assert mlp.split()[4:] == ["yes", "ffn_down,ffn_gate,ffn_up", "local", "file"]
+    od = next(line for line in out if line.startswith("od_only"))
+    assert od.split()[4:] == ["no", "attn_output,ffn_down", "local", "file"]
 
 
 @pytest.mark.slow
@@ -517,19 +520,20 @@ def test_verify(tiny, base, full_pool, capsys):
 
 @pytest.fixture(scope="module")
 def engine_pool(tiny, base, tmp_path_factory):
-    """An Engine over a pool (qv_r8 added with an origin, all7_r4, v_only, mlp_only, a mixed-rank adapter), in a
+    """An Engine over a pool (qv_r8 added with an origin, all7_r4, v_only, mlp_only, od_only, a mixed-rank adapter),
+    in a
     fresh index cache; yields (engine, pool dir)."""
     import logo_edge.engine  # noqa: F401  (finds the native library in the real cache first)
     from logo_edge.engine import Engine
 
     d = tmp_path_factory.mktemp("engine") / "pool"
     pool_ops.add_file(d, tiny / "gguf" / "qv_r8.gguf", base=base)
-    for n in ["all7_r4", "v_only", "mlp_only"]:
+    for n in ["all7_r4", "v_only", "mlp_only", "od_only"]:
         (d / f"{n}.gguf").write_bytes((tiny / "gguf" / f"{n}.gguf").read_bytes())
     mixed_rank(d / "mixed.gguf")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("LOGO_EDGE_CACHE", str(d.parent / "cache"))
-        with pytest.warns(UserWarning, match="mlp_only"):
+        with pytest.warns(UserWarning, match="od_only"):
             eng = Engine(base, d, n_ctx=256, kv_type="f32", flash_attn=False)
         yield eng, d
         eng.close()
@@ -545,20 +549,21 @@ def test_engine_entries(engine_pool, tiny, base):
         w = want[e.name]
         assert (e.path, e.modules, e.blocks, e.probeable, e.origin) == (w.path, w.modules, w.blocks, w.probeable,
                                                                          w.origin), e.name
-    assert {e.name: e.probeable for e in got}["mlp_only"] is False and {e.name: e.probeable for e in got}["v_only"]
+    probeable = {e.name: e.probeable for e in got}
+    assert probeable["od_only"] is False and probeable["v_only"] and probeable["mlp_only"]
     assert {e.name: e.origin for e in got}["qv_r8"] == f"file:{(tiny / 'gguf' / 'qv_r8.gguf').resolve()}"
     assert not any(e.loaded for e in got)
 
     eng.create_completion("hi", adapters={"qv_r8": 1.0}, max_tokens=2)
     assert {e.name: e.loaded for e in pool_ops.engine_entries(eng)} == {
-        "all7_r4": False, "mixed": False, "mlp_only": False, "qv_r8": True, "v_only": False}
+        "all7_r4": False, "mixed": False, "mlp_only": False, "od_only": False, "qv_r8": True, "v_only": False}
 
 
 @pytest.mark.slow
 def test_engine_entries_rank_is_largest(engine_pool):
     eng, _ = engine_pool
     assert {e.name: e.rank for e in pool_ops.engine_entries(eng)} == {
-        "all7_r4": 4, "mixed": 8, "mlp_only": 4, "qv_r8": 8, "v_only": 8}
+        "all7_r4": 4, "mixed": 8, "mlp_only": 4, "od_only": 4, "qv_r8": 8, "v_only": 8}
 
 
 # ---- the command line, end to end

@@ -21,13 +21,14 @@ PROMPTS = [
 
 
 def peft_probe_mats(tiny, name, block, module="q_proj"):
-    """(A, B, c) of the adapter's `module` (an attention projection) at `block`, straight from PEFT's files;
-    None where it has none."""
+    """(A, B, c) of the adapter's `module` (an attention or MLP projection) at `block`, straight from PEFT's
+    files; None where it has none."""
     from safetensors.numpy import load_file
 
     cfg = json.loads((tiny / "peft" / name / "adapter_config.json").read_text())
     w = load_file(tiny / "peft" / name / "adapter_model.safetensors")
-    key = f"base_model.model.model.layers.{block}.self_attn.{module}.lora_{{}}.weight"
+    part = "mlp" if module in ("gate_proj", "up_proj", "down_proj") else "self_attn"
+    key = f"base_model.model.model.layers.{block}.{part}.{module}.lora_{{}}.weight"
     if key.format("A") not in w:
         return None
     a, b = w[key.format("A")].astype(np.float64), w[key.format("B")].astype(np.float64)
@@ -44,6 +45,25 @@ def reference_h(hf_tiny, tokens, block, probe_input):
         if probe_input == "normed":
             h = hf_tiny.model.layers[block].input_layernorm(h)
     return h.double().numpy()
+
+
+def reference_ffn_h(hf_tiny, tokens, blocks, probe_input):
+    """The MLP's input at each block for the last token: what enters the MLP's norm (residual) or leaves it
+    (normed); the norm is post_attention_layernorm, or pre_feedforward_layernorm where there is one (gemma)."""
+    got = {}
+
+    def norm(layer):
+        return getattr(layer, "pre_feedforward_layernorm", None) or layer.post_attention_layernorm
+
+    hooks = [norm(hf_tiny.model.layers[b]).register_forward_hook(
+        lambda mod, inp, out, b=b: got.__setitem__(b, (inp[0][0, -1], out[0, -1]))) for b in blocks]
+    try:
+        with torch.no_grad():
+            hf_tiny(torch.tensor([tokens]))
+    finally:
+        for h in hooks:
+            h.remove()
+    return {b: got[b][probe_input == "normed"].double().numpy() for b in blocks}
 
 
 def reference_signal(o, signal):
@@ -63,13 +83,14 @@ def reference_signal(o, signal):
 @pytest.mark.parametrize("probe_modules", ["target-first", "input"])
 def test_signals_match_pytorch(tiny, hf_tiny, probe_input, signal, block, probe_modules):
     """Each adapter's signal as PEFT's own A, B and scaling give it on transformers' hidden states: over its
-    q_proj (the paper's probe), or, for an adapter without one (v_only), over the modules reading the same
-    input; with probe_modules="input" over all of q, k and v. mlp_only is not probed."""
+    q_proj (the paper's probe), or, for an adapter without one, over the modules reading the same input (v_only),
+    else over gate and up on the MLP's input (mlp_only); with probe_modules="input" over all of q, k and v.
+    od_only (o and down) is not probed."""
     from logo_edge.engine import Engine
 
     if probe_modules == "input" and (signal != "norm" or block == 1):
         pytest.skip("probe_modules='input' is checked on the norm signal at two target blocks")
-    with pytest.warns(UserWarning, match="mlp_only"):
+    with pytest.warns(UserWarning, match="od_only"):
         eng = Engine(tiny / "tiny-f32.gguf", tiny / "gguf", n_ctx=256, n_batch=32, target_block=block,
                      kv_type="f32", flash_attn=False, probe_modules=probe_modules)
     try:
@@ -80,10 +101,12 @@ def test_signals_match_pytorch(tiny, hf_tiny, probe_input, signal, block, probe_
             # sums the q-update over all of them, entropy reads the target block; block 0 is the paper's probe
             assert eng.pool.blocks == list(range(block + 1))
             hs = {b: reference_h(hf_tiny, tokens, b, probe_input) for b in eng.pool.blocks}
+            ffn = reference_ffn_h(hf_tiny, tokens, eng.pool.blocks, probe_input)
             ref = {}
-            for name in [*ADAPTERS, "v_only"]:
-                has_q = peft_probe_mats(tiny, name, block) is not None
-                modules = ["q_proj"] if has_q and probe_modules == "target-first" else ["q_proj", "k_proj", "v_proj"]
+            for name in [*ADAPTERS, "v_only", "mlp_only"]:
+                has = {m for m in ("q_proj", "k_proj", "v_proj") if peft_probe_mats(tiny, name, block, m) is not None}
+                modules = (["q_proj"] if "q_proj" in has and probe_modules == "target-first" else
+                           ["q_proj", "k_proj", "v_proj"] if has else ["gate_proj", "up_proj"])
                 if signal != "norm" and modules != ["q_proj"]:
                     continue  # only the norm reads other modules than the target
                 outs = {}
@@ -91,18 +114,20 @@ def test_signals_match_pytorch(tiny, hf_tiny, probe_input, signal, block, probe_
                     for m in modules:
                         if (abc := peft_probe_mats(tiny, name, blk, m)) is not None:
                             a, b, c = abc
-                            outs[blk, m] = c * (b @ (a @ hs[blk]))
+                            x = ffn[blk] if m in ("gate_proj", "up_proj") else hs[blk]
+                            outs[blk, m] = c * (b @ (a @ x))
                 ref[name] = (math.sqrt(sum(float(x) ** 2 for o in outs.values() for x in o)) if signal == "norm"
                              else reference_signal(list(outs[block, "q_proj"]), signal))
             got = {s.name: s.signal for s in rec.adapters}
             for name in ref:
                 assert got[name] == pytest.approx(ref[name], rel=1e-4), (name, prompt)
-            assert got["mlp_only"] is None and ("v_only" in ref or got["v_only"] is None)
-            assert len(ref) == len(ADAPTERS) + (signal == "norm")
+            assert got["od_only"] is None and all(n in ref or got[n] is None for n in ("v_only", "mlp_only"))
+            assert len(ref) == len(ADAPTERS) + 2 * (signal == "norm")
             ref_top = sorted(ref, key=lambda n: -ref[n])[:3]
             assert [s.name for s in rec.selected] == ref_top
             notes = {s.name: s.note for s in rec.adapters}
-            assert "attn_v" in notes["v_only"] and "mlp_only" in eng.pool.unprobeable
+            assert "attn_v" in notes["v_only"] and "ffn_gate, ffn_up" in notes["mlp_only"]
+            assert list(eng.pool.unprobeable) == ["od_only"]
     finally:
         eng.close()
 
@@ -159,7 +184,7 @@ def _engine_tokens(eng, prompt, weights, n, merge="mixture"):
 def test_manual_mixture_all_modules_matches_peft(tiny, tiny_engine, merge):
     # every adapter, including the unprobeable one and the rsLoRA / alpha_pattern ones; "packed" builds
     # them as one adapter of rank 4+16+8+8 with B scaled by w_i c_i and must give the same tokens
-    weights = {"all7_r4": 0.5, "rs_r16": 0.3, "pattern_r8": 0.1, "v_only": 0.05, "mlp_only": 0.05}
+    weights = {"all7_r4": 0.5, "rs_r16": 0.3, "pattern_r8": 0.1, "v_only": 0.04, "mlp_only": 0.03, "od_only": 0.03}
     prompt = "In 1492 Columbus sailed"
     ref = greedy(peft_mixture_model(tiny, weights), tiny_engine.tokenize(prompt), 16)
     assert _engine_tokens(tiny_engine, prompt, weights, 16, merge) == ref

@@ -170,11 +170,12 @@ def peft_q(tiny):
 def test_scores_on_the_tiny_pool_equal_torch_svds_of_peft_weights(tiny_engine, peft_q):
     """The bank read from the GGUF files (B's q rows RoPE-permuted by the converter) scores the engine's
     `normed` probe states (q_proj's input at each window block) as the dense SVD of PEFT's own
-    scaling * B @ A does; v_only and mlp_only have no q_proj and are not ranked (v_only is by LoGo, over its v)."""
+    scaling * B @ A does; v_only, mlp_only and od_only have no q_proj and are not ranked (LoGo ranks the first
+    two, over v and over gate and up)."""
     pool = tiny_engine.pool
     bank = SpectralBank.from_pool(pool)
     assert SpectralBank.from_pool(pool) is bank  # read once per pool
-    assert bank.names == pool.names and set(bank.unprobeable) == {"v_only", "mlp_only"}
+    assert bank.names == pool.names and set(bank.unprobeable) == {"v_only", "mlp_only", "od_only"}
     assert "Arrow and SpectR read the target module" in bank.unprobeable["v_only"]
     probeable = bank.probeable
     assert set(probeable) == set(peft_q)

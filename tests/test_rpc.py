@@ -55,7 +55,7 @@ def test_engine_over_two_rpc_servers_equals_the_local_engine(tiny, endpoints):
     assert r.returncode == 0, r.stderr[-3000:]
     got = json.loads(r.stdout.strip().splitlines()[-1])
     assert any("RPC" in str(b) for b in got["buffers"]), got["buffers"]  # the weights sit on the rpc-servers
-    with pytest.warns(UserWarning, match="mlp_only"):
+    with pytest.warns(UserWarning, match="od_only"):
         eng = Engine(tiny / "tiny-f32.gguf", tiny / "gguf", n_ctx=256, kv_type="f32", flash_attn=False)
     try:
         for p, (text, weights, signals) in zip(PROMPTS, got["answers"]):
@@ -85,7 +85,7 @@ def test_the_cli_routes_over_rpc_servers(tiny, endpoints):
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)  # without --rpc's build: an error
     assert r.returncode == 0, r.stderr[-3000:]
     got = json.loads(r.stdout)
-    with pytest.warns(UserWarning, match="mlp_only"):
+    with pytest.warns(UserWarning, match="od_only"):
         eng = Engine(tiny / "tiny-f32.gguf", tiny / "gguf", n_ctx=256)
     try:
         want = eng.route(eng.format_chat([{"role": "user", "content": PROMPTS[2]}])).to_dict()

@@ -30,9 +30,11 @@ ADAPTERS = {
     "qkd_r2": dict(r=2, lora_alpha=1, target_modules=["q_proj", "k_proj", "down_proj"]),
     "pattern_r8": dict(r=8, lora_alpha=8, target_modules=["q_proj", "up_proj"], alpha_pattern={"up_proj": 32}),
 }
-# no q anywhere: v_only is scored over its v (the default probe_modules), mlp_only cannot be probed
+# no q anywhere: by default v_only is scored over its v, mlp_only over its gate and up (the FFN's input), and
+# od_only (o and down read inputs the probe does not) cannot be probed
 NO_QUERY = {"v_only": dict(r=8, lora_alpha=16, target_modules=["v_proj"]),
-            "mlp_only": dict(r=4, lora_alpha=8, target_modules=["gate_proj", "up_proj", "down_proj"])}
+            "mlp_only": dict(r=4, lora_alpha=8, target_modules=["gate_proj", "up_proj", "down_proj"]),
+            "od_only": dict(r=4, lora_alpha=4, target_modules=["o_proj", "down_proj"])}
 
 
 def smollm2_dir() -> tuple[Path, str]:
