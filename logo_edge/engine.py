@@ -307,7 +307,7 @@ class Engine:
     # ---- routing
 
     def probe(self, tokens: list[int], probe_input: str = "residual", blocks: list[int] | None = None,
-              module: str | None = None) -> np.ndarray:
+              module: str | tuple[str, ...] | None = None) -> np.ndarray:
         """h for the last prompt token from the base model alone at each block of the pool's probe window
         (or the given blocks): (n_blocks, d_in), in one prefill that stops at the last of them."""
         if self._probe_ctx is None:

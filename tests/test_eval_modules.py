@@ -3,16 +3,18 @@
 import numpy as np
 import pytest
 
-from logo_edge.eval_modules import strip_query, variant_pool
+from logo_edge.eval_modules import ATTENTION, strip_modules, variant_pool
 from logo_edge.gguf_files import BaseInfo, read_lora
 
 pytestmark = pytest.mark.slow
 
 
-def test_strip_query_removes_attn_q_and_keeps_every_other_tensor(tiny, tmp_path):
+def test_strip_modules_removes_attn_q_and_keeps_every_other_tensor(tiny, tmp_path):
     info = BaseInfo.read(tiny / "tiny-f32.gguf")
     src = tiny / "gguf" / "qkd_r2.gguf"
-    assert strip_query(src, tmp_path / "kd.gguf", info)
+    assert not strip_modules(tiny / "gguf" / "v_only.gguf", tmp_path / "none.gguf", info, ATTENTION)
+    assert not (tmp_path / "none.gguf").exists()  # nothing left: not written
+    assert strip_modules(src, tmp_path / "kd.gguf", info)
     before, after = read_lora(src, info), read_lora(tmp_path / "kd.gguf", info)
     assert {k for k in before.pairs if ".attn_q." not in k} == set(after.pairs) and after.pairs
     assert not any(".attn_q." in k for k in after.pairs)

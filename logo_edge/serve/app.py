@@ -236,7 +236,7 @@ def _load_adapter(cfg: ServeConfig, workers: Workers, req: LoadLoraRequest) -> d
         workers.on_every_engine(lambda eng: req.lora_name in eng.pool.names and eng.remove_adapter(req.lora_name))
         raise
     return {"status": "ok", "lora_name": req.lora_name, "lora_path": str(path),
-            "probeable": added[0].bank_index is not None, "adapters": len(workers.engine.pool)}
+            "probeable": added[0].probeable, "adapters": len(workers.engine.pool)}
 
 
 def _convert_peft(cfg: ServeConfig, workers: Workers, peft_dir: Path) -> Path:
@@ -262,7 +262,7 @@ def _convert_peft(cfg: ServeConfig, workers: Workers, peft_dir: Path) -> Path:
 
 def _adapter_card(i: int, a) -> dict:
     return {"id": i, "path": str(a.path), "scale": 0.0, "name": a.name, "rank": a.rank, "modules": a.modules,
-            "probeable": a.bank_index is not None, "unprobeable_reason": a.unprobeable_reason}
+            "probeable": a.probeable, "unprobeable_reason": a.unprobeable_reason}
 
 
 def _model_cards(cfg: ServeConfig, workers: Workers) -> list[dict]:
