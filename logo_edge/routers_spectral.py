@@ -133,6 +133,8 @@ class SpectralBank:
         """Per window block, every probeable adapter's score: (n_blocks, N) float64. h: (n_blocks, d_in)."""
         x = np.asarray(h, np.float32)
         x = x[None] if x.ndim == 1 else x
+        if x.shape == (2 * self.n_blocks, self.proto.shape[2]):
+            x = x[:self.n_blocks]  # the probe read the FFN's input too (pool.probe_reads): the target's rows first
         if x.shape != (self.n_blocks, self.proto.shape[2]):
             raise RoutingError(f"probe state has shape {np.shape(h)}; the spectral bank reads {self.n_blocks} "
                                f"block(s) of {self.proto.shape[2]}")

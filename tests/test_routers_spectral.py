@@ -184,8 +184,10 @@ def test_scores_on_the_tiny_pool_equal_torch_svds_of_peft_weights(tiny_engine, p
     b_gguf = read_lora(pool.adapters[pool.index("qv_r8")].path, pool.model.info, only=pool.target_tensor)
     assert not np.allclose(b_gguf.pairs[pool.target_tensor][1], peft_q["qv_r8"][pool.target_block][1])  # permuted
     for prompt in PROMPTS:
-        h = tiny_engine.probe(tiny_engine.tokenize(prompt), "normed")  # (n_blocks, d_in)
-        assert h.shape == (len(pool.blocks), pool.model.n_embd)
+        full = tiny_engine.probe(tiny_engine.tokenize(prompt), "normed")  # the FFN's input too: mlp_only
+        assert full.shape == (2 * len(pool.blocks), pool.model.n_embd)
+        h = full[:len(pool.blocks)]  # (n_blocks, d_in), q_proj's input
+        np.testing.assert_array_equal(bank.scores(full, "arrow", "mean"), bank.scores(h, "arrow", "mean"))
         for method in ("arrow", "spectr"):
             ref = np.array([dense_reference([peft_q[n][b] for b in pool.blocks], h, method) for n in probeable])
             np.testing.assert_allclose(bank.scores(h, method, "mean"), ref.mean(axis=1), rtol=2e-4)
