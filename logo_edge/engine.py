@@ -336,6 +336,15 @@ class Engine:
         self._probe_memo[key] = h
         return h
 
+    def probe_tokens(self, tokens: list[int], probe_input: str = "residual") -> np.ndarray:
+        """h at every prompt token and window block, (n_blocks, n_tokens, d_in), from the base model alone (the
+        prompt-mean routers; evaluation only: no cache is reused or kept)."""
+        if self._probe_ctx is None:
+            self._probe_ctx = Context(self.model, self._cfg)
+        self._probe_cache = ([], 0)
+        cap = ProbeCapture(self._probe_ctx, self.pool.blocks, self.pool.target_module, probe_input, every_token=True)
+        return cap.run(tokens)
+
     def _probe_in_place(self, tokens: list[int], probe_input: str) -> np.ndarray:
         """probe-cache mode: probe in the generation context and keep the base K/V of tokens[:-1].
 

@@ -308,6 +308,16 @@ def _norm_input(attn_norm: _lib.GGMLTensor) -> int:
                                                  if attn_norm.name.startswith(b"attn_norm") else ""))
 
 
+def _columns(t: int, tensor: _lib.GGMLTensor, n_embd: int) -> np.ndarray:
+    """Every token's column of an f32 (n_embd, n_tokens) activation: (n_tokens, n_embd)."""
+    _last_column(t, tensor, n_embd)  # the same checks
+    if tensor.nb[1] != 4 * n_embd:
+        raise ProbeError(f"the probe reads contiguous columns, but {tensor.name.decode()} has nb={list(tensor.nb)}")
+    out = np.empty((tensor.ne[1], n_embd), np.float32)
+    _lib.ggml_backend_tensor_get(t, out.ctypes.data, 0, out.nbytes)
+    return out
+
+
 def _last_column(t: int, tensor: _lib.GGMLTensor, n_embd: int) -> np.ndarray:
     """The last token's column of an f32 (n_embd, n_tokens) activation: h, (n_embd,)."""
     name = tensor.name.decode()
@@ -336,7 +346,9 @@ class ProbeCapture:
     """
 
     def __init__(self, ctx: Context, block: int | Sequence[int], module: str | Sequence[str], inp: str,
-                 stop_early: bool = True):
+                 stop_early: bool = True, every_token: bool = False):
+        # every_token: keep every prompt token's column, not the last one's (prompt-mean routers); run()
+        # then returns (rows, n_tokens, n_embd) and reuses no cached token
         modules = [module] if isinstance(module, str) else list(module)
         for m in modules:
             if m not in PROBE_INPUTS:
@@ -355,6 +367,7 @@ class ProbeCapture:
             raise ValueError(f"probe input must be 'residual' or 'normed', got {inp!r}")
         self.ctx = ctx
         self.stop_early = stop_early
+        self.every_token = every_token
         self._targets: dict[bytes, int] = {}  # graph tensor name -> row of the window
         self._via_src: set[int] = set()  # rows read through their norm's input (_norm_input)
         # one row per (module, block), modules in the order given; an early stop comes after the row read last in
@@ -394,7 +407,10 @@ class ProbeCapture:
             if row in self._via_src:
                 t = _norm_input(tensor)
                 tensor = _lib.GGMLTensor.from_address(t)
-            self._rows[row] = _last_column(t, tensor, self.ctx.model.n_embd)
+            if self.every_token:
+                self._rows[row] = [*(self._rows[row] or []), _columns(t, tensor, self.ctx.model.n_embd)]
+            else:
+                self._rows[row] = _last_column(t, tensor, self.ctx.model.n_embd)
         except ProbeError as e:
             self._error = e
             return False  # nothing worth computing after: stop (run() raises it)
@@ -412,7 +428,7 @@ class ProbeCapture:
         _lib.llama_set_eval_callback(ctx.ptr, self._cb, None)
         ok = False
         try:
-            n_keep = min(n_keep, len(tokens) - 1)  # the last token must be decoded: h is read there
+            n_keep = 0 if self.every_token else min(n_keep, len(tokens) - 1)  # the last token: h is read there
             n_keep = ctx.cache_truncate(n_keep, reset_ok=True)  # 0 when the memory cannot drop a tail
             ctx.decode(tokens[n_keep:], n_keep, what="probe")
             ok = self._error is None
@@ -426,5 +442,8 @@ class ProbeCapture:
         missing = [name.decode() for name, row in self._targets.items() if self._rows[row] is None]
         if missing:
             raise ProbeError(f"the probe did not see tensor(s) {', '.join(missing)} in the model's graph")
-        self.states = self._rows[0] if self._single else np.stack(self._rows)
+        if self.every_token:  # each row: its ubatches' columns, in order
+            self.states = np.stack([np.concatenate(r) for r in self._rows])
+        else:
+            self.states = self._rows[0] if self._single else np.stack(self._rows)
         return self.states

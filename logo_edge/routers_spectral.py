@@ -142,15 +142,20 @@ class SpectralBank:
 
     def scores(self, h: np.ndarray, method: str, blocks: str = "mean") -> np.ndarray:
         """Every probeable adapter's score, (N,): the mean of its block scores over the blocks where it has
-        the module (a nonzero update), or the target block's (`blocks="target"`)."""
+        the module (a nonzero update), or the target block's (`blocks="target"`). With h of every prompt token
+        (n_blocks, n_tokens, d_in: Engine.probe_tokens), the mean over the tokens (the prompt-mean variant: the
+        routers were defined per token)."""
+        if np.ndim(h) == 3:
+            return np.mean([self.scores(h[:, t], method, blocks) for t in range(np.shape(h)[1])], axis=0)
         per_block = self.block_scores(h, method)  # (n_blocks, N)
         if blocks == "target":
             return per_block[-1]
         return (per_block * self.present).sum(axis=0) / np.maximum(self.present.sum(axis=0), 1)
 
-    def calibrate(self, states: np.ndarray) -> None:
+    def calibrate(self, states) -> None:
         """Every method's and block rule's per-adapter mean and sd over the calibration prompts' states
-        (n_prompts, n_blocks, d_in): what calibration="zscore" standardises by."""
+        (n_prompts, n_blocks, d_in), or their every-token states (a list of (n_blocks, n_tokens, d_in): the
+        prompt-mean variant's): what calibration="zscore" standardises by."""
         self._stats = {}
         for m in SCORES:
             for b in BLOCKS:
@@ -286,10 +291,15 @@ def route_times(pool_dirs, repeats: int = 20, threads: int | None = None, model=
     return out
 
 
-def hit_rates(eng, n_route: int, seed: int = 0) -> dict:
+def hit_rates(eng, n_route: int, seed: int = 0, prompt_mean: bool = True) -> dict:
     """Top-1 hit rate (the prompt's own task adapter ranked first) on n_route held-out test prompts per pool task,
     [bootstrap 95 % interval], for the LoGo default and Arrow and SpectR raw and z-score calibrated: each adapter's
-    spectral score standardised by its mean and sd over the calibration prompts' states (what LoGo's zscore does)."""
+    spectral score standardised by its mean and sd over the calibration prompts' states (what LoGo's zscore does).
+    With `prompt_mean`, also Arrow and SpectR on the mean of their scores over every prompt token (as they were
+    defined: per token), raw and calibrated on the calibration prompts' every-token states."""
+    import copy
+
+    from .calibration import calibration_prompts
     from .eval_approx import _interval
     from .tasks import TASKS, splits
 
@@ -297,8 +307,13 @@ def hit_rates(eng, n_route: int, seed: int = 0) -> dict:
     eng.calibrate(eng.routing.probe_input)
     bank = SpectralBank.from_pool(eng.pool)
     bank.calibrate(eng.pool.calibration_states("normed"))
-    hits: dict[str, list[bool]] = {k: [] for k in ("LoGo default", "Arrow", "SpectR", "Arrow [zscore]",
-                                                    "SpectR [zscore]")}
+    names = ["LoGo default", "Arrow", "SpectR", "Arrow [zscore]", "SpectR [zscore]"]
+    if prompt_mean:
+        every = copy.copy(bank)  # its own calibration statistics: over the prompt-mean scores
+        every.calibrate([eng.probe_tokens(eng.tokenize(eng.format_chat([{"role": "user", "content": p}])),
+                                          "normed") for p in calibration_prompts()])
+        names += [f"{m} [prompt mean{c}]" for c in ("", ", zscore") for m in ("Arrow", "SpectR")]
+    hits: dict[str, list[bool]] = {k: [] for k in names}
     tasks = [t for t in eng.pool.names if t in TASKS]
     for task in tasks:
         for ex in splits(TASKS[task])["test"][:n_route]:
@@ -310,6 +325,13 @@ def hit_rates(eng, n_route: int, seed: int = 0) -> dict:
                 for name, calibration in ((label, "raw"), (f"{label} [zscore]", "zscore")):
                     r = bank.route(h, SpectralConfig(m, 1, calibration=calibration))
                     hits[name].append(r.names[r.selected[0]] == task)
+            if prompt_mean:
+                h_all = eng.probe_tokens(tokens, "normed")
+                for m, label in (("arrow", "Arrow"), ("spectr", "SpectR")):
+                    for name, calibration in ((f"{label} [prompt mean]", "raw"),
+                                              (f"{label} [prompt mean, zscore]", "zscore")):
+                        r = every.route(h_all, SpectralConfig(m, 1, calibration=calibration))
+                        hits[name].append(r.names[r.selected[0]] == task)
     rng = np.random.default_rng(seed)
     return {k: _interval(np.array(v, float), rng) for k, v in hits.items()}
 
@@ -331,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
 
         with Engine(args.model, n_threads=args.threads) as eng:
             for k, (mean, lo, hi) in hit_rates(eng, args.hit_rates).items():
-                print(f"{k:<16} top-1 {100 * mean:5.1f} [{100 * lo:5.1f}, {100 * hi:5.1f}]")
+                print(f"{k:<30} top-1 {100 * mean:5.1f} [{100 * lo:5.1f}, {100 * hi:5.1f}]")
     if not args.pools:
         return 0
     rows = route_times(args.pools, args.repeats, args.threads, args.model)

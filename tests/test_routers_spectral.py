@@ -242,6 +242,7 @@ def test_route_times_reports_every_router(tiny, tmp_path, capsys):
 def test_hit_rates_rank_the_calibrated_scores_as_standardised_by_hand(tiny, monkeypatch):
     """hit_rates: on tiny adapters under pool task names, the calibrated spectral hit rates equal ranking each
     prompt's scores standardised by the calibration prompts' mean and sd, computed here by a plain loop."""
+    from logo_edge.calibration import calibration_prompts
     from logo_edge.engine import Engine
     from logo_edge.routers_spectral import hit_rates
     from logo_edge.tasks import TASKS, splits
@@ -252,15 +253,66 @@ def test_hit_rates_rank_the_calibrated_scores_as_standardised_by_hand(tiny, monk
         got = hit_rates(eng, 2)
         bank = SpectralBank.from_pool(eng.pool)
         cal = eng.pool.calibration_states("normed")
-        want = []
+        cal_every = [eng.probe_tokens(eng.tokenize(eng.format_chat([{"role": "user", "content": p}])), "normed")
+                     for p in calibration_prompts()]
+        want, want_mean = [], []
         for task in ("sentiment", "addition", "langid"):
             for ex in splits(TASKS[task])["test"][:2]:
-                h = eng.probe(eng.tokenize(eng.format_chat([{"role": "user", "content": ex.prompt}])), "normed")
-                z = []
+                tokens = eng.tokenize(eng.format_chat([{"role": "user", "content": ex.prompt}]))
+                h, h_all = eng.probe(tokens, "normed"), eng.probe_tokens(tokens, "normed")
+                z, z_mean = [], []
                 for i in range(3):
                     c = [bank.scores(x, "spectr")[i] for x in cal]
                     z.append((bank.scores(h, "spectr")[i] - np.mean(c)) / np.std(c))
+                    # prompt mean: the mean over tokens of each token's score, standardised the same way
+                    c = [np.mean([bank.scores(x[:, t], "spectr")[i] for t in range(x.shape[1])]) for x in cal_every]
+                    s = np.mean([bank.scores(h_all[:, t], "spectr")[i] for t in range(h_all.shape[1])])
+                    z_mean.append((s - np.mean(c)) / np.std(c))
                 want.append(bank.probeable[int(np.argmax(z))] == task)
+                want_mean.append(bank.probeable[int(np.argmax(z_mean))] == task)
     assert got["SpectR [zscore]"][0] == pytest.approx(np.mean(want))
-    assert set(got) == {"LoGo default", "Arrow", "SpectR", "Arrow [zscore]", "SpectR [zscore]"}
+    assert got["SpectR [prompt mean, zscore]"][0] == pytest.approx(np.mean(want_mean))
+    assert set(got) == {"LoGo default", "Arrow", "SpectR", "Arrow [zscore]", "SpectR [zscore]", "Arrow [prompt mean]",
+                        "SpectR [prompt mean]", "Arrow [prompt mean, zscore]", "SpectR [prompt mean, zscore]"}
     assert all(0 <= lo <= m <= hi <= 1 for m, lo, hi in got.values())
+
+
+def test_prompt_mean_scores_equal_torch_on_every_token(tiny_engine, hf_tiny, peft_q):
+    """The prompt-mean variant: the probe's every-token states equal transformers' (input_layernorm's output at
+    every token of each window block), and the score is the mean over tokens of the dense SVD reference's."""
+    pool = tiny_engine.pool
+    bank = SpectralBank.from_pool(pool)
+    probeable = bank.probeable
+    prompt = " ".join(f"word{i}" for i in range(40)) + " and the question?"
+    for text in (prompt, PROMPTS[0]):
+        tokens = tiny_engine.tokenize(text)
+        h_all = tiny_engine.probe_tokens(tokens, "normed")
+        assert h_all.shape == (len(pool.blocks), len(tokens), pool.model.n_embd)
+        np.testing.assert_array_equal(h_all[:, -1], tiny_engine.probe(tokens, "normed")[:len(pool.blocks)])
+        with torch.no_grad():
+            out = hf_tiny(torch.tensor([tokens]), output_hidden_states=True)
+            refs = [hf_tiny.model.layers[b].input_layernorm(out.hidden_states[b][0]).double().numpy()
+                    for b in pool.blocks]
+        for i, ref in enumerate(refs):
+            np.testing.assert_allclose(h_all[i], ref, rtol=0, atol=1e-4 * np.abs(ref).max())
+        for method in ("arrow", "spectr"):
+            per_token = np.array([[dense_reference([peft_q[n][b] for b in pool.blocks], h_all[:, t], method).mean()
+                                   for n in probeable] for t in range(len(tokens))])
+            np.testing.assert_allclose(bank.scores(h_all, method, "mean"), per_token.mean(axis=0), rtol=2e-4)
+
+
+def test_every_token_probe_spans_ubatches(tiny, tmp_path):
+    """A prompt longer than n_batch: the every-token states of all ubatches, in order (each token's state equals
+    the last-token probe of the prompt cut after it)."""
+    from logo_edge.engine import Engine
+
+    with pytest.warns(UserWarning, match="od_only"):
+        eng = Engine(tiny / "tiny-f32.gguf", tiny / "gguf", n_ctx=256, n_batch=16, kv_type="f32", flash_attn=False)
+    with eng:
+        tokens = eng.tokenize(" ".join(f"w{i}" for i in range(30)))
+        assert len(tokens) > 32
+        h_all = eng.probe_tokens(tokens, "residual")
+        n = len(eng.pool.blocks)
+        for t in (0, 15, 16, 17, len(tokens) - 1):
+            eng.forget_prompts()
+            np.testing.assert_allclose(h_all[:, t], eng.probe(tokens[:t + 1], "residual")[:n], rtol=0, atol=1e-5)
