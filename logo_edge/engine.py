@@ -322,10 +322,7 @@ class Engine:
         # the probe context keeps its cache: complete below the last block read, so a later probe that
         # stops at the same or a lower block reuses the common prefix (a chat's earlier turns, the system prompt)
         cached, depth = self._probe_cache
-        # the blocks below `reach` are computed for every token: the last block's attention too where the FFN's
-        # input is read (it comes after); a cached prefix serves a probe that reaches no further than it
-        ffn = any(defaults.PROBE_INPUTS[m][0] == "ffn_norm" for m in ([module] if isinstance(module, str) else module))
-        reach = blocks[-1] + ffn
+        reach = cap.complete_below
         n_keep = _common_prefix(cached, tokens) if reach <= depth else 0
         self._probe_cache = ([], 0)
         h = cap.run(tokens, keep_cache=True, n_keep=n_keep)
@@ -432,15 +429,13 @@ class Engine:
         h, h_other = pool.split_states(np.asarray(h))
         calibrated = cfg.calibration != "raw"
         stats = pool.stats(cfg.probe_input, cfg.signal) if calibrated else None
-        in_bank = pool.in_bank
         considered = None
         with one_blas_thread():
             bank = pool._bank
             if len(bank) == 0:
                 raw = np.zeros(0)
             elif cfg.signal == "norm" and 0 < cfg.shortlist < len(bank) and bank.n_blocks > 1:
-                stats1 = pool.stats(cfg.probe_input, TARGET_NORM) if calibrated else None
-                stats1 = None if stats1 is None else (stats1[0][in_bank], stats1[1][in_bank])
+                stats1 = pool.stats(cfg.probe_input, TARGET_NORM, bank_only=True) if calibrated else None
                 raw, considered = shortlist_norms(bank, h, cfg.shortlist, cfg.calibration, stats1)
             else:
                 raw = bank.signals(h, cfg.signal)

@@ -375,6 +375,9 @@ class ProbeCapture:
         # every ubatch of a long prompt reads again
         later = max(range(len(modules)), key=lambda i: PROBE_INPUTS[modules[i]][0] == "ffn_norm")
         self._last_row = later * len(blocks) + len(blocks) - 1
+        # blocks computed for every token when the run stops early: those below the last block, and that block's
+        # attention too where the FFN's input is read (it comes after); a kept cache serves a probe reaching no further
+        self.complete_below = blocks[-1] + any(PROBE_INPUTS[m][0] == "ffn_norm" for m in modules)
         for mi, m in enumerate(modules):
             normed, residual = PROBE_INPUTS[m]
             for bi, b in enumerate(blocks):

@@ -131,7 +131,8 @@ class AdapterPool:
         self.adapters: list[PoolAdapter] = []
         self._bank = ProbeBank(len(self.blocks), model.n_embd, d_out, window_dtype)
         self._states: dict[str, np.ndarray] = {}  # probe input -> calibration states (n_prompts, n_blocks, d_in)
-        self._stats: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}  # stats() per bank, cached
+        # what is derived once per pool change (every change clears it): stats() per bank, and the banks' layout
+        self._stats: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
         self.max_loaded_bytes = int(max_loaded_mb * 2**20)
         self._loaded: OrderedDict[int, None] = OrderedDict()  # indices with a llama.cpp handle, LRU first
         self.extra_bytes = 0  # other adapters llama.cpp holds for this model (the engine's packed/fused ones)
@@ -425,13 +426,19 @@ class AdapterPool:
 
     def merge(self, main: np.ndarray, other: np.ndarray) -> np.ndarray:
         """One value per probeable adapter in pool order, from the bank's (`main`) and the other bank's."""
-        return np.array([main[a.bank_index] if a.bank_index is not None else other[a.other_index]
-                         for a in self.adapters if a.probeable])
+        in_bank, index = self._layout()
+        return np.where(in_bank, np.asarray(main)[np.where(in_bank, index, 0)] if len(main) else 0,
+                        np.asarray(other)[np.where(in_bank, 0, index)] if len(other) else 0)
 
-    @property
-    def in_bank(self) -> np.ndarray:
-        """For each probeable adapter in pool order: whether it is in the (target input's) bank."""
-        return np.array([a.bank_index is not None for a in self.adapters if a.probeable], bool)
+    def _layout(self) -> tuple[np.ndarray, np.ndarray]:
+        """For each probeable adapter in pool order: whether it is in the (target input's) bank, and its index
+        in its bank; derived once per pool change."""
+        if ("layout",) not in self._stats:
+            probeable = [a for a in self.adapters if a.probeable]
+            self._stats[("layout",)] = (np.array([a.bank_index is not None for a in probeable], bool),
+                                        np.array([a.bank_index if a.bank_index is not None else a.other_index
+                                                  for a in probeable], np.intp))
+        return self._stats[("layout",)]
 
     # ---- calibration
 
@@ -469,13 +476,15 @@ class AdapterPool:
         adapter.stats[probe_input] = self._bank.stats(adapter.bank_index, states)
         adapter.calibrate_s = time.perf_counter() - t0
 
-    def stats(self, probe_input: str, signal: str) -> tuple[np.ndarray, np.ndarray]:
-        """(mean, sd) of `signal` per probe-bank row; AdapterError if the pool is not calibrated."""
+    def stats(self, probe_input: str, signal: str, bank_only: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """(mean, sd) of `signal` per probeable adapter in pool order (`bank_only`: per row of the target input's
+        bank); AdapterError if the pool is not calibrated."""
         if probe_input not in self._states:
             raise AdapterError(f"the pool has no calibration for probe input {probe_input!r}")
-        key = (probe_input, signal)
+        key = (probe_input, signal, bank_only)
         if key not in self._stats:  # built once per pool change, not per request
-            rows = [a.stats[probe_input][signal] for a in self.adapters if a.probeable]
+            rows = [a.stats[probe_input][signal] for a in self.adapters
+                    if (a.bank_index is not None if bank_only else a.probeable)]
             self._stats[key] = tuple(np.array(rows, np.float64).T)
         return self._stats[key]
 
