@@ -224,8 +224,21 @@ def cmd_eval(args) -> int:
             print(_json.dumps(got, indent=1))
             print(f"report: {Path(args.out) / 'keep.md'}")
             return 0
-        summary = run_eval(eng, args.n, Path(args.out), quick=args.quick, tasks=args.tasks, n_route=args.n_route,
-                           windows=args.windows, spectral=True if args.spectral else None, methods=args.methods)
+        if args.merge:
+            from .eval import merge_eval
+
+            summary = merge_eval(eng, [Path(d) for d in args.merge], Path(args.out))
+        else:
+            shard = None
+            if args.shard:
+                k, _, n = args.shard.partition("/")
+                if not (k.isdigit() and n.isdigit() and int(k) < int(n)):
+                    print(f"error: --shard {args.shard!r}: expected K/N with 0 <= K < N, e.g. 0/2", file=sys.stderr)
+                    return 2
+                shard = (int(k), int(n))
+            summary = run_eval(eng, args.n, Path(args.out), quick=args.quick, tasks=args.tasks, n_route=args.n_route,
+                               windows=args.windows, spectral=True if args.spectral else None, methods=args.methods,
+                               shard=shard)
     print(_json.dumps(summary, indent=1))
     print(f"report: {Path(args.out) / 'report.md'}")
     return 0
@@ -425,6 +438,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "mode (a full run always does)")
     p.add_argument("--methods", nargs="+", metavar="NAME", help="generate only these methods (results.csv names, "
                    "e.g. base oracle \"LoGo-norm k=3 [zscore]\" \"Arrow k=3 [zscore]\"); hit rates as ever")
+    p.add_argument("--shard", metavar="K/N", help="only every N-th example from the K-th (0-based): run N of these "
+                   "at once with --threads 1 and different --out, then --merge their directories")
+    p.add_argument("--merge", nargs="+", metavar="DIR", help="one report in --out from the --shard runs' output "
+                   "directories (the same pool and engine settings)")
     p.add_argument("--approx", action="store_true", help="what float16 window storage and the shortlist cost: "
                    "hit rates and agreement with the exact route on --n-route prompts per task (writes approx.md)")
     p.add_argument("--confidence", action="store_true", help="knowing when not to route: chooses min_score on "

@@ -12,6 +12,7 @@ scores with bootstrap 95 % intervals.
 from __future__ import annotations
 
 import csv
+import pickle
 import random
 import sys
 import time
@@ -187,7 +188,8 @@ class Evaluator:
 
 def run_eval(eng, n_per_task: int, out_dir: Path, quick: bool = False, tasks: list[str] | None = None,
              seed: int = 0, n_route: int = 0, windows: list[int] | None = None,
-             spectral: bool | None = None, methods: list[str] | None = None) -> dict:
+             spectral: bool | None = None, methods: list[str] | None = None,
+             shard: tuple[int, int] | None = None) -> dict:
     """Evaluate; returns a summary dict (also written as report.md / results.csv / heatmap.png).
 
     Generation runs on the first `n_per_task` test examples of each task; routing statistics (hit rates,
@@ -195,7 +197,9 @@ def run_eval(eng, n_per_task: int, out_dir: Path, quick: bool = False, tasks: li
     `windows` adds probe windows (residual, ending at the last block) to the hit-rate table only.
     `spectral`: Arrow and SpectR are generated (GENERATED_SPECTRAL) when True, or when None and not
     `quick`; their hit rates are reported unless False. `methods`: generate only these (names as in
-    results.csv; a large pool's run cannot afford every method on every example), hit rates as ever."""
+    results.csv; a large pool's run cannot afford every method on every example), hit rates as ever.
+    `shard` (k, n): only every n-th example from the k-th, for n processes on n cores; `merge_eval` joins their
+    output directories (each keeps its state in state.pkl) into one report."""
     out_dir.mkdir(parents=True, exist_ok=True)
     mid = eng.model.n_layer // 2
     w = len(eng.pool.blocks)
@@ -223,6 +227,8 @@ def run_eval(eng, n_per_task: int, out_dir: Path, quick: bool = False, tasks: li
     rng = random.Random(seed)
     t0 = time.time()
     for i, (task, j, ex) in enumerate(data):
+        if shard and i % shard[1] != shard[0]:
+            continue
         _progress(i, len(data), t0, f"{task.name}")
         in_pool = task.name in pool_names
         tokens = eng.tokenize(eng.format_chat([{"role": "user", "content": ex.prompt}]))
@@ -274,7 +280,36 @@ def run_eval(eng, n_per_task: int, out_dir: Path, quick: bool = False, tasks: li
     print(file=sys.stderr)
     if not quick and not only:
         _fusion_pass(ev, st, data)
+    with open(out_dir / "state.pkl", "wb") as f:
+        pickle.dump(dict(st=st, settings=settings, tasks=[t.name for t in chosen], n=n_per_task, n_route=n_route,
+                         quick=quick, elapsed=time.time() - t0), f)
     return _write(st, out_dir, ev, chosen, n_per_task, time.time() - t0, quick, n_route)
+
+
+def merge_eval(eng, dirs: list[Path], out_dir: Path) -> dict:
+    """One report from the output directories of `run_eval` shards (run on the same engine settings and pool)."""
+    parts = []
+    for d in dirs:
+        try:
+            with open(Path(d) / "state.pkl", "rb") as f:
+                parts.append(pickle.load(f))
+        except FileNotFoundError:
+            raise AdapterError(f"{d}: no state.pkl (not a logo-edge eval output directory)") from None
+    first = parts[0]
+    if any((p["tasks"], p["n"], p["n_route"]) != (first["tasks"], first["n"], first["n_route"]) for p in parts):
+        raise AdapterError(f"{', '.join(map(str, dirs))}: the shards were run with different tasks or sizes")
+    st = EvalState()
+    for p in parts:
+        st.rows += p["st"].rows
+        for field_name in ("signals", "hits", "route_s"):
+            merged = getattr(st, field_name)
+            for k, v in getattr(p["st"], field_name).items():
+                merged.setdefault(k, []).extend(v)
+    st.rows.sort(key=lambda r: r["idx"])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ev = Evaluator(eng, first["settings"])
+    return _write(st, out_dir, ev, [TASKS[t] for t in first["tasks"]], first["n"],
+                  max(p["elapsed"] for p in parts), first["quick"], first["n_route"])
 
 
 def _routers(ev) -> dict[str, tuple[str, str, object]]:
@@ -335,6 +370,8 @@ def _fusion_pass(ev, st: EvalState, data) -> None:
 
 
 def _table(rows: list[dict], tasks: list[str], methods: list[str]) -> str:
+    if len(tasks) > 16:  # a large pool: a row per task
+        return _table_by_task(rows, tasks, methods)
     head = "| method | " + " | ".join(tasks) + " | mean | s/example |\n|---|" + "---|" * (len(tasks) + 2)
     lines = [head]
     for m in methods:
@@ -348,6 +385,43 @@ def _table(rows: list[dict], tasks: list[str], methods: list[str]) -> str:
         mean = f"**{100 * np.mean(allv):.1f}**" if allv else "–"
         lines.append(f"| {m} | " + " | ".join(cells) + f" | {mean} | {np.mean(secs):.2f} |")
     return "\n".join(lines)
+
+
+def _table_by_task(rows: list[dict], tasks: list[str], methods: list[str]) -> str:
+    lines = ["| task | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
+    means: dict[str, list[float]] = {m: [] for m in methods}
+    for t in tasks:
+        cells = []
+        for m in methods:
+            v = [r["score"] for r in rows if r["method"] == m and r["task"] == t]
+            cells.append(f"{100 * np.mean(v):.1f}" if v else "–")
+            if v:
+                means[m].append(float(np.mean(v)))
+        lines.append(f"| {t} | " + " | ".join(cells) + " |")
+    lines.append("| **mean** | " + " | ".join(f"**{100 * np.mean(v):.1f}**" if v else "–" for v in means.values())
+                 + " |")
+    return "\n".join(lines)
+
+
+def _by_scored_modules(st: EvalState, ev) -> str:
+    """Top-1 hit rate of each router over the tasks whose adapter is scored over the same modules (the probe
+    target, or what an adapter without it is scored over: v, k and v, the FFN's gate and up)."""
+    groups: dict[str, list[str]] = {}
+    for a in ev.eng.pool.adapters:
+        groups.setdefault("+".join(a.probed) or "unprobeable", []).append(a.name)
+    if len(groups) < 2:
+        return ""
+    routers = _routers(ev)
+    md = ["## Top-1 hit rate by what the adapter is scored over (95 % bootstrap intervals)\n",
+          "| scored over | adapters | " + " | ".join(routers) + " |", "|---|---|" + "---|" * len(routers)]
+    for g, names in groups.items():
+        cells = []
+        for hit, label, _ in routers.values():
+            hits = [np.array(st.hits[(hit, label, t)], float)[:, :1] for t in names if (hit, label, t) in st.hits]
+            t1 = _boot(hits) if hits else None
+            cells.append(f"{100 * t1[0]:.1f} [{100 * t1[1]:.1f}, {100 * t1[2]:.1f}]" if t1 else "–")
+        md.append(f"| {g} | {len(names)} | " + " | ".join(cells) + " |")
+    return "\n".join(md) + "\n"
 
 
 def _write(st: EvalState, out: Path, ev, chosen, n, elapsed, quick, n_route) -> dict:
@@ -387,6 +461,7 @@ def _write(st: EvalState, out: Path, ev, chosen, n, elapsed, quick, n_route) -> 
         md.append(f"\nChance: top-1 {100 / len(ev.names):.1f}, top-3 {300 / len(ev.names):.1f}.\n")
     if st.route_s:
         md.append(_routers_table(st, ev, summary))
+        md.append(_by_scored_modules(st, ev))
     _heatmap(st, ev, chosen, out)
     md.append("![signals](heatmap.png)\n")
     (out / "report.md").write_text("\n".join(md))

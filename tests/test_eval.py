@@ -64,7 +64,7 @@ def test_eval_routes_a_pool_with_mlp_only_and_v_only_adapters_as_the_engine_does
 
     from logo_edge.defaults import default_model_path
     from logo_edge.engine import Engine
-    from logo_edge.eval import run_eval
+    from logo_edge.eval import merge_eval, run_eval
     from logo_edge.eval_modules import ATTENTION, QUERY, strip_modules
     from logo_edge.gguf_files import BaseInfo
 
@@ -79,9 +79,13 @@ def test_eval_routes_a_pool_with_mlp_only_and_v_only_adapters_as_the_engine_does
     tasks = ["addition", "wikidata", "sentiment", "sql", "intent"]
     with Engine(adapters=pool, n_ctx=1024) as eng:
         assert len(eng.pool.other_bank) == 1 and not eng.pool.unprobeable
-        summary = run_eval(eng, 2, tmp_path / "out", quick=True, tasks=tasks, n_route=6,
-                           methods=["base", "LoGo-norm k=3 [zscore]"])
+        for k in (0, 1):  # two shards, merged into one report (as a large pool's run on two cores)
+            run_eval(eng, 2, tmp_path / f"shard{k}", quick=True, tasks=tasks, n_route=6,
+                     methods=["base", "LoGo-norm k=3 [zscore]"], shard=(k, 2))
+        summary = merge_eval(eng, [tmp_path / "shard0", tmp_path / "shard1"], tmp_path / "out")
         rows = list(csv.DictReader(open(tmp_path / "out" / "results.csv")))
+        assert {(r["task"], int(r["idx"])) for r in rows} == {(t, 6 * i + j) for i, t in enumerate(tasks)
+                                                              for j in range(2)}
         assert {r["method"] for r in rows} == {"base", "LoGo-norm k=3 [zscore]"}
         from logo_edge.tasks import TASKS, splits
 
