@@ -224,10 +224,10 @@ def cmd_eval(args) -> int:
             print(_json.dumps(got, indent=1))
             print(f"report: {Path(args.out) / 'keep.md'}")
             return 0
-        if args.merge:
+        if args.merge_shards:
             from .eval import merge_eval
 
-            summary = merge_eval(eng, [Path(d) for d in args.merge], Path(args.out))
+            summary = merge_eval(eng, [Path(d) for d in args.merge_shards], Path(args.out))
         else:
             shard = None
             if args.shard:
@@ -439,8 +439,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", nargs="+", metavar="NAME", help="generate only these methods (results.csv names, "
                    "e.g. base oracle \"LoGo-norm k=3 [zscore]\" \"Arrow k=3 [zscore]\"); hit rates as ever")
     p.add_argument("--shard", metavar="K/N", help="only every N-th example from the K-th (0-based): run N of these "
-                   "at once with --threads 1 and different --out, then --merge their directories")
-    p.add_argument("--merge", nargs="+", metavar="DIR", help="one report in --out from the --shard runs' output "
+                   "at once with --threads 1 and different --out, then --merge-shards their directories")
+    p.add_argument("--merge-shards", nargs="+", metavar="DIR", help="one report in --out from the --shard runs' output "
                    "directories (the same pool and engine settings)")
     p.add_argument("--approx", action="store_true", help="what float16 window storage and the shortlist cost: "
                    "hit rates and agreement with the exact route on --n-route prompts per task (writes approx.md)")
