@@ -3,6 +3,7 @@
     python models/train_pool.py                       # the uniform pool: rank 8, q/k/v/o, models/pool
     python models/train_pool.py --pool mixed          # the mixed-recipe pool of issue 5, models/pool-mixed
     python models/train_pool.py --tasks sql intent    # retrain some adapters only
+    python models/train_pool.py --pool large --jobs 2 # the 78-adapter pool of issue 18, models/pool-large (q8_0)
 
 Reproducible: fixed seeds, the fixed splits of logo_edge.tasks (a seeded shuffle; test and validation
 examples are never trained on), the chat prompt format the runtime uses. The base weights are the
