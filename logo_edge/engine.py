@@ -15,6 +15,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator, Mapping, Sequence
@@ -49,6 +50,11 @@ PREFILLS = ("exact", "probe-cache")
 KEEP_PROBES = ("base", "mixture")  # what a continuing turn's keep decision routes on (RouteConfig.keep_probe)
 LORA_CACHE_BYTES = 64 << 20  # adapter tensors kept in memory for packing (Engine._lora_file)
 KEEP_MIN_PREFIX = 48  # tokens of cached history below which a request is not a continuing conversation
+# K/V kept per mixture: when a request changes the mixture, the history computed under the old one is saved
+# (llama.cpp's sequence state), most recent last, within KV_KEEP_BYTES; a request that returns to a saved mixture
+# (set by hand, or routed within `keep` of it) gets its K/V back and prefills only what follows (exact: computed
+# under that very mixture). Engine(kv_keep_mb=0) turns it off.
+KV_KEEP_BYTES = 256 << 20
 
 
 @dataclass(frozen=True)
@@ -157,7 +163,7 @@ class Engine:
                  target_block: int = -1, target_module: str = "attn_q", probe_blocks: int = defaults.PROBE_BLOCKS,
                  routing: RouteConfig | None = None, max_loaded_mb: float = 1024, verbose: bool = False,
                  extra_bufts: bool | None = None, pool_index: bool = True, rpc: list[str] | None = None,
-                 probe_modules: str = "target-first"):
+                 probe_modules: str = "target-first", kv_keep_mb: float = KV_KEEP_BYTES / 2**20):
         # extra_bufts: llama.cpp's fast CPU weight layouts (AMX, repacking); None = on where the
         # self-check found them safe on this CPU (logo_edge.selfcheck), off where they crash or disagree.
         # pool_index: keep the pool's probe bank and calibration in a persisted index (logo_edge.pool_index),
@@ -202,6 +208,10 @@ class Engine:
         # the adapters' tensors as read for packing (file identity -> LoraFile), most recent last, at most
         # LORA_CACHE_BYTES: a chat that returns to its tasks packs a new mixture without reading the files again
         self._lora_files: dict[tuple, LoraFile] = {}
+        # K/V saved per mixture (see KV_KEEP_BYTES): mixture key -> (tokens, sequence state, keep reference)
+        self._kv_saved: OrderedDict[tuple, tuple[list[int], bytes, tuple | None]] = OrderedDict()
+        self._kv_keep_bytes = int(kv_keep_mb * 2**20)
+        self._kv_restored: tuple | None = None  # (keep reference, tokens) when this request's mixture came back
         self._tmp = tempfile.TemporaryDirectory(prefix="logo-edge-")
         self._busy = threading.Lock()  # held by the one generation running (stream)
 
@@ -224,6 +234,7 @@ class Engine:
         self._probe_cache = ([], 0)
         self._probe_memo.clear()
         self._keep_ref, self._logits_for = None, None
+        self._kv_saved.clear()
 
     def __enter__(self) -> "Engine":
         return self
@@ -250,6 +261,7 @@ class Engine:
             self._active, self._mixture = set(), ("mixture", {})
             self.ctx.cache_truncate(0)
             self._cache, self._cache_approx = [], False
+            self._kv_saved.clear()  # pool indices move
             for h in self._merged.values():
                 h.free()
             self._merged.clear()
@@ -463,6 +475,10 @@ class Engine:
             kept = self._keepable(tokens, idx, weights, cfg)
             rec.settings["mixture"] = "kept" if kept else "new"
             rec.settings["keep_rule"] = "base probe"
+            if not kept:
+                kept = self._returning(tokens, idx, weights, cfg)
+                if kept:
+                    rec.settings.update(mixture="returned", keep_rule="base probe, saved K/V")
             best = max((float(routing.scores[i]) for i in idx), default=float("-inf"))
             if not kept and cfg.min_score is not None and cfg.calibration != "raw" and best < cfg.min_score:
                 rec.settings["fallback"] = f"base model: best calibrated score {best:.3g} < min_score {cfg.min_score}"
@@ -553,6 +569,48 @@ class Engine:
             return None
         return dict(current) if weight_distance(dict(zip(idx, weights)), current) <= cfg.keep else None
 
+    def _returning(self, tokens: list[int], idx: list[int], weights: list[float], cfg: RouteConfig) -> dict | None:
+        """A saved mixture (K/V kept per mixture) this request returns to: one whose saved history is a prefix of
+        more than the chat template's header of the prompt, routed within `keep` of it again; the closest, else None."""
+        if cfg.keep <= 0 or cfg.prefill != "exact":
+            return None
+        new, best = dict(zip(idx, weights)), None
+        for (merge, named), (saved, _, _) in self._kv_saved.items():
+            if merge != cfg.merge or _common_prefix(saved, tokens) < KEEP_MIN_PREFIX:
+                continue
+            mixture = {self.pool.index(n): w for n, w in named}
+            d = weight_distance(new, mixture)
+            if d <= cfg.keep and (best is None or d < best[0]):
+                best = (d, mixture)
+        return best[1] if best else None
+
+    def _mixture_key(self, merge: str, mixture: Mapping[int, float]) -> tuple:
+        return merge, tuple(sorted((self.pool.adapters[i].name, float(w)) for i, w in mixture.items()))
+
+    def _swap_kv(self, old: tuple, new: tuple, tokens: list[int] | None) -> None:
+        """The mixture changed from `old` to `new` (keys): save the history cached under the old one, and bring
+        back what was saved under the new one if the request continues it; else the cache is empty."""
+        if self._kv_keep_bytes <= 0:
+            self._cache, self._logits_for = [], None
+            return
+        if self._cache and not self._cache_approx and old != new:
+            data = self.ctx.save_sequence()
+            if data is not None and len(data) <= self._kv_keep_bytes:
+                ref = self._keep_ref if self._keep_ref and self._keep_ref[0] == self._mixture[1] else None
+                self._kv_saved.pop(old, None)
+                self._kv_saved[old] = (list(self._cache), data, ref)
+                while sum(len(d) for _, d, _ in self._kv_saved.values()) > self._kv_keep_bytes:
+                    self._kv_saved.popitem(last=False)
+        self._cache, self._logits_for = [], None
+        saved = self._kv_saved.get(new)
+        if tokens is not None and saved is not None and _common_prefix(saved[0], tokens) > 0 and old != new:
+            del self._kv_saved[new]
+            if self.ctx.load_sequence(saved[1]):
+                self._cache = list(saved[0])
+                self._kv_restored = (saved[2], len(saved[0]))
+            else:
+                self.ctx.cache_truncate(0)
+
     def _continuing(self, tokens: list[int], cfg: RouteConfig) -> int | None:
         """The cached tokens this request reuses if it continues the conversation under the mixture set now (keep
         on, exact prefill, the same merge; at least half of the prompt, and more than the chat template's header,
@@ -563,8 +621,10 @@ class Engine:
         reused = _common_prefix(self._cache, tokens)
         return reused if reused >= max(KEEP_MIN_PREFIX, len(tokens) // 2) else None
 
-    def _apply(self, idx: list[int], weights: list[float], merge: str, keep_cache: bool = False) -> str:
-        """Set the mixture in the context; returns how it was applied (merge="auto" resolved)."""
+    def _apply(self, idx: list[int], weights: list[float], merge: str, keep_cache: bool = False,
+               tokens: list[int] | None = None) -> str:
+        """Set the mixture in the context; returns how it was applied (merge="auto" resolved). When it changes,
+        the old mixture's K/V are saved and the new one's brought back for `tokens` (K/V kept per mixture)."""
         how = self._merge_for(idx) if merge == "auto" else merge
         if how in ("packed", "fusion") and len(idx) > 1:
             handles, scales = [self._merged_handle(idx, weights, how)], [1.0]
@@ -573,8 +633,10 @@ class Engine:
             pinned = self._active | set(idx)  # adapters set in the context are never freed under it
             handles, scales = [self.pool.handle(i, pinned) for i in idx], list(weights)
             active = set(idx)
+        old = self._mixture_key(*self._mixture)
         if self.ctx.set_adapters(handles, scales) and not keep_cache:
-            self._cache = []  # never reuse K/V computed under another mixture
+            # never reuse K/V computed under another mixture; keep them for a request that returns to it
+            self._swap_kv(old, self._mixture_key(merge, dict(zip(idx, weights))), tokens)
         self._active = active
         self._mixture = (merge, dict(zip(idx, weights)))
         self.pool.trim(active)
@@ -676,7 +738,12 @@ class Engine:
         idx, weights, rec = self._plan(tokens, adapters, cfg)
         tm = rec.timings
         try:
-            how = self._apply(idx, weights, cfg.merge, keep_cache=rec.settings.get("prefill") == "probe-cache")
+            self._kv_restored = None
+            how = self._apply(idx, weights, cfg.merge, keep_cache=rec.settings.get("prefill") == "probe-cache",
+                              tokens=tokens)
+            if self._kv_restored is not None:  # a saved mixture's K/V came back: its keep reference with them
+                self._keep_ref = self._kv_restored[0]
+                rec.settings["kv_restored_tokens"] = self._kv_restored[1]
             if idx:
                 rec.settings["merge_applied"] = how if len(idx) > 1 else "mixture"
             t0 = time.perf_counter()
@@ -690,7 +757,7 @@ class Engine:
                 current = self._mixture[1]
                 routing = self.route_state(cap.states, cfg)[0]
                 self._keep_ref = (dict(current), float(routing.scores[max(current, key=current.get)]))
-            elif rec.settings.get("mixture") != "kept":
+            elif rec.settings.get("mixture") not in ("kept", "returned"):
                 self._keep_ref = None
             # a turn kept on its mixture's states was prefilled while routed: the record has its figures already
             tm.cached_tokens = min(reused, tm.cached_tokens) if tm.cached_tokens else reused

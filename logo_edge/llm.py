@@ -223,6 +223,25 @@ class Context:
             "model keeps no per-token state to roll back to); the whole sequence was cleared instead, "
             "nothing is kept. Call cache_truncate(p0, reset_ok=True) and decode from the position it returns")
 
+    def save_sequence(self) -> bytes | None:
+        """The cached sequence's state (its K/V, llama.cpp's own serialization), or None where it gives none."""
+        n = llama_cpp.llama_state_seq_get_size(self.ptr, 0)
+        if n == 0:
+            return None
+        buf = (ctypes.c_uint8 * n)()
+        got = llama_cpp.llama_state_seq_get_data(self.ptr, buf, n, 0)
+        return bytes(memoryview(buf)[:got]) if got else None
+
+    def load_sequence(self, data: bytes) -> bool:
+        """Replace the cached sequence by one `save_sequence` gave; False (the cache left empty) if llama.cpp
+        refuses it."""
+        llama_cpp.llama_memory_seq_rm(self.memory, 0, -1, -1)
+        buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
+        if llama_cpp.llama_state_seq_set_data(self.ptr, buf, len(data), 0) == 0:
+            llama_cpp.llama_memory_clear(self.memory, False)
+            return False
+        return True
+
     # ---- adapters
 
     def set_adapters(self, handles: list[LoraHandle], scales: list[float]) -> bool:

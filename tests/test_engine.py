@@ -142,6 +142,60 @@ def test_kv_cache_reused_only_under_the_same_mixture(tiny_engine):
     assert other["routing"]["timings"]["cached_tokens"] == 0  # another mixture never reuses the cache
 
 
+def test_kv_kept_per_mixture_comes_back_when_a_request_returns_to_it(tiny):
+    """K/V kept per mixture: after a request under another mixture, a request that continues the first one's
+    history under the first mixture gets that history's K/V back (llama.cpp's sequence state) and prefills only what
+    follows; its answer equals a fresh engine's. Off (kv_keep_mb=0), or over the budget, nothing comes back."""
+    files = [tiny / "gguf" / f"{n}.gguf" for n in ("qv_r8", "all7_r4", "rs_r16")]
+    a, b = {"qv_r8": 0.7, "rs_r16": 0.3}, {"all7_r4": 1.0}
+    p1 = "The history of the city and its rivers and markets, told from the beginning " * 2
+
+    def talk(**kw):
+        with Engine(tiny / "tiny-f32.gguf", files, n_ctx=512, kv_type="f32", **kw) as eng:
+            first = eng.create_completion(p1, adapters=a, max_tokens=6)
+            eng.create_completion("Something else entirely", adapters=b, max_tokens=4)
+            eng.create_completion("And a base model question", adapters="base", max_tokens=4)
+            p3 = p1 + first["choices"][0]["text"] + " and then"
+            return first, eng.create_completion(p3, adapters=a, max_tokens=8), p3
+
+    first, back, p3 = talk()
+    n1 = first["routing"]["timings"]["prompt_tokens"]
+    assert back["routing"]["timings"]["cached_tokens"] >= n1
+    assert back["routing"]["settings"]["kv_restored_tokens"] >= n1
+    with Engine(tiny / "tiny-f32.gguf", files, n_ctx=512, kv_type="f32") as fresh:
+        ref = fresh.create_completion(p3, adapters=a, max_tokens=8)
+    assert ref["routing"]["timings"]["cached_tokens"] == 0
+    assert back["choices"][0]["text"] == ref["choices"][0]["text"]
+    for kw in ({"kv_keep_mb": 0}, {"kv_keep_mb": 0.01}):  # off; a budget smaller than one history
+        _, cold, _ = talk(**kw)
+        assert cold["routing"]["timings"]["cached_tokens"] == 0 and "kv_restored_tokens" not in cold["routing"][
+            "settings"]
+        assert cold["choices"][0]["text"] == ref["choices"][0]["text"]
+
+
+def test_a_routed_conversation_returns_to_its_saved_mixture(tiny):
+    """A conversation interrupted by a request under another mixture: its next turn, routed within `keep` of the
+    mixture it had, takes that mixture back with its K/V ("returned"), exact under it."""
+    from logo_edge.engine import RouteConfig
+
+    files = [tiny / "gguf" / f"{n}.gguf" for n in ("qv_r8", "all7_r4", "rs_r16", "qkd_r2", "pattern_r8")]
+    turn1 = [{"role": "user", "content": "tell me about rivers and markets and the proof of energy " * 3}]
+    with Engine(tiny / "tiny-f32.gguf", files, n_ctx=512, kv_type="f32", routing=RouteConfig(keep=1.0)) as eng:
+        a = eng.create_chat_completion(turn1, max_tokens=6)
+        eng.create_chat_completion([{"role": "user", "content": "hello"}], adapters={"pattern_r8": 1.0}, max_tokens=3)
+        msgs = turn1 + [{"role": "assistant", "content": a["choices"][0]["message"]["content"]},
+                        {"role": "user", "content": "and more"}]
+        back = eng.create_chat_completion(msgs, max_tokens=6)
+    rec1, rec2 = a["routing"], back["routing"]
+    assert rec2["settings"]["mixture"] == "returned", rec2["settings"]
+    assert rec2["timings"]["cached_tokens"] >= rec1["timings"]["prompt_tokens"]
+    w1 = {x["name"]: x["weight"] for x in rec1["adapters"] if x["rank"]}
+    assert {x["name"]: x["weight"] for x in rec2["adapters"] if x["rank"]} == w1
+    with Engine(tiny / "tiny-f32.gguf", files, n_ctx=512, kv_type="f32") as fresh:
+        ref = fresh.create_chat_completion(msgs, max_tokens=6, adapters=w1)
+    assert back["choices"][0]["message"]["content"] == ref["choices"][0]["message"]["content"]
+
+
 def test_probe_leaves_the_generation_cache_alone(tiny_engine):
     eng = tiny_engine
     out1 = eng.create_completion("Probe isolation", adapters="base", max_tokens=6)
