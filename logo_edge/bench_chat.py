@@ -61,7 +61,7 @@ class Turn:
     ttft: float
     total: float
     n_tok: int  # tokens generated
-    mixture: str = "-"  # routed rows: "kept" or "new"
+    mixture: str = "-"  # routed rows: "kept", "new" or "returned" (a saved mixture and its K/V)
     weights: dict = field(default_factory=dict)
     same_prompt: bool = True  # the prompt tokens are the script's
 
@@ -272,6 +272,7 @@ def _summary(res, tasks: list[str], gen: int) -> dict:
                                                         "mixkeep", "llama_mix")},
         "switch_vs_base": {r: med(r, switch) for r in ("routed0", "routed", "approx", "mixkeep")},
         "switch_turns_kept": [t + 1 for t in switch if res["routed"][t].mixture == "kept"],
+        "returned_turns": [t + 1 for t, x in enumerate(res["routed"]) if x.mixture == "returned"],
         "target": {"turn": target_turn + 1, "routed_vs_base": value, "routed_vs_llama":
                    _ratio(res, "routed", "llama", target_turn), "limit": TARGET, "pass": value <= TARGET},
     }
@@ -284,13 +285,13 @@ def _print_table(res, tasks: list[str], gen: int, repeats: int, threads: int, ke
           f"{'median of ' + str(repeats) + ' conversations' if repeats > 1 else 'one conversation'} after a "
           f"warm-up; rows interleaved per turn; row 4 keep={keep}; x2 / x1: TTFT over row 2 / row 1")
     print(f"{'turn':>4} {'task':<10} {'row':<30} {'prompt':>6} {'cached':>6} {'TTFT ms':>8} {'total ms':>9} "
-          f"{'tokens':>6} {'mixture':>7} {'x2':>6} {'x1':>6}")
+          f"{'tokens':>6} {'mixture':>8} {'x2':>6} {'x1':>6}")
     for t, task in enumerate(tasks):
         what = "" if t == 0 else " =" if task == tasks[t - 1] else " >"  # same task / a switch
         for r, label in ROWS.items():
             x = res[r][t]
             print(f"{t + 1:>4} {(task + what) if r == 'llama' else '':<10} {label:<30} {x.prompt:6d} "
-                  f"{x.cached:6d} {x.ttft * 1e3:8.1f} {x.total * 1e3:9.1f} {x.n_tok:6d} {x.mixture:>7} "
+                  f"{x.cached:6d} {x.ttft * 1e3:8.1f} {x.total * 1e3:9.1f} {x.n_tok:6d} {x.mixture:>8} "
                   f"{_ratio(res, r, 'base', t):6.2f} {_ratio(res, r, 'llama', t):6.2f}")
     print("  task '=': the same task as the turn before, '>': a switch; cached: prompt tokens reused from the "
           "row's cache (row 5: the base-model K/V its probe computed this turn); routed rows' TTFT includes the probe")
@@ -309,7 +310,8 @@ def _print_summary(s: dict) -> None:
           f"{fmt(s['same_task_vs_base'])}")
     print(f"  TTFT / logo-edge base, median over task switches {s['switch_turns']}: {fmt(s['switch_vs_base'])}")
     print(f"  row 7 (keep decided on the base probe) kept its mixture at turns {s['kept_turns_probe'] or 'none'}; "
-          f"row 4 kept it through a task switch at turns {s['switch_turns_kept'] or 'none'}")
+          f"row 4 kept it through a task switch at turns {s['switch_turns_kept'] or 'none'}; row 4 returned to a "
+          f"saved mixture (its K/V kept) at turns {s['returned_turns'] or 'none'}")
     g = s["target"]
     print(f"  target: same-task turn {g['turn']}, routed exact (row 4) TTFT / base (row 2) {g['routed_vs_base']:.2f} "
           f"<= {g['limit']} {'PASS' if g['pass'] else 'FAIL'} (/ llama-cpp-python base: {g['routed_vs_llama']:.2f})")
