@@ -576,7 +576,7 @@ class Engine:
             return None
         new, best = dict(zip(idx, weights)), None
         for (merge, named), (saved, _, _) in self._kv_saved.items():
-            if merge != cfg.merge or _common_prefix(saved, tokens) < KEEP_MIN_PREFIX:
+            if not named or merge != cfg.merge or _common_prefix(saved, tokens) < KEEP_MIN_PREFIX:
                 continue
             mixture = {self.pool.index(n): w for n, w in named}
             d = weight_distance(new, mixture)
