@@ -343,15 +343,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pools", nargs="+", help="routing time over these pool directories (e.g. the bench's random "
                    "pools)")
     p.add_argument("--hit-rates", type=int, metavar="N_ROUTE", help="top-1 hit rates of LoGo, Arrow and SpectR, raw "
-                   "and calibrated, on N_ROUTE held-out prompts per task of the shipped pool")
+                   "and calibrated, on N_ROUTE held-out prompts per task of the pool (--adapters)")
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--threads", type=int)
     p.add_argument("--model", help="base model GGUF (default: the default model)")
+    p.add_argument("--adapters", help="with --hit-rates: this pool directory (default: the shipped pool)")
     args = p.parse_args(argv)
     if args.hit_rates:
+        from . import defaults
         from .engine import Engine
 
-        with Engine(args.model, n_threads=args.threads) as eng:
+        adapters = args.adapters or (defaults.shipped_pool() if args.model else None)
+        with Engine(args.model, adapters, n_threads=args.threads) as eng:
             for k, (mean, lo, hi) in hit_rates(eng, args.hit_rates).items():
                 print(f"{k:<30} top-1 {100 * mean:5.1f} [{100 * lo:5.1f}, {100 * hi:5.1f}]")
     if not args.pools:
