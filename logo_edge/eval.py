@@ -116,9 +116,10 @@ class Evaluator:
 
         pool = self.pools[label]
         s = next(s for s in self.settings if s.label == label)
-        if pool is self.eng.pool:
-            cfg = RouteConfig(signal, k, s.probe_input, calibration=calibration,
-                              shortlist=self.eng.routing.shortlist if calibration != "raw" else 0)
+        if pool is self.eng.pool:  # calibrated: with the engine's shortlist (ranked to its length at most)
+            short = self.eng.routing.shortlist if calibration != "raw" else 0
+            cfg = RouteConfig(signal, min(k, short) if 0 < short < len(pool.names) else k, s.probe_input,
+                              calibration=calibration, shortlist=short)
             return self.eng.route_state(h, cfg)[0]
         stats = pool.stats(s.probe_input, signal) if calibration != "raw" else None
         raw = pool.bank.signals(h, signal)
