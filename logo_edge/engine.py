@@ -208,10 +208,12 @@ class Engine:
         # the adapters' tensors as read for packing (file identity -> LoraFile), most recent last, at most
         # LORA_CACHE_BYTES: a chat that returns to its tasks packs a new mixture without reading the files again
         self._lora_files: dict[tuple, LoraFile] = {}
-        # K/V saved per mixture (see KV_KEEP_BYTES): mixture key -> (tokens, sequence state, keep reference)
-        self._kv_saved: OrderedDict[tuple, tuple[list[int], bytes, tuple | None]] = OrderedDict()
+        # K/V saved per mixture (see KV_KEEP_BYTES): mixture key -> (tokens, sequence state, keep reference, length of
+        # the prompt answered under it)
+        self._kv_saved: OrderedDict[tuple, tuple[list[int], bytes, tuple | None, int]] = OrderedDict()
         self._kv_keep_bytes = int(kv_keep_mb * 2**20)
         self._kv_restored: tuple | None = None  # (keep reference, tokens) when this request's mixture came back
+        self._prompt_len = 0  # the prompt of the last request answered in self.ctx
         self._tmp = tempfile.TemporaryDirectory(prefix="logo-edge-")
         self._busy = threading.Lock()  # held by the one generation running (stream)
 
@@ -475,12 +477,13 @@ class Engine:
             kept = self._keepable(tokens, idx, weights, cfg)
             rec.settings["mixture"] = "kept" if kept else "new"
             rec.settings["keep_rule"] = "base probe"
-            if not kept:
+            best = max((float(routing.scores[i]) for i in idx), default=float("-inf"))
+            unsure = cfg.min_score is not None and cfg.calibration != "raw" and best < cfg.min_score
+            if not kept and not unsure:  # (a request the confidence rule sends to the base model stays there)
                 kept = self._returning(tokens, idx, weights, cfg)
                 if kept:
                     rec.settings.update(mixture="returned", keep_rule="base probe, saved K/V")
-            best = max((float(routing.scores[i]) for i in idx), default=float("-inf"))
-            if not kept and cfg.min_score is not None and cfg.calibration != "raw" and best < cfg.min_score:
+            if not kept and unsure:
                 rec.settings["fallback"] = f"base model: best calibrated score {best:.3g} < min_score {cfg.min_score}"
                 idx, weights = [], []
                 for a in rec.adapters:
@@ -570,13 +573,14 @@ class Engine:
         return dict(current) if weight_distance(dict(zip(idx, weights)), current) <= cfg.keep else None
 
     def _returning(self, tokens: list[int], idx: list[int], weights: list[float], cfg: RouteConfig) -> dict | None:
-        """A saved mixture (K/V kept per mixture) this request returns to: one whose saved history is a prefix of
-        more than the chat template's header of the prompt, routed within `keep` of it again; the closest, else None."""
+        """A saved mixture (K/V kept per mixture) this request returns to: one whose conversation it continues (the
+        prompt answered under it is this prompt's prefix), routed within `keep` of it again; the closest, else None."""
         if cfg.keep <= 0 or cfg.prefill != "exact":
             return None
         new, best = dict(zip(idx, weights)), None
-        for (merge, named), (saved, _, _) in self._kv_saved.items():
-            if not named or merge != cfg.merge or _common_prefix(saved, tokens) < KEEP_MIN_PREFIX:
+        for (merge, named), (saved, _, _, n_prompt) in self._kv_saved.items():
+            # it continues that conversation: the whole prompt answered under the mixture is this one's prefix
+            if not named or merge != cfg.merge or _common_prefix(saved, tokens) < max(n_prompt, KEEP_MIN_PREFIX):
                 continue
             mixture = {self.pool.index(n): w for n, w in named}
             d = weight_distance(new, mixture)
@@ -598,8 +602,8 @@ class Engine:
             if data is not None and len(data) <= self._kv_keep_bytes:
                 ref = self._keep_ref if self._keep_ref and self._keep_ref[0] == self._mixture[1] else None
                 self._kv_saved.pop(old, None)
-                self._kv_saved[old] = (list(self._cache), data, ref)
-                while sum(len(d) for _, d, _ in self._kv_saved.values()) > self._kv_keep_bytes:
+                self._kv_saved[old] = (list(self._cache), data, ref, min(self._prompt_len, len(self._cache)))
+                while sum(len(x[1]) for x in self._kv_saved.values()) > self._kv_keep_bytes:
                     self._kv_saved.popitem(last=False)
         self._cache, self._logits_for = [], None
         saved = self._kv_saved.get(new)
@@ -753,6 +757,7 @@ class Engine:
             cap = ProbeCapture(self.ctx, self.pool.blocks, self.pool.probe_reads, cfg.probe_input,
                                stop_early=False) if chose else None
             reused = self._prefill(tokens, cap)
+            self._prompt_len = len(tokens)
             if chose:
                 current = self._mixture[1]
                 routing = self.route_state(cap.states, cfg)[0]
