@@ -100,7 +100,7 @@ def _index_root(eng, pool_dir: str) -> Path:
 
     pool = eng.pool
     return index_root(index_key(eng.model.path, pool.blocks, pool.target_module, pool.query_rows, [Path(pool_dir)],
-                                pool.probe_modules))
+                                pool.probe_modules, pool.sv_power))
 
 
 def sweep_pool(model_path: Path, sizes: list[int], prompts: list[list[int]], threads: int, repeats: int) -> dict:

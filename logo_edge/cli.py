@@ -32,7 +32,7 @@ def _engine(args):
     routing = route_config(args)
     return Engine(args.model, adapters, n_ctx=args.n_ctx, n_threads=args.threads, n_gpu_layers=args.gpu_layers,
                   target_block=args.target_block, target_module=args.target_module,
-                  probe_modules=args.probe_modules,
+                  probe_modules=args.probe_modules, sv_power=args.sv_power,
                   probe_blocks=args.probe_blocks, routing=routing,
                   max_loaded_mb=args.max_loaded_mb, pool_index=args.pool_index, rpc=args.rpc)
 
@@ -348,10 +348,15 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                    help=f"blocks whose probe-module update the norm signal sums, ending at the target block "
                         f"(default {defaults.PROBE_BLOCKS}; 1 = the paper's last block alone)")
     p.add_argument("--target-module", default="attn_q")
-    p.add_argument("--probe-modules", choices=["target-first", "target", "input"], default="target-first",
-                   help="modules an adapter is scored over: 'target-first' (default) the target module, or for an "
-                        "adapter without it the modules it adapts that read the same input (k, v); 'target' the "
-                        "paper's probe (adapters without the target are not routed); 'input' all of them")
+    p.add_argument("--probe-modules", choices=["target-first", "target", "input"], default=defaults.PROBE_MODULES,
+                   help="modules an adapter is scored over: 'target-first' the target module, or for an adapter "
+                        "without it the modules it adapts that read the same input (k, v); 'target' the paper's "
+                        "probe (adapters without the target are not routed); 'input' all of them "
+                        f"(default {defaults.PROBE_MODULES})")
+    p.add_argument("--sv-power", type=float, default=defaults.SV_POWER,
+                   help="the norm signal's power of each adapter update's singular values: 1 its output norm "
+                        "(LoGo), 0 the norm of the prompt state's projection onto the directions it reads "
+                        f"(SpectR's score); in [0, 1] (default {defaults.SV_POWER})")
     p.add_argument("--n-ctx", type=int, default=2048)
     p.add_argument("--threads", type=int)
     p.add_argument("--gpu-layers", type=int, default=0, help="layers to offload (CUDA/Metal builds)")

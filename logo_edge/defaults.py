@@ -17,6 +17,12 @@ DEFAULT_POOL = next((p for p in _POOL_PLACES if p.is_dir()), _POOL_PLACES[-1])
 # The probe reads the query-projection input at the last PROBE_BLOCKS blocks (1 = the paper's last block
 # alone); see models/eval/README.md for why 8.
 PROBE_BLOCKS = 8
+# How adapters are scored (pool.PROBE_MODULES) and the norm signal's power of each update's singular values
+# (router.reweigh: 1 = the adapters' output norms, LoGo's; 0 = SpectR's projection norm); see
+# models/eval/large/README.md for the choice.
+PROBE_MODULES = "target-first"
+SV_POWER = 1.0
+PROBE_INPUT = "residual"  # the residual entering the probed block ("normed": the attention norm's output)
 
 
 def default_model_path() -> Path:

@@ -63,7 +63,7 @@ class RouteConfig:
 
     signal: str = "norm"
     k: int = 3
-    probe_input: str = "residual"
+    probe_input: str = defaults.PROBE_INPUT
     merge: str = "auto"
     calibration: str = "zscore"  # chosen by the evaluation (models/eval/README.md); "raw" is the paper's
     prefill: str = "exact"
@@ -163,7 +163,8 @@ class Engine:
                  target_block: int = -1, target_module: str = "attn_q", probe_blocks: int = defaults.PROBE_BLOCKS,
                  routing: RouteConfig | None = None, max_loaded_mb: float = 1024, verbose: bool = False,
                  extra_bufts: bool | None = None, pool_index: bool = True, rpc: list[str] | None = None,
-                 probe_modules: str = "target-first", kv_keep_mb: float = KV_KEEP_BYTES / 2**20):
+                 probe_modules: str = defaults.PROBE_MODULES, sv_power: float = defaults.SV_POWER,
+                 kv_keep_mb: float = KV_KEEP_BYTES / 2**20):
         # extra_bufts: llama.cpp's fast CPU weight layouts (AMX, repacking); None = on where the
         # self-check found them safe on this CPU (logo_edge.selfcheck), off where they crash or disagree.
         # pool_index: keep the pool's probe bank and calibration in a persisted index (logo_edge.pool_index),
@@ -172,6 +173,8 @@ class Engine:
         # n_gpu_layers says otherwise); needs the GGML_RPC=ON libllama, loaded with LOGO_EDGE_RPC=1
         # probe_modules: how adapters are scored (pool.PROBE_MODULES): by default over the target module, and an
         # adapter without it over the modules it adapts that read the same input (k, v); "target": the paper's
+        # probe; "input": every module reading the target's input. sv_power: the norm signal's power of each
+        # update's singular values (router.reweigh; 1 = LoGo's output norm, 0 = SpectR's projection norm)
         if rpc:
             from ._lib import add_rpc_servers
 
@@ -186,7 +189,7 @@ class Engine:
         self._probe_memo: dict[tuple, np.ndarray] = {}  # recent probes' h by (tokens, block, module, input)
         self._probe_reused = 0  # prompt tokens the last probe found in its cache
         self.pool = AdapterPool(self.model, target_block, target_module, max_loaded_mb, probe_blocks,
-                                use_index=pool_index, probe_modules=probe_modules)
+                                use_index=pool_index, probe_modules=probe_modules, sv_power=sv_power)
         self.pool.other_states = lambda probe_input: self._calibration_states(self.pool, probe_input, other=True)
         if self.routing.calibration != "raw":  # calibrate adapters as they enter the pool
             self.calibrate(self.routing.probe_input)
@@ -431,7 +434,8 @@ class Engine:
                         shortlist=None if considered is None else int(considered.sum()),
                         target_block=self.pool.target_block, probe_blocks=len(self.pool.blocks),
                         target_module=self.pool.target_module, probe_modules=self.pool.probe_modules,
-                        probe_input=cfg.probe_input, merge=cfg.merge, prefill=cfg.prefill)
+                        sv_power=self.pool.sv_power, probe_input=cfg.probe_input, merge=cfg.merge,
+                        prefill=cfg.prefill)
         return RoutingRecord("routed", settings, scores, Timings(prompt_tokens=len(tokens)))
 
     def route_state(self, h: np.ndarray, cfg: RouteConfig | None = None) -> tuple[Routing, np.ndarray | None]:

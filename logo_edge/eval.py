@@ -84,7 +84,8 @@ class Evaluator:
             else:  # the paper's probe reads the target alone; other windows score adapters as the engine does
                 paper = (s.probe_input, block, window) == ("residual", eng.model.n_layer - 1, 1)
                 p = AdapterPool(eng.model, block, eng.pool.target_module, probe_blocks=window,
-                                probe_modules="target" if paper else eng.pool.probe_modules)
+                                probe_modules="target" if paper else eng.pool.probe_modules,
+                                sv_power=1.0 if paper else eng.pool.sv_power)
                 p.other_states = lambda inp, p=p: eng._calibration_states(p, inp, other=True)
                 p.add_many([a.path for a in eng.pool.adapters])
                 self.pools[s.label] = p

@@ -98,12 +98,16 @@ class AdapterPool:
 
     def __init__(self, model: Model, target_block: int = -1, target_module: str = "attn_q",
                  max_loaded_mb: float = 1024, probe_blocks: int = PROBE_BLOCKS, use_index: bool = False,
-                 window_dtype=ProbeBank.WINDOW_DTYPE, probe_modules: str = "target-first"):
+                 window_dtype=ProbeBank.WINDOW_DTYPE, probe_modules: str = "target-first", sv_power: float = 1.0):
         if target_module not in PROBE_INPUTS:
             raise AdapterError(f"target module {target_module!r} cannot be probed; choose one of "
                                f"{sorted(PROBE_INPUTS)}")
         if probe_modules not in PROBE_MODULES:
             raise AdapterError(f"probe_modules must be one of {list(PROBE_MODULES)}, got {probe_modules!r}")
+        if isinstance(sv_power, bool) or not isinstance(sv_power, (int, float, np.floating, np.integer)) \
+                or not 0.0 <= sv_power <= 1.0:
+            raise AdapterError(f"sv_power must be a number in [0, 1], got {sv_power!r}")
+        self.sv_power = float(sv_power)
         n_layer = model.info.n_layer
         block = target_block + n_layer if target_block < 0 else target_block
         if not 0 <= block < n_layer:
@@ -125,11 +129,11 @@ class AdapterPool:
         # adapters with no LoRA reading the target's input but some reading the other one (MLP-only): a bank of
         # their own over that input's states (the probe reads both only while it holds an adapter)
         d_out = self.query_rows or model.info.shapes[self.target_tensor][1]
-        self._other = ProbeBank(len(self.blocks), model.n_embd, d_out)  # laid out as the bank (index files)
+        self._other = ProbeBank(len(self.blocks), model.n_embd, d_out, sv_power=self.sv_power)  # laid out as the bank (index files)
         self._other_states: dict[str, np.ndarray] = {}  # probe input -> calibration states of the other input
         self.other_states = None  # callable(probe input) -> those states; set by the engine that probes
         self.adapters: list[PoolAdapter] = []
-        self._bank = ProbeBank(len(self.blocks), model.n_embd, d_out, window_dtype)
+        self._bank = ProbeBank(len(self.blocks), model.n_embd, d_out, window_dtype, self.sv_power)
         self._states: dict[str, np.ndarray] = {}  # probe input -> calibration states (n_prompts, n_blocks, d_in)
         # what is derived once per pool change (every change clears it): stats() per bank, and the banks' layout
         self._stats: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
@@ -254,7 +258,7 @@ class AdapterPool:
         if self.use_index:
             if self._index is None and not self.adapters:
                 key = index_key(self.model.path, self.blocks, self.target_module, self.query_rows, dirs,
-                                self.probe_modules)
+                                self.probe_modules, self.sv_power)
                 # a large pool keeps its earlier window blocks in float16 (half the memory; the cost in
                 # hit rate: `logo-edge eval --approx`), a small one exactly
                 dtype = np.float16 if len(files) > LARGE_POOL else np.float32
@@ -277,7 +281,7 @@ class AdapterPool:
             return out
         other = probed[0] in self.other_modules  # the other input's rows: in the same files, a bank of their own
         bank = self._bank
-        r, folded = ProbeBank.fold_entries(entries, bank.d_in, bank.Q.shape[1])
+        r, folded = ProbeBank.fold_entries(entries, bank.d_in, bank.Q.shape[1], self.sv_power)
         t, w, q = ProbeBank.rows_of(r, folded, len(self.blocks), bank.d_in, bank.Q.shape[1],
                                     np.dtype(self._index.meta_window_dtype))
         one = ProbeBank.from_arrays(t, w, q, [0], [r])
@@ -314,6 +318,8 @@ class AdapterPool:
             taken.add(n)
         self._rebind(self._entries + entries, self.names + names)
         added = self.adapters[-len(entries):]
+        for probe_input, states in self._states.items():  # an index calibrated for other probe inputs than ours
+            self._calibrate_missing(probe_input, states)
         for a in added:
             if a.unprobeable_reason:
                 warnings.warn(f"adapter {a.name!r} ({a.path.name}) cannot be probed: {a.unprobeable_reason}; it "
@@ -341,6 +347,7 @@ class AdapterPool:
             adapters.append(a)
         self._bank = self._index.bank(main)
         self._other = self._index.bank(others)
+        self._bank.sv_power = self._other.sv_power = self.sv_power  # the rows the index folded for this pool
         self._entries, self.adapters = entries, adapters
         where = {a.path: i for i, a in enumerate(adapters)}
         self._loaded = OrderedDict((where[p], None) for p in loaded if p in where)
@@ -458,10 +465,15 @@ class AdapterPool:
             raise AdapterError(f"calibration states of shape {states.shape} do not fit the probe window "
                                f"({len(self.blocks)} blocks of {self.model.n_embd})")
         self._states[probe_input] = states
+        self._calibrate_missing(probe_input, states, every=self._index is None)
+
+    def _calibrate_missing(self, probe_input: str, states: np.ndarray, every: bool = False) -> None:
+        """Calibrate the adapters without statistics for `probe_input` (`every`: all of them), and keep what was
+        computed in the index: one built while other probe inputs were calibrated lacks this one's."""
         self._stats.clear()
-        computed = [a for a in self.adapters if self._index is None or probe_input not in a.stats]  # indexed: kept
+        computed = [a for a in self.adapters if every or probe_input not in a.stats]  # indexed: kept
         for a in computed:
-            self._calibrate(a, probe_input, self._states[probe_input])
+            self._calibrate(a, probe_input, states)
         if self._index is not None and computed:
             self._index.set_stats({str(a.path): {probe_input: a.stats[probe_input]} for a in computed
                                    if probe_input in a.stats})

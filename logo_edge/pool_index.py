@@ -51,13 +51,15 @@ def file_sha256(path: Path) -> str:
 
 
 def index_key(model_path: Path, blocks: Sequence[int], module: str, query_rows: int | None,
-              sources: Sequence[Path], probe_modules: str = "target-first") -> str:
+              sources: Sequence[Path], probe_modules: str = "target-first", sv_power: float = 1.0) -> str:
     """What makes two pools share an index: the same base model content, probe window and module, the modules
-    scored (AdapterPool's probe_modules), the calibration prompts, and the same pool directories."""
+    scored (AdapterPool's probe_modules) and how their rows are weighed (sv_power), the calibration prompts, and
+    the same pool directories."""
     from .calibration import model_key, prompts_key
 
     parts = [f"v{VERSION}", model_key(Path(model_path)), ",".join(map(str, blocks)), module, str(query_rows),
-             probe_modules, prompts_key(), *sorted({str(Path(s).resolve()) for s in sources})]
+             probe_modules, *([f"sv_power={float(sv_power)!r}"] if sv_power != 1.0 else []), prompts_key(),
+             *sorted({str(Path(s).resolve()) for s in sources})]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 

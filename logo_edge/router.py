@@ -55,6 +55,19 @@ def fold(a: np.ndarray, b: np.ndarray, c: float) -> tuple[np.ndarray, np.ndarray
     return m, q
 
 
+def reweigh(m: np.ndarray, q: np.ndarray, power: float) -> tuple[np.ndarray, np.ndarray]:
+    """(M', Q') with Q' M' = Q M and ||M' h|| = ||S^power V^T h||, where M = U S V^T: the norm signal with the
+    update's singular values raised to `power`. power=1 is M itself (||M h||: the adapter's output norm,
+    LoGo); power=0 leaves ||V^T h||, the size of h's projection onto the directions the adapter reads
+    (SpectR's score up to the constant |c|, which calibration cancels). The outputs Q' M' h are unchanged."""
+    if power == 1.0 or not m.size:
+        return m, q
+    u, s, vt = np.linalg.svd(m, full_matrices=False)
+    keep = s > max(s.max(initial=0.0), 0.0) * 1e-6  # directions with no output carry none in either form
+    u, s, vt = u[:, keep], s[keep], vt[keep]
+    return (s ** power)[:, None] * vt, (q @ u) * s ** (1.0 - power)
+
+
 class ProbeBank:
     """Every adapter's probe-module A/B over a window of blocks, folded so one matrix product serves all.
 
@@ -79,10 +92,11 @@ class ProbeBank:
 
     WINDOW_DTYPE = np.float32  # float16 for large pools (the index chooses; `window_dtype`)
 
-    def __init__(self, n_blocks: int, d_in: int, d_out: int, window_dtype=WINDOW_DTYPE):
+    def __init__(self, n_blocks: int, d_in: int, d_out: int, window_dtype=WINDOW_DTYPE, sv_power: float = 1.0):
         # window_dtype=np.float16 halves the earlier blocks' memory (large pools, pool_index.py); the cost is
         # measured by `logo-edge eval --approx`
         self.window_dtype = np.dtype(window_dtype)
+        self.sv_power = float(sv_power)  # the norm signal's power of each update's singular values (`reweigh`)
         self._T = np.zeros((0, d_in), np.float32)  # target block rows of M
         self._W = [np.zeros((0, d_in), self.window_dtype) for _ in range(n_blocks - 1)]  # earlier blocks' M
         self._Q = np.zeros((0, d_out), np.float32)  # target block: Q transposed, rows contiguous
@@ -92,19 +106,20 @@ class ProbeBank:
         self.writable = True
 
     @classmethod
-    def of(cls, entries: Sequence[Sequence[Entry | None]]) -> "ProbeBank":
+    def of(cls, entries: Sequence[Sequence[Entry | None]], sv_power: float = 1.0) -> "ProbeBank":
         """A bank of several adapters at once (each a list of per-block entries)."""
         first = next((e[0] if isinstance(e, list) else e for row in entries for e in row if e is not None), None)
         if first is None:
             raise RoutingError("the probe bank is empty: load at least one adapter with the target module")
-        bank = cls(len(entries[0]), first[0].shape[1], first[1].shape[0])
+        bank = cls(len(entries[0]), first[0].shape[1], first[1].shape[0], sv_power=sv_power)
         for row in entries:
             bank.add(row)
         bank.shrink()
         return bank
 
     @classmethod
-    def from_arrays(cls, t: np.ndarray, w: Sequence[np.ndarray], q: np.ndarray, offsets, ranks) -> "ProbeBank":
+    def from_arrays(cls, t: np.ndarray, w: Sequence[np.ndarray], q: np.ndarray, offsets, ranks,
+                    sv_power: float = 1.0) -> "ProbeBank":
         """A read-only bank over arrays laid out as this class stores them (T (rows, d_in) float32, W one
         (rows, d_in) float16 array per earlier window block, Q (rows, d_out) float32), e.g. memory-mapped
         from a pool index.
@@ -118,11 +133,13 @@ class ProbeBank:
         bank.offsets = np.asarray(offsets, np.intp)
         bank.ranks = np.asarray(ranks, np.intp)
         bank.writable = False
+        bank.sv_power = float(sv_power)  # what the rows were folded with
         return bank
 
     @staticmethod
-    def fold_entries(entries: Sequence[Entry | list[Entry] | None], d_in: int, d_out: int):
+    def fold_entries(entries: Sequence[Entry | list[Entry] | None], d_in: int, d_out: int, sv_power: float = 1.0):
         """One adapter's window entries folded: (rank, [(block j, M_j, Q_j)]); RoutingError if they do not fit.
+        With sv_power != 1 each block's rows are `reweigh`ed (the norm signal over S^sv_power V^T).
 
         An entry may be a list of (A, B, c), one per module that reads the probe's input (an adapter scored
         over several modules, or over others than the target): their folded rows are stacked, so the norm
@@ -144,9 +161,10 @@ class ProbeBank:
                 parts.append(fold(a, b, c))
             if several:
                 m = np.concatenate([p[0] for p in parts])
-                folded.append((j, m, np.zeros((d_out, m.shape[0]))))
+                m, q = m, np.zeros((d_out, m.shape[0]))
             else:
-                folded.append((j, *parts[0]))
+                m, q = parts[0]
+            folded.append((j, *reweigh(m, q, sv_power)))
         return max(m.shape[0] for _, m, _ in folded), folded
 
     @staticmethod
@@ -170,7 +188,7 @@ class ProbeBank:
         if len(entries) != n_blocks:
             raise RoutingError(f"a probe bank entry needs one (A, B, c) or None per window block ({n_blocks}), "
                                "and its target (last) block")
-        r, folded = self.fold_entries(entries, d_in, d_out)
+        r, folded = self.fold_entries(entries, d_in, d_out, self.sv_power)
         if self._rows + r > self._T.shape[0]:  # grow by doubling: adding N adapters copies O(N) rows
             cap = max(2 * self._T.shape[0], self._rows + r, 64)
             t = np.zeros((cap, d_in), np.float32)

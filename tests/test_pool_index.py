@@ -121,6 +121,59 @@ def test_indexed_pool_routes_as_a_pool_built_from_scratch(tiny, pool_dir, monkey
         again.close()
 
 
+def test_sv_power_routes_the_same_through_its_own_index_and_weighs_the_singular_values(tiny, pool_dir):
+    """A pool folded with sv_power (its own index: not the p = 1 one) routes as one built from scratch; its raw
+    signal of every adapter scored over the target alone (at the target block) is ||S^p V^T h|| of that
+    adapter's dense update (numpy SVD of c B A on the file's own A and B)."""
+    from logo_edge.gguf_files import read_lora
+
+    p = 0.25
+    scratch = engine(tiny, pool_dir, pool_index=False, sv_power=p)
+    want = routes(scratch)
+    h = scratch.probe(scratch.tokenize(PROMPTS[0]), "residual")
+    plain = engine(tiny, pool_dir)  # p = 1, indexed first
+    try:
+        assert routes(plain) != want  # the weighing changes the signals
+        for eng in (engine(tiny, pool_dir, sv_power=p), engine(tiny, pool_dir, sv_power=p)):  # builds, then maps
+            try:
+                assert eng.pool.bank.sv_power == p
+                assert_same(routes(eng), want)
+            finally:
+                eng.close()
+        pool = scratch.pool
+        h = pool.split_states(h)[0]  # the target input's window (the probe read the FFN's input too)
+        got = pool.bank.norms(h, last=1)
+        for a in pool.adapters:
+            if a.probed != [pool.target_module]:
+                continue
+            lora = read_lora(a.path, scratch.model.info, only=[pool.target_tensor])
+            A, B = lora.pairs[pool.target_tensor]
+            _, s, vt = np.linalg.svd(lora.scale(pool.target_tensor) * B.astype(np.float64) @ A, full_matrices=False)
+            keep = s > s.max() * 1e-6
+            ref = np.linalg.norm(s[keep] ** p * (vt[keep] @ h[-1].astype(np.float64)))
+            assert got[a.bank_index] == pytest.approx(ref, rel=1e-4)
+    finally:
+        plain.close()
+        scratch.close()
+
+
+def test_an_index_calibrated_for_one_probe_input_serves_an_engine_routing_on_another(tiny, pool_dir):
+    """The index is built by an engine calibrated on the normed input; the next routes on the residual (the
+    index then lacks its statistics: it used to fail with KeyError 'residual') as a pool built from scratch."""
+    from logo_edge.engine import RouteConfig
+
+    engine(tiny, pool_dir, routing=RouteConfig(probe_input="normed")).close()
+    scratch = engine(tiny, pool_dir, pool_index=False)
+    want = routes(scratch)
+    scratch.close()
+    for _ in range(2):  # computes the missing statistics and keeps them in the index; then maps them
+        eng = engine(tiny, pool_dir)
+        try:
+            assert_same(routes(eng), want)
+        finally:
+            eng.close()
+
+
 def test_changed_added_removed_and_touched_files_are_reindexed_alone(tiny, pool_dir, monkeypatch):
     from logo_edge.bench import _write_random
     from logo_edge.gguf_files import BaseInfo

@@ -110,6 +110,47 @@ def test_probe_bank_equals_per_adapter_products(n, n_blocks, d_in, d_out, seed):
     np.testing.assert_array_equal(half.outputs(h), bank.outputs(h))
 
 
+@settings(max_examples=40, deadline=None, derandomize=True)
+@given(n=st.integers(1, 5), n_blocks=st.integers(1, 3), d_in=st.integers(1, 9), d_out=st.integers(1, 9),
+       power=st.sampled_from([0.0, 0.25, 0.5, 1.0]), seed=st.integers(0, 10_000))
+def test_sv_power_weighs_the_norm_by_the_dense_updates_singular_values(n, n_blocks, d_in, d_out, power, seed):
+    """A bank with sv_power=p: each adapter's window norm is sqrt(sum_j ||S_j^p V_j^T h_j||^2) from the SVD
+    of the dense update c B A (numpy on the product, not the folded rows); p=0 is SpectR's score over |c| (it
+    and the rank read the same directions); the target block's outputs stay c B A h whatever p; several modules
+    on one input (a list per block) are weighed as their stacked update."""
+    rng = np.random.default_rng(seed)
+    entries = []
+    for r in rng.integers(1, 7, size=n):
+        def one():
+            return rng.normal(size=(r, d_in)), rng.normal(size=(d_out, r)), float(rng.uniform(-4, 4))
+        row = [one() if j == n_blocks - 1 else (None if rng.random() < 0.3 else [one(), one()])
+               for j in range(n_blocks)]
+        entries.append(row)
+    bank, h = ProbeBank.of(entries, sv_power=power), rng.normal(size=(n_blocks, d_in))
+
+    def weighed(e, x):
+        parts = e if isinstance(e, list) else [e]
+        dense = np.concatenate([c * b @ a for a, b, c in parts])  # the update(s) reading x, stacked
+        _, s, vt = np.linalg.svd(dense, full_matrices=False)
+        keep = s > s.max() * 1e-6
+        return np.sum((s[keep] ** power * (vt[keep] @ x)) ** 2)
+
+    want = np.array([np.sqrt(sum(weighed(e, h[j]) for j, e in enumerate(row) if e is not None))
+                     for row in entries])
+    np.testing.assert_allclose(bank.norms(h), want, rtol=1e-4, atol=1e-6)
+    want_out = np.stack([row[-1][2] * row[-1][1] @ (row[-1][0] @ h[-1]) for row in entries])
+    np.testing.assert_allclose(bank.outputs(h), want_out, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("power", [-0.5, 1.5, float("nan"), True, "1"])
+def test_sv_power_out_of_range_names_the_value(tiny_engine, power):
+    from logo_edge.errors import AdapterError
+    from logo_edge.pool import AdapterPool
+
+    with pytest.raises(AdapterError, match="sv_power must be a number in \\[0, 1\\]"):
+        AdapterPool(tiny_engine.model, sv_power=power)
+
+
 def test_probe_bank_rejects_a_state_of_the_wrong_window():
     a, b = np.ones((2, 4)), np.ones((3, 2))
     bank = ProbeBank.of([[None, (a, b, 1.0)]])
