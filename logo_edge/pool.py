@@ -129,7 +129,8 @@ class AdapterPool:
         # adapters with no LoRA reading the target's input but some reading the other one (MLP-only): a bank of
         # their own over that input's states (the probe reads both only while it holds an adapter)
         d_out = self.query_rows or model.info.shapes[self.target_tensor][1]
-        self._other = ProbeBank(len(self.blocks), model.n_embd, d_out, sv_power=self.sv_power)  # laid out as the bank (index files)
+        # laid out as the bank (index files)
+        self._other = ProbeBank(len(self.blocks), model.n_embd, d_out, sv_power=self.sv_power)
         self._other_states: dict[str, np.ndarray] = {}  # probe input -> calibration states of the other input
         self.other_states = None  # callable(probe input) -> those states; set by the engine that probes
         self.adapters: list[PoolAdapter] = []
