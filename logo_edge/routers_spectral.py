@@ -305,9 +305,13 @@ def hit_rates(eng, n_route: int, seed: int = 0, prompt_mean: bool = True) -> dic
 
     eng.calibrate("normed")
     eng.calibrate(eng.routing.probe_input)
-    bank = SpectralBank.from_pool(eng.pool)
-    bank.calibrate(eng.pool.calibration_states("normed"))
-    names = ["LoGo default", "Arrow", "SpectR", "Arrow [zscore]", "SpectR [zscore]"]
+    try:
+        bank = SpectralBank.from_pool(eng.pool)
+    except RoutingError:  # no adapter scored over the target alone (probe_modules="input"): the LoGo row alone
+        bank, prompt_mean = None, False
+    else:
+        bank.calibrate(eng.pool.calibration_states("normed"))
+    names = ["LoGo default"] + (["Arrow", "SpectR", "Arrow [zscore]", "SpectR [zscore]"] if bank else [])
     if prompt_mean:
         every = copy.copy(bank)  # its own calibration statistics: over the prompt-mean scores
         every.calibrate([eng.probe_tokens(eng.tokenize(eng.format_chat([{"role": "user", "content": p}])),
@@ -320,6 +324,8 @@ def hit_rates(eng, n_route: int, seed: int = 0, prompt_mean: bool = True) -> dic
             tokens = eng.tokenize(eng.format_chat([{"role": "user", "content": ex.prompt}]))
             routed = eng.route_state(eng.probe(tokens, eng.routing.probe_input))[0]
             hits["LoGo default"].append(routed.names[routed.selected[0]] == task)
+            if bank is None:
+                continue
             h = eng.probe(tokens, "normed")
             for m, label in (("arrow", "Arrow"), ("spectr", "SpectR")):
                 for name, calibration in ((label, "raw"), (f"{label} [zscore]", "zscore")):
@@ -348,14 +354,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int)
     p.add_argument("--model", help="base model GGUF (default: the default model)")
     p.add_argument("--adapters", help="with --hit-rates: this pool directory (default: the shipped pool)")
+    p.add_argument("--probe-modules", default=None, help="with --hit-rates: the engine's probe_modules (the LoGo "
+                   "row routes as that engine; default the shipped default)")
+    p.add_argument("--sv-power", type=float, default=None, help="with --hit-rates: the engine's sv_power")
+    p.add_argument("--probe-input", default=None, help="with --hit-rates: the engine's RouteConfig.probe_input")
+    p.add_argument("--no-prompt-mean", dest="prompt_mean", action="store_false",
+                   help="with --hit-rates: skip the prompt-mean variants (a probe per prompt token)")
     args = p.parse_args(argv)
     if args.hit_rates:
         from . import defaults
-        from .engine import Engine
+        from .engine import Engine, RouteConfig
 
         adapters = args.adapters or (defaults.shipped_pool() if args.model else None)
-        with Engine(args.model, adapters, n_threads=args.threads) as eng:
-            for k, (mean, lo, hi) in hit_rates(eng, args.hit_rates).items():
+        over = {k: v for k, v in (("probe_modules", args.probe_modules), ("sv_power", args.sv_power)) if v is not None}
+        routing = RouteConfig(probe_input=args.probe_input) if args.probe_input else None
+        with Engine(args.model, adapters, n_threads=args.threads, routing=routing, **over) as eng:
+            for k, (mean, lo, hi) in hit_rates(eng, args.hit_rates, prompt_mean=args.prompt_mean).items():
                 print(f"{k:<30} top-1 {100 * mean:5.1f} [{100 * lo:5.1f}, {100 * hi:5.1f}]")
     if not args.pools:
         return 0
