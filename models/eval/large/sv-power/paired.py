@@ -1,39 +1,57 @@
-"""A router's in-pool score against the oracle's and the default's of models/eval/large/in-pool/results.csv, on the
-same examples (paired; bootstrap over examples within each task, 2,000 resamples):
+"""A router's score against others of the first evaluation (models/eval/large/<group>/results.csv) on the same
+examples: paired, bootstrap over examples within each task (2,000 resamples), mean over tasks.
 
-    python models/eval/large/sv-power/paired.py models/eval/large/sv-power/in-pool-results.csv \
-        "LoGo-norm k=3 [zscore, normed, last 8 blocks]"
+    python models/eval/large/sv-power/paired.py models/eval/large/sv-power/in-pool-results.csv \\
+        "LoGo-norm k=3 [zscore, normed, last 8 blocks]" in-pool
+    python models/eval/large/sv-power/paired.py models/eval/large/sv-power/unseen-results.csv \\
+        "LoGo-norm k=3 [zscore, normed, last 8 blocks]" unseen
 """
 import csv
 import sys
 from collections import defaultdict
+from pathlib import Path
 
 import numpy as np
 
-old = list(csv.DictReader(open("models/eval/large/in-pool/results.csv")))
-new = list(csv.DictReader(open(sys.argv[1])))
-m_new = sys.argv[2]
-def table(rows, method):
+new_csv, method, group = sys.argv[1], sys.argv[2], sys.argv[3] if len(sys.argv) > 3 else "in-pool"
+old = list(csv.DictReader(open(Path(__file__).parents[1] / group / "results.csv")))
+new = list(csv.DictReader(open(new_csv)))
+
+
+def table(rows, m):
     d = defaultdict(dict)
     for r in rows:
-        if r["method"] == method and r["group"] == "in-pool":
+        if r["method"] == m and r["group"] == group:
             d[r["task"]][int(r["idx"])] = float(r["score"])
     return d
-orc, nw, dflt = table(old, "oracle"), table(new, m_new), table(old, "LoGo-norm k=3 [zscore]")
-tasks = sorted(nw)
-assert all(set(nw[t]) == set(orc[t]) for t in tasks)
+
+
+mine = table(new, method)
+tasks = sorted(mine)
+refs = {m: table(old, m) for m in ("oracle", "LoGo-norm k=3 [zscore]", "uniform", "base")}
+refs = {m: t for m, t in refs.items() if t and all(set(t[k]) == set(mine[k]) for k in tasks)}
+
+
+def mean(t, sample):
+    return np.mean([np.mean([t[k][i] for i in sample[k]]) for k in tasks])
+
+
+def stats(sample):
+    a = mean(mine, sample)
+    out = {"this router": a}
+    for m, t in refs.items():
+        r = mean(t, sample)
+        out[m] = r
+        out[f"this router - {m}"] = a - r
+        if m == "oracle":
+            out["this router / oracle"] = a / r
+    return out
+
+
+full = {k: sorted(mine[k]) for k in tasks}
+point = stats(full)
 rng = np.random.default_rng(0)
-def stat(sample):
-    a = np.mean([np.mean([nw[t][i] for i in sample[t]]) for t in tasks])
-    o = np.mean([np.mean([orc[t][i] for i in sample[t]]) for t in tasks])
-    d = np.mean([np.mean([dflt[t][i] for i in sample[t]]) for t in tasks])
-    return a, o, a / o, a - d
-full = {t: sorted(nw[t]) for t in tasks}
-point = stat(full)
-boots = []
-for _ in range(2000):
-    s = {t: list(rng.choice(full[t], len(full[t]))) for t in tasks}
-    boots.append(stat(s))
-b = np.array(boots)
-for i, name in enumerate(["new", "oracle", "new/oracle", "new - old default"]):
-    print(f"{name}: {point[i]:.4f} [{np.percentile(b[:, i], 2.5):.4f}, {np.percentile(b[:, i], 97.5):.4f}]")
+boots = [stats({k: list(rng.choice(full[k], len(full[k]))) for k in tasks}) for _ in range(2000)]
+for name, v in point.items():
+    b = np.array([x[name] for x in boots])
+    print(f"{name:<45} {100 * v:6.1f} [{100 * np.percentile(b, 2.5):6.1f}, {100 * np.percentile(b, 97.5):6.1f}]")
