@@ -33,6 +33,7 @@ import sys
 import tempfile
 import time
 import warnings
+import weakref
 from collections import Counter
 from pathlib import Path
 
@@ -50,6 +51,7 @@ MODES = ("paper", "logo-edge")  # row 5, row 5b
 TWIN_TOLERANCE = 0.01  # weights, torch against logo-edge on the f32 GGUF of the same weights (measured: 4e-4)
 # probe input -> the module whose input it is, inside a decoder layer
 PROBE_POINTS = {"residual": "input_layernorm", "normed": "self_attn.q_proj"}
+ATTN_INPUT = ("q_proj", "k_proj", "v_proj")  # the projections reading the attention norm's output (the probe's)
 
 # One routing of one prompt: "names" (selected, best first), "weights" (theirs), "signals" and "scores" (raw and
 # calibrated, of every scored adapter by name)
@@ -155,13 +157,17 @@ class LoGoTorch:
                     or r["probe_input"] not in PROBE_POINTS:
                 raise ValueError(f"{mode}: the PyTorch reference routes by the norm signal (raw, ratio or zscore), "
                                  f"reading a residual or normed input, not {r}")
+            if r["modules"] not in ("target", "input", "target-first") or not 0 <= r["sv_power"] <= 1:
+                raise ValueError(f"{mode}: the PyTorch reference scores attention projections (modules 'target', "
+                                 f"'input' or 'target-first') with sv_power in [0, 1], not {r}")
             if 0 < r["shortlist"] < len(names):  # logo-edge would route in two stages: compare nothing else
                 raise ValueError(f"{mode}: {len(names)} adapters exceed logo-edge's shortlist ({r['shortlist']}); "
                                  "the PyTorch reference scores every adapter's whole window")
         # each adapter's own scalings, before a mixture multiplies them by w_i
         self._scaling = [(m, {n: m.scaling[n] for n in names if n in m.scaling}) for m in self.hf.modules()
                          if isinstance(m, LoraLayer)]
-        self._c = {b: dict(self.layers[b].self_attn.q_proj.scaling) for b in range(len(self.layers))}
+        self._c = {(b, m): dict(getattr(self.layers[b].self_attn, m).scaling) for b in range(len(self.layers))
+                   for m in ATTN_INPUT}
         self.stats: dict[str, tuple[dict[str, float], dict[str, float]]] = {}  # mode -> (mean, sd) per adapter
         eos = self.hf.generation_config.eos_token_id
         self.eos = sorted((set(eos if isinstance(eos, list) else [eos]) | {self.hf.config.eos_token_id}) - {None})
@@ -187,25 +193,53 @@ class LoGoTorch:
             self._armed = False
         return self._got
 
+    def scored(self, mode: str) -> dict[str, list[str]]:
+        """Per adapter with a LoRA the routing scores at its target (last) block, in pool order: the attention
+        projections it is scored over (the routing's `modules`: q alone; q, k and v; or q where it has one,
+        else k and v)."""
+        r = self.routings[mode]
+        attn = self.layers[r["blocks"][-1]].self_attn
+        out = {}
+        for n in self.names:
+            have = [m for m in ATTN_INPUT if n in getattr(attn, m).lora_A]
+            use = {"target": [m for m in have if m == "q_proj"], "input": have,
+                   "target-first": ["q_proj"] if "q_proj" in have else have}[r["modules"]]
+            if use:
+                out[n] = use
+        return out
+
     def probeable(self, mode: str) -> list[str]:
-        """Adapters with a q_proj LoRA at the routing's target (last) block, in pool order."""
-        q = self.layers[self.routings[mode]["blocks"][-1]].self_attn.q_proj
-        return [n for n in self.names if n in q.lora_A]
+        return list(self.scored(mode))
 
     def signals(self, states: dict, mode: str) -> dict[str, float]:
-        """s_i = sqrt(sum over the window of ||c B A h_j||^2), from each adapter's PEFT weights."""
+        """s_i = sqrt(sum over the window of ||S_j^p V_j^T h_j||^2), where U_j S_j V_j^T is the SVD of the adapter's
+        updates c B A at block j on the modules it is scored over, stacked (torch's own SVD of the dense product,
+        from its PEFT weights); p = 1 (the paper's) is ||c B A h_j||."""
         import torch
 
         r = self.routings[mode]
+        p = r["sv_power"]
         out = {}
-        for name in self.probeable(mode):
+        for name, modules in self.scored(mode).items():
             sq = 0.0
             for b in r["blocks"]:
-                q = self.layers[b].self_attn.q_proj
-                if name in q.lora_A:
-                    a, bw = q.lora_A[name].weight.detach().double(), q.lora_B[name].weight.detach().double()
-                    o = self._c[b][name] * (bw @ (a @ states[(r["probe_input"], b)]))  # (d_out,)
-                    sq += float(torch.dot(o, o))
+                h = states[(r["probe_input"], b)]
+                parts = []
+                for m in modules:
+                    lin = getattr(self.layers[b].self_attn, m)
+                    if name in lin.lora_A:
+                        a, bw = lin.lora_A[name].weight.detach().double(), lin.lora_B[name].weight.detach().double()
+                        parts.append(self._c[(b, m)][name] * (bw @ a))  # the dense update (d_out, d_in)
+                if not parts:
+                    continue
+                w = torch.cat(parts)
+                if p == 1.0:
+                    o = w @ h
+                else:
+                    _, sv, vh = torch.linalg.svd(w, full_matrices=False)
+                    keep = sv > sv.max() * 1e-6
+                    o = sv[keep] ** p * (vh[keep] @ h)
+                sq += float(torch.dot(o, o))
             out[name] = math.sqrt(sq)
         return out
 
@@ -404,9 +438,10 @@ def routing_settings(eng) -> dict[str, dict]:
     """Per mode, what the PyTorch reference must reproduce: the paper's, and the engine's own RouteConfig."""
     cfg, pool = eng.routing, eng.pool
     return {"paper": dict(signal="norm", calibration="raw", probe_input="residual", blocks=[pool.target_block],
-                          shortlist=0),
+                          shortlist=0, modules="target", sv_power=1.0),
             "logo-edge": dict(signal=cfg.signal, calibration=cfg.calibration, probe_input=cfg.probe_input,
-                              blocks=list(pool.blocks), shortlist=cfg.shortlist)}
+                              blocks=list(pool.blocks), shortlist=cfg.shortlist, modules=pool.probe_modules,
+                              sv_power=pool.sv_power)}
 
 
 def engine_choices(eng, tokens: list[int], rec=None) -> dict[str, Choice]:
@@ -415,8 +450,10 @@ def engine_choices(eng, tokens: list[int], rec=None) -> dict[str, Choice]:
     from .router import RouterConfig, route_signals
 
     rec, pool = rec or eng.route(tokens), eng.pool
-    raw = route_signals(pool.bank.norms(eng.probe(tokens), last=1), pool.names, RouterConfig("norm", eng.routing.k),
-                        pool.unprobeable)
+    paper_pool = _paper_pool(eng)  # the paper's probe: q alone, its output norm (sv_power 1), the last block
+    h = eng.probe(tokens, "residual", paper_pool.blocks, paper_pool.probe_reads)
+    raw = route_signals(paper_pool.bank.norms(h), pool.names, RouterConfig("norm", eng.routing.k),
+                        paper_pool.unprobeable)
     scored = [a for a in rec.adapters if a.score is not None]
     ours = {"names": [a.name for a in rec.selected], "weights": [a.weight for a in rec.selected],
             "signals": {a.name: a.signal for a in scored}, "scores": {a.name: a.score for a in scored}}
@@ -425,6 +462,26 @@ def engine_choices(eng, tokens: list[int], rec=None) -> dict[str, Choice]:
              "signals": {pool.names[i]: float(raw.signals[i]) for i in ok},
              "scores": {pool.names[i]: float(raw.scores[i]) for i in ok}}
     return {"logo-edge": ours, "paper": paper}
+
+
+_PAPER_POOLS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # engine -> (its pool's key, paper pool)
+
+
+def _paper_pool(eng):
+    """The engine's adapters as the paper probes them (an AdapterPool of the last block's q alone, unweighed),
+    built once per engine and pool."""
+    from .pool import AdapterPool
+
+    key = (tuple(str(a.path) for a in eng.pool.adapters), eng.pool.target_block, eng.pool.target_module)
+    got = _PAPER_POOLS.get(eng)
+    if got is None or got[0] != key:
+        p = AdapterPool(eng.model, eng.pool.target_block, eng.pool.target_module, probe_blocks=1,
+                        probe_modules="target")
+        with warnings.catch_warnings():  # adapters without q: not routed by the paper's probe, as it says
+            warnings.simplefilter("ignore")
+            p.add_many([a.path for a in eng.pool.adapters])
+        got = _PAPER_POOLS[eng] = (key, p)
+    return got[1]
 
 
 def agreement(got: list[Choice], want: list[Choice]) -> dict:

@@ -323,10 +323,12 @@ class Engine:
 
     # ---- routing
 
-    def probe(self, tokens: list[int], probe_input: str = "residual", blocks: list[int] | None = None,
+    def probe(self, tokens: list[int], probe_input: str | None = None, blocks: list[int] | None = None,
               module: str | tuple[str, ...] | None = None) -> np.ndarray:
         """h for the last prompt token from the base model alone at each block of the pool's probe window
-        (or the given blocks): (n_blocks, d_in), in one prefill that stops at the last of them."""
+        (or the given blocks): (n_blocks, d_in), in one prefill that stops at the last of them. probe_input:
+        the engine's routing's by default."""
+        probe_input = probe_input or self.routing.probe_input
         if self._probe_ctx is None:
             self._probe_ctx = Context(self.model, self._cfg)
         blocks = list(self.pool.blocks if blocks is None else blocks)
@@ -350,9 +352,10 @@ class Engine:
         self._probe_memo[key] = h
         return h
 
-    def probe_tokens(self, tokens: list[int], probe_input: str = "residual") -> np.ndarray:
+    def probe_tokens(self, tokens: list[int], probe_input: str | None = None) -> np.ndarray:
         """h at every prompt token and window block, (n_blocks, n_tokens, d_in), from the base model alone (the
         prompt-mean routers; evaluation only: no cache is reused or kept)."""
+        probe_input = probe_input or self.routing.probe_input
         if self._probe_ctx is None:
             self._probe_ctx = Context(self.model, self._cfg)
         self._probe_cache = ([], 0)
@@ -376,9 +379,10 @@ class Engine:
         self._cache, self._cache_approx = list(tokens[:kept]), True
         return h
 
-    def calibrate(self, probe_input: str = "residual", pool: AdapterPool | None = None) -> None:
+    def calibrate(self, probe_input: str | None = None, pool: AdapterPool | None = None) -> None:
         """Give the pool (the engine's, or another over the same model) the calibration prompts' states for
-        `probe_input` at its probe window (cached on disk per model and window)."""
+        `probe_input` (the routing's by default) at its probe window (cached on disk per model and window)."""
+        probe_input = probe_input or self.routing.probe_input
         pool = pool or self.pool
         if probe_input in pool.calibrated_inputs:
             return

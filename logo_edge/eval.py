@@ -196,7 +196,7 @@ def run_eval(eng, n_per_task: int, out_dir: Path, quick: bool = False, tasks: li
 
     Generation runs on the first `n_per_task` test examples of each task; routing statistics (hit rates,
     signals) on the first max(n_per_task, n_route), since a probe costs far less than a generation.
-    `windows` adds probe windows (residual, ending at the last block) to the hit-rate table only.
+    `windows` adds probe windows (the engine's probe input, ending at the last block) to the hit-rate table only.
     `spectral`: Arrow and SpectR are generated (GENERATED_SPECTRAL) when True, or when None and not
     `quick`; their hit rates are reported unless False. `methods`: generate only these (names as in
     results.csv; a large pool's run cannot afford every method on every example), hit rates as ever.
@@ -205,13 +205,15 @@ def run_eval(eng, n_per_task: int, out_dir: Path, quick: bool = False, tasks: li
     out_dir.mkdir(parents=True, exist_ok=True)
     mid = eng.model.n_layer // 2
     w = len(eng.pool.blocks)
-    settings = [ProbeSetting(f"residual, last {w} blocks", "residual", -1),
+    own = eng.routing.probe_input  # the engine's probe first (what the default methods route on), then the other
+    other = "residual" if own == "normed" else "normed"
+    settings = [ProbeSetting(f"{own}, last {w} blocks", own, -1),
                 ProbeSetting("residual, last block", "residual", -1, 1),
-                ProbeSetting(f"normed, last {w} blocks", "normed", -1),
-                ProbeSetting(f"residual, {w} blocks to block {mid}", "residual", mid)]
+                ProbeSetting(f"{other}, last {w} blocks", other, -1),
+                ProbeSetting(f"{own}, {w} blocks to block {mid}", own, mid)]
     if w == 1:
         settings = [settings[0], settings[2], settings[3]]
-    settings += [ProbeSetting(f"residual, last {n} blocks", "residual", -1, n, generate=False)
+    settings += [ProbeSetting(f"{own}, last {n} blocks", own, -1, n, generate=False)
                  for n in windows or () if n not in (1, w)]
     ev = Evaluator(eng, settings)
     gen_spectral = (not quick if spectral is None else spectral) and ev.spectral is not None

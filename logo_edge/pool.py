@@ -201,7 +201,8 @@ class AdapterPool:
         entries = []
         for b in self.blocks:
             here = [f"blk.{b}.{m}.weight" for m in modules if f"blk.{b}.{m}.weight" in lora.pairs]
-            entries.append([(*lora.pairs[t], lora.scale(t)) for t in here] or None)
+            entries.append([(*lora.pairs[t], lora.scale(t), t.split(".")[2] == self.target_module) for t in here]
+                           or None)  # the target's rows flagged: its outputs stay readable (entropy, Arrow)
         return entries, modules, None
 
     def _scored(self, e: Entry) -> list[str]:
@@ -229,10 +230,10 @@ class AdapterPool:
 
     @property
     def norm_only(self) -> dict[str, str]:
-        """Adapters scored over other modules than the target alone: the bank has no target outputs for them,
-        so only the norm signal ranks them (name -> why)."""
+        """Adapters scored without the target module (over k/v, or gate/up): the bank has no target outputs for
+        them, so only the norm signal ranks them (name -> why)."""
         return {a.name: f"scored over {', '.join(a.probed)}: only the norm signal reads them"
-                for a in self.adapters if a.probed and a.probed != [self.target_module]}
+                for a in self.adapters if a.probed and self.target_module not in a.probed}
 
     def add_many(self, sources: Iterable[str | Path] | str | Path) -> list[PoolAdapter]:
         """Add a directory of *.gguf adapters (sorted by name, each named by its file name), a file, or a

@@ -39,7 +39,8 @@ import numpy as np
 
 from .router import ProbeBank
 
-VERSION = 5  # 4: adapters without the probe target scored over the modules reading its input; 5: or the FFN input
+VERSION = 6  # 4: adapters without the probe target scored over the modules reading its input; 5: or the FFN input;
+# 6: stacked modules keep the target's outputs (Q), and sv_power
 
 
 def file_sha256(path: Path) -> str:

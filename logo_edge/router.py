@@ -141,10 +141,11 @@ class ProbeBank:
         """One adapter's window entries folded: (rank, [(block j, M_j, Q_j)]); RoutingError if they do not fit.
         With sv_power != 1 each block's rows are `reweigh`ed (the norm signal over S^sv_power V^T).
 
-        An entry may be a list of (A, B, c), one per module that reads the probe's input (an adapter scored
-        over several modules, or over others than the target): their folded rows are stacked, so the norm
-        is sqrt(sum over modules of ||c B A h||^2), and Q is zero (the target's outputs are not among them:
-        signals other than the norm cannot read them)."""
+        An entry may be a list of (A, B, c) or (A, B, c, is_target), one per module that reads the probe's input
+        (an adapter scored over several modules, or over others than the target): their folded rows are
+        stacked, so the norm is sqrt(sum over modules of ||c B A h||^2), and Q reads the target's rows alone
+        (o = Q M h is the target module's output; zero without it: signals other than the norm cannot read
+        those)."""
         if entries[-1] is None:
             raise RoutingError(f"a probe bank entry needs one (A, B, c) or None per window block ({len(entries)}), "
                                "and its target (last) block")
@@ -154,16 +155,18 @@ class ProbeBank:
                 continue
             several = isinstance(e, list)
             parts = []
-            for a, b, c in (e if several else [e]):
-                if a.shape[1] != d_in or b.shape[1] != a.shape[0] or (not several and b.shape[0] != d_out):
+            for a, b, c, *target in (e if several else [e]):
+                target = bool(target and target[0])
+                if a.shape[1] != d_in or b.shape[1] != a.shape[0] or ((not several or target) and b.shape[0] != d_out):
                     raise RoutingError(f"probe bank entry for block {j}: A {a.shape} / B {b.shape} do not match "
-                                       f"d_in={d_in}" + ("" if several else f", d_out={d_out}"))
-                parts.append(fold(a, b, c))
+                                       f"d_in={d_in}" + ("" if several and not target else f", d_out={d_out}"))
+                parts.append((*fold(a, b, c), target))
             if several:
                 m = np.concatenate([p[0] for p in parts])
-                m, q = m, np.zeros((d_out, m.shape[0]))
+                q = np.concatenate([p[1] if t else np.zeros((d_out, p[0].shape[0])) for p in parts for t in [p[2]]],
+                                   axis=1)
             else:
-                m, q = parts[0]
+                m, q, _ = parts[0]
             folded.append((j, *reweigh(m, q, sv_power)))
         return max(m.shape[0] for _, m, _ in folded), folded
 

@@ -145,7 +145,8 @@ def test_torch_reference_on_the_peft_dirs_agrees_with_the_engine_and_can_fail(ti
                     q.lora_B["qkd_r2"].weight.mul_(10)
         for mode in MODES:
             a = measured(mode)
-            assert a["max_weight_diff"] > 0.05 and a["max_signal_rel_diff"] > 1, (mode, a)
+            # the scaled B moves the signal 10x (paper: p = 1), 10^0.25 = 1.78x (logo-edge: the default sv_power)
+            assert a["max_weight_diff"] > 0.05 and a["max_signal_rel_diff"] > 0.5, (mode, a)
     finally:
         eng.close()
 
@@ -259,7 +260,10 @@ def check_kept(turns: list[dict], keep: float | None) -> None:
     from logo_edge.engine import KEEP_MIN_PREFIX
 
     assert turns[0]["mixture"] == "new"
-    for prev, now in zip(turns, turns[1:]):
+    for i, (prev, now) in enumerate(zip(turns, turns[1:])):
+        if now["mixture"] == "returned":  # K/V kept per mixture: an earlier turn's mixture and its history back
+            assert any(now["weights"] == t["weights"] for t in turns[:i]) and now["cached"] > 0, (prev, now)
+            continue
         continuing = prev["prompt"] >= max(KEEP_MIN_PREFIX, now["prompt"] // 2)  # at least what it can reuse
         names = set(prev["weights"]) | set(now["weights"])
         tv = 0.5 * sum(abs(now["weights"].get(n, 0.0) - prev["weights"].get(n, 0.0)) for n in names)

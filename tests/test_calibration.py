@@ -104,8 +104,10 @@ def test_engine_calibration_matches_pytorch(tiny, hf_tiny, monkeypatch, tmp_path
 
     monkeypatch.setenv("LOGO_EDGE_CACHE", str(tmp_path))  # a fresh states cache
     with pytest.warns(UserWarning, match="od_only"):
+        # q alone, weighed as the paper (sv_power and probe_modules: test_reference; statistics read the same rows)
         eng = Engine(tiny / "tiny-f32.gguf", tiny / "gguf", n_ctx=256, kv_type="f32", flash_attn=False,
-                     probe_blocks=2, routing=RouteConfig(calibration="ratio", probe_input="normed"))
+                     probe_blocks=2, routing=RouteConfig(calibration="ratio", probe_input="normed"),
+                     probe_modules="target-first", sv_power=1.0)
     try:
         assert eng.pool.calibrated_inputs == ["normed"] and eng.pool.blocks == [N_LAYER - 2, N_LAYER - 1]
         toks = [eng.tokenize(eng.format_chat([{"role": "user", "content": p}])) for p in calibration_prompts()]
@@ -136,7 +138,8 @@ def test_engine_calibration_matches_pytorch(tiny, hf_tiny, monkeypatch, tmp_path
         monkeypatch.setattr(Engine, "probe", lambda *a, **k: (_ for _ in ()).throw(AssertionError("probed")))
         with pytest.warns(UserWarning, match="od_only"):
             eng2 = Engine(tiny / "tiny-f32.gguf", tiny / "gguf", n_ctx=256, probe_blocks=2,
-                          routing=RouteConfig(calibration="zscore", probe_input="normed"))
+                          routing=RouteConfig(calibration="zscore", probe_input="normed"),
+                          probe_modules="target-first", sv_power=1.0)
         assert eng2.pool.adapters[0].stats == eng.pool.adapters[0].stats
         eng2.close()
         files[0].write_bytes(b"not a numpy file")  # a corrupt cache is recomputed, not trusted
@@ -144,7 +147,8 @@ def test_engine_calibration_matches_pytorch(tiny, hf_tiny, monkeypatch, tmp_path
         monkeypatch.setenv("LOGO_EDGE_CACHE", str(tmp_path))
         with pytest.warns(UserWarning, match="od_only"):
             eng3 = Engine(tiny / "tiny-f32.gguf", tiny / "gguf", n_ctx=256, kv_type="f32", flash_attn=False,
-                          probe_blocks=2, routing=RouteConfig(calibration="zscore", probe_input="normed"))
+                          probe_blocks=2, routing=RouteConfig(calibration="zscore", probe_input="normed"),
+                          probe_modules="target-first", sv_power=1.0)
         assert eng3.pool.adapters[0].stats["normed"]["norm"] == pytest.approx(
             eng.pool.adapters[0].stats["normed"]["norm"], rel=1e-4)
         eng3.close()

@@ -98,8 +98,8 @@ def test_record_has_every_adapter_settings_and_timings(tiny_engine):
     assert sum(a["weight"] for a in rec["adapters"]) == pytest.approx(1.0)
     assert sum(a["rank"] is not None for a in rec["adapters"]) == 2
     assert rec["settings"] == dict(signal="norm", k=2, k_used=2, calibration="zscore", target_block=3,
-                                   probe_blocks=4, target_module="attn_q", probe_modules="target-first",
-                                   probe_input="residual", merge="auto", merge_applied="packed", prefill="exact",
+                                   probe_blocks=4, target_module="attn_q", probe_modules="input", sv_power=0.25,
+                                   probe_input="normed", merge="auto", merge_applied="packed", prefill="exact",
                                    mixture="new", shortlist=None, keep_rule="base probe")  # None: every window read
     t = rec["timings"]
     assert t["probe_s"] > 0 and t["prefill_s"] > 0 and t["decode_s"] > 0 and t["prompt_tokens"] > 5
@@ -239,7 +239,7 @@ def test_unprobeable_adapter_reported_at_load_and_usable_by_name(tiny, tiny_engi
     assert v.signal > 0 and v.rank is not None and v.note == "scored over attn_v"
     m = next(a for a in rec.adapters if a.name == "mlp_only")
     assert m.signal > 0 and m.rank is not None and m.note == "scored over ffn_gate, ffn_up"
-    assert rec.settings["probe_modules"] == "target-first"
+    assert rec.settings["probe_modules"] == "input"
 
 
 def test_paper_probe_routes_only_adapters_with_the_target(tiny):
@@ -381,7 +381,7 @@ def test_route_command_shows_raw_and_calibrated_signals_and_the_window(tiny, cap
     out = capsys.readouterr().out
     head = out.splitlines()[0].split()
     assert head[:4] == ["adapter", "raw", "signal", "zscore"]
-    assert "norm signal of attn_q (residual input) over blocks 2-3" in out
+    assert "norm signal of attn_q (normed input) over blocks 2-3" in out
     assert "od_only" in out and "no LoRA at block 3 on attn_q or attn_k or attn_v or ffn_gate or ffn_up" in out
     assert "scored over attn_v" in out
 
@@ -522,7 +522,8 @@ def test_keep_score_rule_compares_the_turn_with_the_one_that_chose_the_mixture(t
         assert kept["choices"][0]["message"]["content"] == answer["choices"][0]["message"]["content"]
         fresh.forget_prompts()
         fresh._apply([fresh.pool.index(n) for n in w1], list(w1.values()), "mixture")
-        cap = ProbeCapture(fresh.ctx, fresh.pool.blocks, fresh.pool.target_module, "residual", stop_early=False)
+        cap = ProbeCapture(fresh.ctx, fresh.pool.blocks, fresh.pool.probe_reads, fresh.routing.probe_input,
+                           stop_early=False)
         h = cap.run(fresh.tokenize(fresh.format_chat(turn1)))
         lead = fresh.pool.index(max(w1, key=w1.get))
         direct = fresh.route_state(h, fresh.routing)[0].scores[lead]

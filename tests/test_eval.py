@@ -45,7 +45,7 @@ def test_quick_eval_routes_far_above_chance_on_the_shipped_pool(tmp_path):
         names = eng.pool.names
         assert len(names) >= 10
         summary = run_eval(eng, 3, tmp_path, quick=True, tasks=[t.name for t in POOL_TASKS if t.name in names])
-    top1, top3 = summary["hit_rates"]["norm [zscore], residual, last 8 blocks"]  # the shipped default
+    top1, top3 = summary["hit_rates"]["norm [zscore], normed, last 8 blocks"]  # the shipped default
     assert top1 >= 0.8 and top3 >= 0.9, summary["hit_rates"]  # chance: 0.1 / 0.3
     paper = summary["hit_rates"]["norm [raw], residual, last block"]
     assert paper[0] < top1  # the paper's raw signal on the last block ranks worse
@@ -96,5 +96,5 @@ def test_eval_routes_a_pool_with_mlp_only_and_v_only_adapters_as_the_engine_does
             # the same computation; the probe's batches split differently (the eval's probes reuse the previous
             # prompt's prefix), which moves low-order bits
             assert got == pytest.approx({a.name: a.weight for a in rec.selected}, abs=5e-3), r["task"]
-    top1, _ = summary["hit_rates"]["norm [zscore], residual, last 8 blocks"]
+    top1, _ = summary["hit_rates"]["norm [zscore], normed, last 8 blocks"]
     assert top1 >= 0.8, summary["hit_rates"]  # chance 0.2; the MLP-only and v-only adapters' prompts count

@@ -43,8 +43,10 @@ def engine(name):
 
     if name not in _engines:
         fam, d = fixture(name)
+        # every adapter probeable: mlp_r4 over the MLP's input; the query rows (fused or not) scored as the paper
+        # weighs them (sv_power and probe_modules="input" are architecture-free: test_reference checks them)
         _engines[name] = Engine(d / "base-f32.gguf", d / "gguf", n_ctx=256, n_batch=32, kv_type="f32",
-                                flash_attn=False)  # every adapter probeable: mlp_r4 over the MLP's input
+                                flash_attn=False, probe_modules="target-first", sv_power=1.0)
     return _engines[name]
 
 

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from logo_edge.errors import AdapterError
-from logo_edge.router import CALIBRATIONS, ProbeBank, shortlist_norms
+from logo_edge.router import CALIBRATIONS, NOT_SHORTLISTED, ProbeBank, shortlist_norms
 
 PROMPTS = ["What is 12 + 30?", "Translate 'cat' into French.", "SELECT name FROM users;", "Is this review happy?"]
 
@@ -128,30 +128,32 @@ def test_sv_power_routes_the_same_through_its_own_index_and_weighs_the_singular_
     from logo_edge.gguf_files import read_lora
 
     p = 0.25
-    scratch = engine(tiny, pool_dir, pool_index=False, sv_power=p)
+    scratch = engine(tiny, pool_dir, pool_index=False, sv_power=p, probe_modules="target-first")
     want = routes(scratch)
     h = scratch.probe(scratch.tokenize(PROMPTS[0]), "residual")
-    plain = engine(tiny, pool_dir)  # p = 1, indexed first
+    plain = engine(tiny, pool_dir, sv_power=1.0, probe_modules="target-first")  # p = 1, indexed first
     try:
         assert routes(plain) != want  # the weighing changes the signals
-        for eng in (engine(tiny, pool_dir, sv_power=p), engine(tiny, pool_dir, sv_power=p)):  # builds, then maps
+        for eng in [engine(tiny, pool_dir, sv_power=p, probe_modules="target-first") for _ in range(2)]:  # build, map
             try:
                 assert eng.pool.bank.sv_power == p
                 assert_same(routes(eng), want)
             finally:
                 eng.close()
-        pool = scratch.pool
+        pool, checked = scratch.pool, 0
         h = pool.split_states(h)[0]  # the target input's window (the probe read the FFN's input too)
         got = pool.bank.norms(h, last=1)
         for a in pool.adapters:
             if a.probed != [pool.target_module]:
                 continue
+            checked += 1
             lora = read_lora(a.path, scratch.model.info, only=[pool.target_tensor])
             A, B = lora.pairs[pool.target_tensor]
             _, s, vt = np.linalg.svd(lora.scale(pool.target_tensor) * B.astype(np.float64) @ A, full_matrices=False)
             keep = s > s.max() * 1e-6
             ref = np.linalg.norm(s[keep] ** p * (vt[keep] @ h[-1].astype(np.float64)))
             assert got[a.bank_index] == pytest.approx(ref, rel=1e-4)
+        assert checked == 12  # every q,v adapter of the directory
     finally:
         plain.close()
         scratch.close()
@@ -267,7 +269,7 @@ def test_shortlist_is_exact_when_it_covers_the_pool_and_reads_the_window_of_its_
             # the shortlist bounds the bank's reads; adapters scored over the FFN's input (mlp_only) are all read
             other = [a.name for a in eng.pool.adapters if a.other_index is not None]
             assert other == ["mlp_only"] and rec.settings["shortlist"] == 4 + len(other)
-            considered = [a for a in rec.adapters if a.note is None or a.name in other]
+            considered = [a for a in rec.adapters if a.name not in eng.pool.unprobeable and a.note != NOT_SHORTLISTED]
             assert len(considered) == 4 + len(other) and all(a.signal is not None for a in considered)
             assert {a.name for a in rec.selected} <= {a.name for a in considered}
             eng.forget_prompts()

@@ -77,22 +77,27 @@ def reference_signal(o, signal):
     return 1.0 / (ent + 1e-6)
 
 
-CASES = [(b, s, "target-first") for b in (N_LAYER - 1, 1, 0) for s in ("norm", "entropy")] + [
-    (b, "norm", "input") for b in (N_LAYER - 1, 0)]  # "input" changes what the norm reads, at two target blocks
+CASES = [(b, s, "target-first", 1.0) for b in (N_LAYER - 1, 1, 0) for s in ("norm", "entropy")] + [
+    (b, "norm", "input", p) for b in (N_LAYER - 1, 0) for p in (1.0, 0.25)] + [  # "input": what the norm reads
+    (N_LAYER - 1, "norm", "target-first", 0.25), (1, "norm", "target-first", 0.0),  # sv_power: how it weighs
+    (N_LAYER - 1, "entropy", "input", 0.25)]  # q stacked with k and v: its outputs still read alone
 
 
 @pytest.mark.parametrize("probe_input", ["residual", "normed"])
-@pytest.mark.parametrize(("block", "signal", "probe_modules"), CASES)
-def test_signals_match_pytorch(tiny, hf_tiny, probe_input, signal, block, probe_modules):
+@pytest.mark.parametrize(("block", "signal", "probe_modules", "sv_power"), CASES)
+def test_signals_match_pytorch(tiny, hf_tiny, probe_input, signal, block, probe_modules, sv_power):
     """Each adapter's signal as PEFT's own A, B and scaling give it on transformers' hidden states: over its
     q_proj (the paper's probe), or, for an adapter without one, over the modules reading the same input (v_only),
     else over gate and up on the MLP's input (mlp_only); with probe_modules="input" over all of q, k and v.
-    od_only (o and down) is not probed."""
+    With sv_power p the norm is sqrt(sum over blocks of ||S^p V^T x||^2), U S V^T the SVD (torch's) of the
+    block's dense updates c B A stacked; p = 1 is the norm of the outputs. od_only (o and down) is not probed."""
+    import torch
+
     from logo_edge.engine import Engine
 
     with pytest.warns(UserWarning, match="od_only"):
         eng = Engine(tiny / "tiny-f32.gguf", tiny / "gguf", n_ctx=256, n_batch=32, target_block=block,
-                     kv_type="f32", flash_attn=False, probe_modules=probe_modules)
+                     kv_type="f32", flash_attn=False, probe_modules=probe_modules, sv_power=sv_power)
     try:
         for prompt in PROMPTS:
             tokens = eng.tokenize(prompt)
@@ -107,16 +112,24 @@ def test_signals_match_pytorch(tiny, hf_tiny, probe_input, signal, block, probe_
                 has = {m for m in ("q_proj", "k_proj", "v_proj") if peft_probe_mats(tiny, name, block, m) is not None}
                 modules = (["q_proj"] if "q_proj" in has and probe_modules == "target-first" else
                            ["q_proj", "k_proj", "v_proj"] if has else ["gate_proj", "up_proj"])
-                if signal != "norm" and modules != ["q_proj"]:
-                    continue  # only the norm reads other modules than the target
-                outs = {}
+                if signal != "norm" and "q_proj" not in has:
+                    continue  # only the norm reads an adapter without the target
+                outs, weighed = {}, 0.0
                 for blk in eng.pool.blocks:
+                    dense = []
                     for m in modules:
                         if (abc := peft_probe_mats(tiny, name, blk, m)) is not None:
                             a, b, c = abc
                             x = ffn[blk] if m in ("gate_proj", "up_proj") else hs[blk]
                             outs[blk, m] = c * (b @ (a @ x))
-                ref[name] = (math.sqrt(sum(float(x) ** 2 for o in outs.values() for x in o)) if signal == "norm"
+                            dense.append(c * (torch.as_tensor(b, dtype=torch.float64)
+                                              @ torch.as_tensor(a, dtype=torch.float64)))
+                    if dense:  # the block's updates stacked (they read the same x), weighed by their spectrum
+                        _, sv, vh = torch.linalg.svd(torch.cat(dense), full_matrices=False)
+                        keep = sv > sv.max() * 1e-6
+                        y = sv[keep] ** sv_power * (vh[keep] @ torch.as_tensor(x, dtype=torch.float64))
+                        weighed += float(y @ y)
+                ref[name] = (math.sqrt(weighed) if signal == "norm"
                              else reference_signal(list(outs[block, "q_proj"]), signal))
             got = {s.name: s.signal for s in rec.adapters}
             for name in ref:

@@ -117,7 +117,7 @@ def test_sv_power_weighs_the_norm_by_the_dense_updates_singular_values(n, n_bloc
     """A bank with sv_power=p: each adapter's window norm is sqrt(sum_j ||S_j^p V_j^T h_j||^2) from the SVD
     of the dense update c B A (numpy on the product, not the folded rows); p=0 is SpectR's score over |c| (it
     and the rank read the same directions); the target block's outputs stay c B A h whatever p; several modules
-    on one input (a list per block) are weighed as their stacked update."""
+    on one input (a list per block) are weighed as their stacked update, the target's outputs read alone."""
     rng = np.random.default_rng(seed)
     entries = []
     for r in rng.integers(1, 7, size=n):
@@ -125,12 +125,14 @@ def test_sv_power_weighs_the_norm_by_the_dense_updates_singular_values(n, n_bloc
             return rng.normal(size=(r, d_in)), rng.normal(size=(d_out, r)), float(rng.uniform(-4, 4))
         row = [one() if j == n_blocks - 1 else (None if rng.random() < 0.3 else [one(), one()])
                for j in range(n_blocks)]
+        if rng.random() < 0.5:  # the target module stacked with another reading the same input (probe_modules="input")
+            row[-1] = [(*row[-1], True), one()]
         entries.append(row)
     bank, h = ProbeBank.of(entries, sv_power=power), rng.normal(size=(n_blocks, d_in))
 
     def weighed(e, x):
         parts = e if isinstance(e, list) else [e]
-        dense = np.concatenate([c * b @ a for a, b, c in parts])  # the update(s) reading x, stacked
+        dense = np.concatenate([c * b @ a for a, b, c, *_ in parts])  # the update(s) reading x, stacked
         _, s, vt = np.linalg.svd(dense, full_matrices=False)
         keep = s > s.max() * 1e-6
         return np.sum((s[keep] ** power * (vt[keep] @ x)) ** 2)
@@ -138,7 +140,8 @@ def test_sv_power_weighs_the_norm_by_the_dense_updates_singular_values(n, n_bloc
     want = np.array([np.sqrt(sum(weighed(e, h[j]) for j, e in enumerate(row) if e is not None))
                      for row in entries])
     np.testing.assert_allclose(bank.norms(h), want, rtol=1e-4, atol=1e-6)
-    want_out = np.stack([row[-1][2] * row[-1][1] @ (row[-1][0] @ h[-1]) for row in entries])
+    targets = [row[-1][0] if isinstance(row[-1], list) else row[-1] for row in entries]  # its outputs alone
+    want_out = np.stack([c * b @ (a @ h[-1]) for a, b, c, *_ in targets])
     np.testing.assert_allclose(bank.outputs(h), want_out, rtol=1e-4, atol=1e-4)
 
 

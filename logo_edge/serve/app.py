@@ -261,7 +261,8 @@ def _convert_peft(cfg: ServeConfig, workers: Workers, peft_dir: Path) -> Path:
 
 
 def _adapter_card(i: int, a) -> dict:
-    return {"id": i, "path": str(a.path), "scale": 0.0, "name": a.name, "rank": a.rank, "modules": a.modules,
+    # rank: the LoRA's (the largest over its tensors), not its rows in the probe bank (several modules stacked)
+    return {"id": i, "path": str(a.path), "scale": 0.0, "name": a.name, "rank": a.max_rank, "modules": a.modules,
             "probeable": a.probeable, "unprobeable_reason": a.unprobeable_reason}
 
 

@@ -43,7 +43,7 @@ def build(args):
     def make_engine():
         return Engine(model_path, adapters, n_ctx=args.n_ctx, n_threads=threads, n_gpu_layers=args.gpu_layers,
                       target_block=args.target_block, target_module=args.target_module,
-                      probe_modules=args.probe_modules,
+                      probe_modules=args.probe_modules, sv_power=args.sv_power,
                       probe_blocks=args.probe_blocks, routing=routing, max_loaded_mb=args.max_loaded_mb,
                       pool_index=args.pool_index, rpc=args.rpc)
 
