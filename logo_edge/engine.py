@@ -89,8 +89,8 @@ class RouteConfig:
     # `keep`) on those states. When this rule does not keep, the turn is routed from the base probe as
     # keep_probe="base" does (which may still keep, at the cost of both passes). Chosen on validation chats,
     # reported on test chats: logo-edge eval --keep-rules (models/eval/keep/).
-    keep_score: float | None = None
-    keep_drop: float | None = 0.25
+    keep_score: float | None = 1.218
+    keep_drop: float | None = 1.621
     # Knowing when not to route: with calibrated routing, a request whose best adapter's calibrated score is
     # below `min_score` is answered by the base model (no adapter fits it well enough). None: always route.
     min_score: float | None = None

@@ -319,13 +319,15 @@ def merge_eval(eng, dirs: list[Path], out_dir: Path) -> dict:
 def _routers(ev) -> dict[str, tuple[str, str, object]]:
     """The side-by-side table's routers: name (as its generated method) -> (hit-rate row, probe label,
     route(states) at k=3). LoGo as the paper (raw, residual, last block), the default (zscore on the engine's
-    window) and the default on the normed probe, then Arrow and SpectR (normed probe)."""
+    window) and the default on the other probe input, then Arrow and SpectR (normed probe)."""
     main, paper = ev.settings[0].label, ev.paper
+    other = next((s.label for s in ev.settings if s.probe_input != ev.settings[0].probe_input and s.block == -1
+                  and s.window == 0), None)  # the engine's window on the other probe input
     out = {}
     logo = [("LoGo-norm k=3", "norm", "raw", paper), ("LoGo-entropy k=3", "entropy", "raw", paper),
             ("LoGo-norm k=3 [zscore]", "norm", "zscore", main),
             ("LoGo-entropy k=3 [zscore]", "entropy", "zscore", main),
-            (f"LoGo-norm k=3 [zscore, {ev.normed}]", "norm", "zscore", ev.normed)]
+            (f"LoGo-norm k=3 [zscore, {other}]", "norm", "zscore", other)]
     for name, sig, cal, label in logo:
         if label is not None:
             out[name] = (f"{sig} [{cal}]", label, lambda st, lab=label, sg=sig, c=cal: ev.route(st[lab], lab, sg, 3, c))

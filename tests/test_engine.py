@@ -469,7 +469,7 @@ def test_keep_decided_on_the_mixture_states_is_one_pass_and_exact(tiny):
 
     def chat(keep):
         with Engine(tiny / "tiny-f32.gguf", files, n_ctx=512, kv_type="f32",
-                    routing=RouteConfig(keep=keep, keep_probe="mixture", keep_drop=None)) as eng:
+                    routing=RouteConfig(keep=keep, keep_probe="mixture", keep_score=None, keep_drop=None)) as eng:
             a = eng.create_chat_completion(turn1, max_tokens=6)
             msgs = turn1 + [{"role": "assistant", "content": a["choices"][0]["message"]["content"]},
                             {"role": "user", "content": "and more"}]

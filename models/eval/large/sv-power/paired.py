@@ -1,5 +1,7 @@
-"""A router's score against others of the first evaluation (models/eval/large/<group>/results.csv) on the same
-examples: paired, bootstrap over examples within each task (2,000 resamples), mean over tasks.
+"""A router's score against others of the first evaluation (models/eval/large/<group>/results.csv, or the
+results.csv given last) on the same examples: paired, bootstrap over examples within each task (2,000
+resamples), mean over tasks. The shipped pools: `... results.csv "LoGo-norm k=3 [zscore]" in-pool
+models/eval/uniform/results.csv`.
 
     python models/eval/large/sv-power/paired.py models/eval/large/sv-power/in-pool-results.csv \\
         "LoGo-norm k=3 [zscore, normed, last 8 blocks]" in-pool
@@ -14,7 +16,9 @@ from pathlib import Path
 import numpy as np
 
 new_csv, method, group = sys.argv[1], sys.argv[2], sys.argv[3] if len(sys.argv) > 3 else "in-pool"
-old = list(csv.DictReader(open(Path(__file__).parents[1] / group / "results.csv")))
+# the first evaluation's results.csv: the large pool's by default, or another (e.g. models/eval/uniform/results.csv)
+old_csv = sys.argv[4] if len(sys.argv) > 4 else Path(__file__).parents[1] / group / "results.csv"
+old = list(csv.DictReader(open(old_csv)))
 new = list(csv.DictReader(open(new_csv)))
 
 
