@@ -255,16 +255,17 @@ def run_eval(eng, n_per_task: int, out_dir: Path, quick: bool = False, tasks: li
         if j >= n_per_task:
             continue
         done: dict[tuple, tuple[str, float]] = {}
-        methods = ev.methods(ex, states, rng, in_pool, gen_spectral)
+        methods = every = ev.methods(ex, states, rng, in_pool, gen_spectral)
         if only:
-            methods = {m: v for m, v in methods.items() if m in only}
+            methods = {m: v for m, v in every.items() if m in only}
         elif quick:  # the pipeline end to end on a few methods
             methods = {m: v for m, v in methods.items() if m in ("base", "oracle", "LoGo-norm k=3",
                                                                   "LoGo-norm k=3 [zscore]")
                        or (gen_spectral and m in GENERATED_SPECTRAL)}
-        if not quick and not only:  # the approximate mode: the probe's base K/V kept for the prompt (default probe)
-            sig, k = ev.default
-            methods[f"LoGo-{sig} k={k} [zscore, probe-cache]"] = methods[f"LoGo-{sig} k={k} [zscore]"]
+        sig, k = ev.default
+        approx = f"LoGo-{sig} k={k} [zscore, probe-cache]"
+        if (not quick and not only) or approx in only:  # the approximate mode: the probe's base K/V kept
+            methods[approx] = every[f"LoGo-{sig} k={k} [zscore]"]
         for method, mix in methods.items():
             key = ("base",) if mix == "base" else tuple(sorted((a, round(w, 6)) for a, w in mix.items()))
             if method.endswith("[probe-cache]"):
