@@ -268,7 +268,7 @@ def run_eval(eng, n_per_task: int, out_dir: Path, quick: bool = False, tasks: li
             methods[approx] = every[f"LoGo-{sig} k={k} [zscore]"]
         for method, mix in methods.items():
             key = ("base",) if mix == "base" else tuple(sorted((a, round(w, 6)) for a, w in mix.items()))
-            if method.endswith("[probe-cache]"):
+            if method.endswith("probe-cache]"):
                 key = ("probe-cache",)
                 done[key] = ev.generate(ex, "auto", signal=sig, k=k, prefill="probe-cache",
                                        probe_input=settings[0].probe_input, calibration="zscore")
@@ -276,7 +276,7 @@ def run_eval(eng, n_per_task: int, out_dir: Path, quick: bool = False, tasks: li
                 done[key] = ev.generate(ex, mix)
             pred, secs = done[key]
             # routed methods count the probe; probe-cache's generation timed it whole
-            routed = method.startswith(("LoGo", "Arrow", "SpectR")) and not method.endswith("[probe-cache]")
+            routed = method.startswith(("LoGo", "Arrow", "SpectR")) and not method.endswith("probe-cache]")
             st.rows.append(dict(idx=i, task=task.name, group="in-pool" if in_pool else "unseen", method=method,
                                 score=score(task, pred, ex.refs), seconds=secs + (probe_s if routed else 0.0),
                                 adapters=";".join(f"{a}:{w:.3f}" for a, w in mix.items()) if mix != "base" else "",

@@ -98,3 +98,34 @@ def test_eval_routes_a_pool_with_mlp_only_and_v_only_adapters_as_the_engine_does
             assert got == pytest.approx({a.name: a.weight for a in rec.selected}, abs=5e-3), r["task"]
     top1, _ = summary["hit_rates"]["norm [zscore], normed, last 8 blocks"]
     assert top1 >= 0.8, summary["hit_rates"]  # chance 0.2; the MLP-only and v-only adapters' prompts count
+
+
+def test_the_probe_cache_method_is_generated_with_the_probe_cache(tmp_path, monkeypatch):
+    """The eval's "[zscore, probe-cache]" row must answer with prefill="probe-cache" (the probe's base-model K/V
+    kept), its own generation: it used to end in "probe-cache]" and not "[probe-cache]", so the row silently
+    reused the exact answer. Checked against a fresh engine answering with the probe cache itself."""
+    import csv
+
+    from logo_edge.defaults import default_pool
+    from logo_edge.engine import Engine
+    from logo_edge.eval import Evaluator, run_eval
+    from logo_edge.tasks import TASKS, splits
+
+    calls = []
+    real = Evaluator.generate
+
+    def generate(self, ex, mixture, merge="mixture", **route):
+        calls.append(route.get("prefill", "exact"))
+        return real(self, ex, mixture, merge, **route)
+
+    monkeypatch.setattr(Evaluator, "generate", generate)
+    approx = "LoGo-norm k=3 [zscore, probe-cache]"
+    with Engine(adapters=default_pool(), n_ctx=1024) as eng:
+        run_eval(eng, 2, tmp_path, tasks=["sentiment"], methods=["LoGo-norm k=3 [zscore]", approx])
+        assert calls.count("probe-cache") == 2 and calls.count("exact") == 2
+        rows = [r for r in csv.DictReader(open(tmp_path / "results.csv")) if r["method"] == approx]
+        for r, ex in zip(rows, splits(TASKS["sentiment"])["test"]):
+            eng.forget_prompts()
+            out = eng.create_chat_completion([{"role": "user", "content": ex.prompt}], prefill="probe-cache",
+                                             max_tokens=TASKS["sentiment"].max_tokens)
+            assert r["pred"] == out["choices"][0]["message"]["content"].strip()[:200]
