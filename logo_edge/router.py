@@ -163,7 +163,7 @@ class ProbeBank:
                 parts.append((*fold(a, b, c), target))
             if several:
                 m = np.concatenate([p[0] for p in parts])
-                q = np.concatenate([p[1] if t else np.zeros((d_out, p[0].shape[0])) for p in parts for t in [p[2]]],
+                q = np.concatenate([qj if target else np.zeros((d_out, mj.shape[0])) for mj, qj, target in parts],
                                    axis=1)
             else:
                 m, q, _ = parts[0]
