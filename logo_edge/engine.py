@@ -29,7 +29,7 @@ from .gguf_files import LoraFile, read_lora, write_lora
 from .llm import Context, ContextConfig, LoraHandle, Model, ProbeCapture
 from .pool import AdapterPool
 from .record import AdapterScore, RoutingRecord, Timings
-from .router import TARGET_NORM, RouterConfig, Routing, one_blas_thread, route_signals, shortlist_norms
+from .router import LEAD_NORM, TARGET_NORM, RouterConfig, Routing, one_blas_thread, route_signals, shortlist_norms
 
 PROBE_INPUTS = ("residual", "normed")
 # mixture: each selected adapter set with scale w_i (the paper's); packed: the same sum built as one
@@ -464,11 +464,12 @@ class Engine:
             elif cfg.signal == "norm" and 0 < cfg.shortlist < len(bank) and bank.n_blocks > 1:
                 stats1 = pool.stats(cfg.probe_input, TARGET_NORM, bank_only=True) if calibrated else None
                 raw, considered = shortlist_norms(bank, h, cfg.shortlist, cfg.calibration, stats1)
+                stats = pool.stats(cfg.probe_input, LEAD_NORM) if calibrated else None  # leading rows read
             else:
                 raw = bank.signals(h, cfg.signal)
             if len(pool.other_bank):  # MLP-only adapters: the norm over the other input (others: norm_only)
-                other = pool.other_bank.norms(h_other) if h_other is not None else np.full(len(pool.other_bank),
-                                                                                             np.nan)
+                other = pool.other_bank.norms(h_other, lead=considered is not None) if h_other is not None \
+                    else np.full(len(pool.other_bank), np.nan)
                 raw = pool.merge(raw, other)
                 considered = None if considered is None else pool.merge(considered, np.ones(len(other), bool))
         unprobeable = pool.unprobeable

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from .pool import AdapterPool
-from .router import TARGET_NORM, RouterConfig, route_signals, shortlist_norms
+from .router import LEAD_NORM, TARGET_NORM, RouterConfig, route_signals, shortlist_norms
 from .tasks import TASKS, splits
 
 
@@ -72,7 +72,7 @@ def approx_report(eng, n_route: int, out_dir: Path, shortlists=(5, 3, 2), seed: 
         for m in shortlists:
             if f"m = {m}" in modes:
                 raw, considered = shortlist_norms(pool.bank, h, m, cfg.calibration, stats(pool, TARGET_NORM))
-                routes[f"m = {m}"] = route_signals(raw, pool.names, rc, pool.unprobeable, stats(pool, cfg.signal),
+                routes[f"m = {m}"] = route_signals(raw, pool.names, rc, pool.unprobeable, stats(pool, LEAD_NORM),
                                                    considered)
         sel = {k: (v if isinstance(v, list) else v.selected) for k, v in routes.items()}
         for m in modes:

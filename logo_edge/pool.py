@@ -23,7 +23,7 @@ from .errors import AdapterError, RoutingError
 from .gguf_files import read_lora
 from .llm import PROBE_INPUTS, LoraHandle, Model, same_input_modules
 from .pool_index import Entry, PoolIndex, index_key, index_root
-from .router import ProbeBank
+from .router import STATISTICS, ProbeBank
 
 LARGE_POOL = 256  # adapter files beyond which a new index stores the earlier window blocks in float16
 # How an adapter is scored (AdapterPool's probe_modules): "target-first" over the target module where it has a
@@ -284,13 +284,14 @@ class AdapterPool:
         other = probed[0] in self.other_modules  # the other input's rows: in the same files, a bank of their own
         bank = self._bank
         r, folded = ProbeBank.fold_entries(entries, bank.d_in, bank.Q.shape[1], self.sv_power)
+        lead = ProbeBank.lead_of(entries, r, self.sv_power)
         t, w, q = ProbeBank.rows_of(r, folded, len(self.blocks), bank.d_in, bank.Q.shape[1],
                                     np.dtype(self._index.meta_window_dtype))
-        one = ProbeBank.from_arrays(t, w, q, [0], [r])
+        one = ProbeBank.from_arrays(t, w, q, [0], [r], leads=[lead])
         t0 = time.perf_counter()
         out["stats"] = {pi: one.stats(0, self._other_states_for(pi) if other else states)
                         for pi, states in self._states.items()}
-        out.update(rows=(r, t, w, q), calibrate_s=time.perf_counter() - t0)
+        out.update(rows=(r, t, w, q), lead=lead, calibrate_s=time.perf_counter() - t0)
         return out
 
     def _add_indexed(self, files: list[Path], names: list[str | None]) -> list[PoolAdapter]:
@@ -473,7 +474,8 @@ class AdapterPool:
         """Calibrate the adapters without statistics for `probe_input` (`every`: all of them), and keep what was
         computed in the index: one built while other probe inputs were calibrated lacks this one's."""
         self._stats.clear()
-        computed = [a for a in self.adapters if every or probe_input not in a.stats]  # indexed: kept
+        computed = [a for a in self.adapters if every or (a.probeable and not STATISTICS <= set(a.stats.get(
+            probe_input, ())))]  # indexed: kept (a statistic added since the index was written: computed now)
         for a in computed:
             self._calibrate(a, probe_input, states)
         if self._index is not None and computed:

@@ -39,8 +39,9 @@ import numpy as np
 
 from .router import ProbeBank
 
-VERSION = 6  # 4: adapters without the probe target scored over the modules reading its input; 5: or the FFN input;
-# 6: stacked modules keep the target's outputs (Q), and sv_power
+VERSION = 8  # 4: adapters without the probe target scored over the modules reading its input; 5: or the FFN input;
+# 6: stacked modules keep the target's outputs (Q), and sv_power; 8: each adapter's leading rows (the shortlist's;
+# 7 was a development build's)
 
 
 def file_sha256(path: Path) -> str:
@@ -81,6 +82,7 @@ class Entry:
     reason: str | None  # why it cannot be probed
     stats: dict  # probe input -> signal -> [mean, sd]
     calibrate_s: float = 0.0
+    lead: int | None = None  # of its rows, how many the shortlist's first stage reads (ProbeBank.lead_of)
 
     @property
     def stems(self) -> list[str]:
@@ -180,7 +182,8 @@ class PoolIndex:
             arrays.append(np.memmap(f, dt, "r", shape=(rows, width)) if rows else np.zeros((0, width), dt))
         t, *w, q = arrays
         probed = [e for e in entries if e.offset is not None]
-        return ProbeBank.from_arrays(t, w, q, [e.offset for e in probed], [e.rank for e in probed])
+        return ProbeBank.from_arrays(t, w, q, [e.offset for e in probed], [e.rank for e in probed],
+                                     leads=[e.lead or e.rank for e in probed])
 
     # ---- writing
 
@@ -289,7 +292,7 @@ class PoolIndex:
                 self.entries.append(Entry(str(p), got["name"], st.st_size, st.st_mtime_ns, file_sha256(p),
                                           got["alpha"], _stems_to_modules(got["stems"]),
                                           max(got["ranks"].values(), default=0), offset, rank, got["reason"],
-                                          stats, got["calibrate_s"]))
+                                          stats, got["calibrate_s"], got.get("lead")))
                 if bar:
                     bar.update(1)
         finally:  # what was read is kept, also when a bad file stops the run

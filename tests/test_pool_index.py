@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from logo_edge.errors import AdapterError
-from logo_edge.router import CALIBRATIONS, NOT_SHORTLISTED, ProbeBank, shortlist_norms
+from logo_edge.router import CALIBRATIONS, LEAD_NORM, NOT_SHORTLISTED, TARGET_NORM, ProbeBank, shortlist_norms
 
 PROMPTS = ["What is 12 + 30?", "Translate 'cat' into French.", "SELECT name FROM users;", "Is this review happy?"]
 
@@ -258,7 +258,7 @@ def test_a_bad_file_fails_the_pool_naming_it_and_keeps_the_good_ones_indexed(tin
     assert reads.files == []  # everything before the bad file was committed
 
 
-def test_shortlist_is_exact_when_it_covers_the_pool_and_reads_the_window_of_its_members(tiny, pool_dir):
+def test_shortlist_is_exact_when_it_covers_the_pool_and_reads_the_leading_rows_of_its_members(tiny, pool_dir):
     eng = engine(tiny, pool_dir)
     try:
         exact = routes(eng, shortlist=0)
@@ -273,28 +273,75 @@ def test_shortlist_is_exact_when_it_covers_the_pool_and_reads_the_window_of_its_
             assert len(considered) == 4 + len(other) and all(a.signal is not None for a in considered)
             assert {a.name for a in rec.selected} <= {a.name for a in considered}
             eng.forget_prompts()
-            full = {a.name: a.signal for a in eng.route(p, shortlist=0).adapters}
-            for a in considered:  # the shortlist's window norms are the exact ones
-                assert a.signal == pytest.approx(full[a.name], rel=1e-6)
+            h, _ = eng.pool.split_states(eng.probe(eng.tokenize(p)))
+            bank = eng.pool._bank
+            lead = dict(zip([a.name for a in eng.pool.adapters if a.bank_index is not None], bank.norms(h, lead=True)))
+            for a in considered:  # the shortlist's window norms: over each adapter's leading rows
+                if a.name in lead:
+                    assert a.signal == pytest.approx(lead[a.name], rel=1e-5)
+        # the index keeps each adapter's leading rows (q, k, v stacked: fewer than its rows); the shortlist's first
+        # stage routes as over the files read afresh
+        bank = eng.pool._bank
+        assert (bank.leads <= bank.ranks).all() and (bank.leads < bank.ranks).any()
+        fresh = engine(tiny, pool_dir, pool_index=False)
+        try:
+            np.testing.assert_array_equal(fresh.pool._bank.leads, bank.leads)
+            assert_same(routes(eng, shortlist=4), routes(fresh, shortlist=4))
+        finally:
+            fresh.close()
     finally:
         eng.close()
 
 
 @settings(max_examples=60, deadline=None, derandomize=True)
 @given(n=st.integers(2, 12), size=st.integers(1, 12), seed=st.integers(0, 10_000),
-       calibration=st.sampled_from(["raw", "ratio", "zscore"]))
-def test_shortlist_takes_the_best_target_scores(n, size, seed, calibration):
+       calibration=st.sampled_from(["raw", "ratio", "zscore"]), power=st.sampled_from([1.0, 0.25]))
+def test_shortlist_takes_the_best_target_scores(n, size, seed, calibration, power):
+    """Stage one ranks by the target block's norm over each adapter's leading rows: the whole update where it is
+    one module (or sv_power is 1), else the stacked modules' top singular directions, as many as the largest
+    module's rank (numpy's SVD of the dense updates here); stage two reads the same rows at every window block
+    for the shortlist alone; both are calibrated with the same norms' statistics."""
     rng = np.random.default_rng(seed)
-    entries = [[(rng.normal(size=(r, 6)), rng.normal(size=(5, r)), 1.0) for _ in range(3)]
-               for r in rng.integers(1, 5, size=n)]
-    bank, h = ProbeBank.of(entries), rng.normal(size=(3, 6))
+
+    def one(r):
+        return rng.normal(size=(r, 6)), rng.normal(size=(5, r)), float(rng.uniform(-2, 2))
+    entries = []
+    for r in rng.integers(1, 5, size=n):
+        row = [one(r) for _ in range(3)]
+        if rng.random() < 0.5:  # the target stacked with other modules reading its input (probe_modules="input")
+            row[-1] = [(*row[-1], True)] + [one(int(k)) for k in rng.integers(1, 5, size=rng.integers(1, 3))]
+        entries.append(row)
+    bank, h = ProbeBank.of(entries, sv_power=power), rng.normal(size=(3, 6))
+
+    def lead_norm(e, x):
+        parts = e if isinstance(e, list) else [e]
+        dense = np.concatenate([c * b @ a for a, b, c, *_ in parts])
+        _, sv, vt = np.linalg.svd(dense, full_matrices=False)
+        keep = sv > sv.max() * 1e-6
+        if power != 1.0:
+            keep[max(a.shape[0] for a, *_ in parts):] = False
+        return np.linalg.norm(sv[keep] ** power * (vt[keep] @ x))
+
+    def lead_window(row, hs):
+        return np.sqrt(sum(lead_norm(e, x) ** 2 for e, x in zip(row, hs)))
+
+    want1 = np.array([lead_norm(row[-1], h[-1]) for row in entries])
+    np.testing.assert_allclose(bank.lead_norms(h), want1, rtol=1e-4, atol=1e-6)
+    want2 = np.array([lead_window(row, h) for row in entries])
+    np.testing.assert_allclose(bank.norms(h, lead=True), want2, rtol=1e-4, atol=1e-6)
+    states = rng.normal(size=(7, 3, 6))
+    for i, row in enumerate(entries):  # their calibration statistics are the same norms'
+        ref1 = np.array([lead_norm(row[-1], x[-1]) for x in states])
+        ref2 = np.array([lead_window(row, x) for x in states])
+        got = bank.stats(i, states)
+        np.testing.assert_allclose(got[TARGET_NORM], (ref1.mean(), ref1.std()), rtol=1e-3, atol=1e-6)
+        np.testing.assert_allclose(got[LEAD_NORM], (ref2.mean(), ref2.std()), rtol=1e-3, atol=1e-6)
     mean, sd = rng.uniform(0.5, 2, size=n), rng.uniform(0.5, 2, size=n)
     raw, considered = shortlist_norms(bank, h, size, calibration, None if calibration == "raw" else (mean, sd))
-    score1 = CALIBRATIONS[calibration][0](bank.norms(h, last=1), mean, sd) if calibration != "raw" \
-        else bank.norms(h, last=1)
+    score1 = CALIBRATIONS[calibration][0](want1, mean, sd) if calibration != "raw" else want1
     assert considered.sum() == min(size, n)
-    assert score1[considered].min() >= score1[~considered].max(initial=-np.inf)
-    np.testing.assert_allclose(raw[considered], bank.norms(h)[considered], rtol=1e-6)
+    assert score1[considered].min() >= score1[~considered].max(initial=-np.inf) - 1e-6
+    np.testing.assert_allclose(raw[considered], want2[considered], rtol=1e-4, atol=1e-6)
     assert np.isnan(raw[~considered]).all()
 
 
