@@ -62,7 +62,7 @@ def pool_worker(spec: dict) -> dict:
     t = time.perf_counter()
     eng.pool.add_many(spec["pool"])
     out.update(startup_s=time.perf_counter() - t, rss_mb=rss_mb(), bank_mb=eng.pool.bank.nbytes / MB,
-               target_mb=eng.pool.bank.T.nbytes / MB)
+               target_mb=int(eng.pool.bank.leads.sum()) * eng.pool.bank.d_in * 4 / MB)  # stage one's rows
     if spec["cold"]:  # what calibrating one adapter costs (its statistics over the generic prompts' states)
         out["calibrate_ms"] = statistics.median(a.calibrate_s for a in eng.pool.adapters) * 1e3
         eng.close()
@@ -151,7 +151,7 @@ def _print(res: dict, prompts) -> None:
           "eng.route() minus the probe with the default shortlist, exact = every adapter's whole window; +RSS = "
           "after the default routes, over the engine with no pool (+exact: after the exact ones too, which map "
           "the whole bank); bank = the mapped probe bank, read = its float32 target "
-          "block, what stage one reads per request")
+          "block's leading rows (a stack's top directions, a copy), what stage one reads per request")
 
 
 def targets(res: dict) -> list[tuple[str, float, str, float]]:
