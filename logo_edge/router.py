@@ -104,7 +104,7 @@ class ProbeBank:
         self.offsets = np.zeros(0, np.intp)  # first row of each adapter
         self.ranks = np.zeros(0, np.intp)
         self.leads = np.zeros(0, np.intp)  # of each adapter's target-block rows, how many lead (`lead_of`)
-        self._lead_rows: tuple[np.ndarray, np.ndarray] | None = None  # (rows, starts) gathered for `lead_norms`
+        self._lead_rows: tuple[np.ndarray, np.ndarray] | None = None  # `lead_norms`: (the rows, copied; starts)
         self.writable = True
 
     @classmethod
