@@ -657,8 +657,8 @@ class Engine:
             self._swap_kv(old, self._mixture_key(merge, dict(zip(idx, weights))), tokens)
         self._active = active
         self._mixture = (merge, dict(zip(idx, weights)))
+        self.pool.trim(active)  # the pool's own adapters first (what the last mixture set), then packed ones
         self._trim_merged()
-        self.pool.trim(active)
         return how
 
     def _merge_for(self, idx: list[int]) -> str:

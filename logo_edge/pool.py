@@ -197,12 +197,17 @@ class AdapterPool:
         if not modules:
             return None, [], self._unprobeable_reason(lora.stems)
         if modules == [self.target_module]:  # the paper's probe
-            return [self._entry(lora, t) if t in lora.pairs else None for t in self.window_tensors], modules, None
-        entries = []
-        for b in self.blocks:
-            here = [f"blk.{b}.{m}.weight" for m in modules if f"blk.{b}.{m}.weight" in lora.pairs]
-            entries.append([(*lora.pairs[t], lora.scale(t), t.split(".")[2] == self.target_module) for t in here]
-                           or None)  # the target's rows flagged: its outputs stay readable (entropy, Arrow)
+            entries = [self._entry(lora, t) if t in lora.pairs else None for t in self.window_tensors]
+        else:
+            entries = []
+            for b in self.blocks:
+                here = [f"blk.{b}.{m}.weight" for m in modules if f"blk.{b}.{m}.weight" in lora.pairs]
+                entries.append([(*lora.pairs[t], lora.scale(t), t.split(".")[2] == self.target_module)
+                                for t in here] or None)  # the target's rows flagged: its outputs stay readable
+        parts = [p for e in entries if e is not None for p in (e if isinstance(e, list) else [e])]
+        if not any(c != 0 and np.any(a) and np.any(b) for a, b, c, *_ in parts):  # nothing to read: no rows
+            return None, [], (f"its update c B A is zero on {', '.join(modules)} at every probed block (all-zero B "
+                              "or A, or alpha 0: an untrained adapter?)")
         return entries, modules, None
 
     def _scored(self, e: Entry) -> list[str]:
@@ -329,8 +334,19 @@ class AdapterPool:
                               "will not be routed to, but can still be used by name", UserWarning, stacklevel=3)
         return added
 
+    def _current(self, entries: list[Entry]) -> list[Entry]:
+        """The index's entries for these files as last committed: every write reloads the index's metadata, so
+        entries held from before it are stale (a compaction moves every row to a new generation: old offsets
+        would read other adapters' rows; statistics stored since are only in the reloaded entries). A file that
+        another process's pool dropped from the shared index is indexed again."""
+        by_path = {e.path: e for e in self._index.entries}
+        if all(e.path in by_path for e in entries):
+            return [by_path[e.path] for e in entries]
+        return self._index.sync([Path(e.path) for e in entries], self._read)
+
     def _rebind(self, entries: list[Entry], names: list[str]) -> None:
         """Make the pool's adapters and bank those of `entries` (kept handles and LRU follow their files)."""
+        entries = self._current(entries)
         old = {a.path: a for a in self.adapters}
         loaded = [self.adapters[i].path for i in self._loaded]
         main = [e for e in entries if e.offset is not None and not self._is_other(e)]

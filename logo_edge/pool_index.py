@@ -39,9 +39,10 @@ import numpy as np
 
 from .router import ProbeBank
 
-VERSION = 8  # 4: adapters without the probe target scored over the modules reading its input; 5: or the FFN input;
+VERSION = 9  # 4: adapters without the probe target scored over the modules reading its input; 5: or the FFN input;
 # 6: stacked modules keep the target's outputs (Q), and sv_power; 8: each adapter's leading rows (the shortlist's;
-# 7 was a development build's)
+# 7 was a development build's); 9: an adapter whose update is zero is unprobeable (v8 gave it no rows, which
+# shifted every later adapter's sums)
 
 
 def file_sha256(path: Path) -> str:

@@ -172,7 +172,10 @@ class ProbeBank:
             else:
                 m, q, _ = parts[0]
             folded.append((j, *reweigh(m, q, sv_power)))
-        return max(m.shape[0] for _, m, _ in folded), folded
+        rank = max(m.shape[0] for _, m, _ in folded)
+        if rank == 0:  # a bank row range of 0 would shift its neighbours' sums (np.add.reduceat)
+            raise RoutingError("the adapter's update is zero at every window block: it has nothing to probe")
+        return rank, folded
 
     @staticmethod
     def lead_of(entries: Sequence[Entry | list[Entry] | None], rank: int, sv_power: float = 1.0) -> int:

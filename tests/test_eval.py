@@ -124,6 +124,7 @@ def test_the_probe_cache_method_is_generated_with_the_probe_cache(tmp_path, monk
         run_eval(eng, 2, tmp_path, tasks=["sentiment"], methods=["LoGo-norm k=3 [zscore]", approx])
         assert calls.count("probe-cache") == 2 and calls.count("exact") == 2
         rows = [r for r in csv.DictReader(open(tmp_path / "results.csv")) if r["method"] == approx]
+        assert len(rows) == 2, rows
         for r, ex in zip(rows, splits(TASKS["sentiment"])["test"]):
             eng.forget_prompts()
             out = eng.create_chat_completion([{"role": "user", "content": ex.prompt}], prefill="probe-cache",

@@ -223,6 +223,71 @@ def test_hot_add_and_remove_through_the_index_equal_scratch(tiny, pool_dir, tmp_
         scratch.close()
 
 
+def test_removals_that_compact_the_index_route_as_scratch_and_keep_statistics(tiny, pool_dir, tmp_path):
+    """Removing most of a pool compacts the index into a new generation (every row moves): the pool must read
+    the moved rows, not its old offsets, and keep the statistics computed since it was loaded."""
+    from logo_edge.bench import _write_random
+    from logo_edge.gguf_files import BaseInfo
+
+    info = BaseInfo.read(tiny / "tiny-f32.gguf")
+    for i in range(12, 24):  # 24 q,v adapters: over the 256 rows compaction needs
+        _write_random(info, pool_dir / f"a{i:02d}.gguf", ["attn_q", "attn_v"], rank=8, seed=i)
+    eng = engine(tiny, pool_dir)
+    try:
+        other = "residual" if eng.routing.probe_input == "normed" else "normed"
+        eng.route(PROMPTS[0], probe_input=other)  # calibrates another probe input after load (stored in the index)
+        gen = eng.pool._index.meta["generation"]
+        for i in range(16):
+            eng.remove_adapter(f"a{i:02d}")
+        assert eng.pool._index.meta["generation"] > gen  # compacted
+        got, got_other = routes(eng, shortlist=0), routes(eng, shortlist=0, probe_input=other)
+        names = eng.pool.names
+    finally:
+        eng.close()
+    files = [p for p in sorted(pool_dir.glob("*.gguf")) if not (p.stem.startswith("a") and int(p.stem[1:]) < 16)]
+    scratch = engine(tiny, files, pool_index=False)
+    try:
+        assert scratch.pool.names == names
+        assert_same(got, routes(scratch, shortlist=0))
+        assert_same(got_other, routes(scratch, shortlist=0, probe_input=other))
+    finally:
+        scratch.close()
+
+
+@pytest.mark.parametrize("index", [False, True])
+def test_an_adapter_whose_update_is_zero_is_unprobeable_and_the_others_route_as_without_it(tiny, pool_dir, index):
+    """An untrained adapter (B = 0) has no direction to read: it is named unprobeable, and every other
+    adapter's signal is what it is without it (a bank row range of 0 shifted its neighbours' sums)."""
+    from logo_edge.gguf_files import BaseInfo, write_lora
+
+    info = BaseInfo.read(tiny / "tiny-f32.gguf")
+    pairs = {}
+    for b in range(info.n_layer):
+        for m in ("attn_q", "attn_v"):
+            n_in, n_out = info.shapes[f"blk.{b}.{m}.weight"][:2]
+            pairs[f"blk.{b}.{m}.weight"] = (np.random.default_rng(b).standard_normal((4, n_in), np.float32) * .02,
+                                            np.zeros((n_out, 4), np.float32))
+    write_lora(pool_dir / "a00_untrained.gguf", info.arch, 8, pairs, "f16", name="a00_untrained")
+    with pytest.warns(UserWarning, match=r"'a00_untrained'.*update c B A is zero"):
+        eng = engine(tiny, pool_dir, pool_index=index)
+    try:
+        assert "a00_untrained" in eng.pool.unprobeable
+        got = routes(eng)
+        keep = [n != "a00_untrained" for n in eng.pool.names]
+    finally:
+        eng.close()
+    files = [p for p in sorted(pool_dir.glob("*.gguf")) if p.stem != "a00_untrained"]
+    without = engine(tiny, files, pool_index=False)
+    try:
+        want = routes(without)
+    finally:
+        without.close()
+    for (sel_g, _, s_g), (sel_w, _, s_w) in zip(got, want):
+        assert sel_g == sel_w
+        s_g = [s for s, k in zip(s_g, keep) if k]
+        np.testing.assert_allclose(np.array(s_g, float), np.array(s_w, float), rtol=1e-6, equal_nan=True)
+
+
 def test_a_killed_writer_or_a_broken_index_is_recovered(tiny, pool_dir, capfd):
     from logo_edge.pool_index import PoolIndex
 

@@ -163,6 +163,8 @@ def test_probe_bank_rejects_a_state_of_the_wrong_window():
         bank.add([(a, b, 1.0), None])
     with pytest.raises(RoutingError, match=r"A \(2, 4\) / B \(2, 2\) do not match"):
         bank.add([None, (a, np.ones((2, 2)), 1.0)])
+    with pytest.raises(RoutingError, match="update is zero at every window block"):
+        ProbeBank(2, 4, 3, sv_power=0.25).add([None, (a, np.zeros((3, 2)), 1.0)])  # B = 0: no row to read
     assert len(bank) == 1  # a rejected entry leaves the bank as it was
     with pytest.raises(RoutingError, match="empty"):
         ProbeBank.of([[None]])
