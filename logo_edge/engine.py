@@ -147,6 +147,8 @@ class SamplingConfig:
             raise RequestError(f"top_k must be >= 0, got {self.top_k}")
         if not all(isinstance(x, str) for x in self.stop):
             raise RequestError(f"stop must be a string or a list of strings, got {self.stop!r}")
+        if any(x == "" for x in self.stop):  # it would match at once: an empty answer
+            raise RequestError(f"a stop string may not be empty, got {self.stop!r}")
 
 
 Step = tuple[str, str | None, RoutingRecord]  # (text piece, finish reason or None, record)
@@ -300,7 +302,10 @@ class Engine:
         _check_messages(messages)
         fmt = Jinja2ChatFormatter(template, eos_token=self.model.token_text(self.model.eos),
                                   bos_token=self.model.token_text(self.model.bos))
-        return fmt(messages=messages).prompt
+        try:
+            return fmt(messages=messages).prompt
+        except Exception as e:  # the template's raise_exception (roles it refuses) or its own errors
+            raise RequestError(f"{self.model.path.name}'s chat template refused these messages: {e}") from None
 
     def tokenize(self, prompt: str | list[int]) -> list[int]:
         if not isinstance(prompt, str):
@@ -591,8 +596,10 @@ class Engine:
         prompt answered under it is this prompt's prefix), routed within `keep` of it again; the closest, else None."""
         if cfg.keep <= 0 or cfg.prefill != "exact":
             return None
-        new, best = dict(zip(idx, weights)), None
+        new, best, now = dict(zip(idx, weights)), None, self._mixture_key(*self._mixture)
         for (merge, named), (saved, _, _, n_prompt) in self._kv_saved.items():
+            if (merge, named) == now:  # set already (by a request that kept its cache): nothing to bring back
+                continue
             # it continues that conversation: the whole prompt answered under the mixture is this one's prefix
             if not named or merge != cfg.merge or _common_prefix(saved, tokens) < max(n_prompt, KEEP_MIN_PREFIX):
                 continue
@@ -684,6 +691,8 @@ class Engine:
             self._merged[key] = self._merged.pop(key)  # most recently used last
             self._merged_bytes[key] = self._merged_bytes.pop(key)
             return self._merged[key]
+        for i in idx:
+            self.pool.check_file(i)
         loras = [self._lora_file(self.pool.adapters[i].path) for i in idx]
         alpha, pairs = (_pack if merge == "packed" else _fuse)(loras, weights)
         path = Path(self._tmp.name) / f"{merge}-{uuid.uuid4().hex[:8]}.gguf"

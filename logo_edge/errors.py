@@ -17,6 +17,14 @@ class AdapterError(LogoEdgeError):
     """An adapter file is missing, corrupt, or does not fit the base model."""
 
 
+class AdapterFileChangedError(AdapterError):
+    """A pooled adapter's file was removed, renamed or rewritten after the pool read it: its weights would no
+    longer be the ones it was validated and routed with (HTTP 409)."""
+
+    status = 409
+    code = "adapter_file_changed"
+
+
 class ConversionError(LogoEdgeError):
     """A PEFT adapter or HF model could not be converted to GGUF."""
 

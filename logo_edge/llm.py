@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import re
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -103,7 +104,14 @@ class Model:
 
 
 class LogCapture:
-    """Collects llama.cpp's log lines for a while (all levels), still printing what llama-cpp-python would."""
+    """Collects llama.cpp's log lines for a while (all levels), still printing what llama-cpp-python would.
+
+    One at a time in the process (`_LOCK`): llama.cpp's log callback is global, and a model load inside it
+    (llama-cpp-python's suppress_stdout_stderr) dup2()s the process's stdout and stderr to /dev/null and back:
+    two loads at once (engines started together: `serve --parallel`) would restore each other's /dev/null for
+    good and take each other's load log."""
+
+    _LOCK = threading.RLock()
 
     def __init__(self):
         self.lines: list[str] = []
@@ -114,11 +122,15 @@ class LogCapture:
         _lib.llama_cpp._logger.llama_log_callback(level, text, user_data)
 
     def __enter__(self) -> "LogCapture":
+        self._LOCK.acquire()
         llama_cpp.llama_log_set(self._cb, ctypes.c_void_p(0))
         return self
 
     def __exit__(self, *exc) -> None:
-        llama_cpp.llama_log_set(llama_cpp._logger.llama_log_callback, ctypes.c_void_p(0))
+        try:
+            llama_cpp.llama_log_set(llama_cpp._logger.llama_log_callback, ctypes.c_void_p(0))
+        finally:
+            self._LOCK.release()
 
 
 class LoraHandle:

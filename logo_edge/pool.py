@@ -19,7 +19,7 @@ import numpy as np
 
 from .calibration import Stats
 from .defaults import PROBE_BLOCKS, other_input_modules
-from .errors import AdapterError, RoutingError
+from .errors import AdapterError, AdapterFileChangedError, RoutingError
 from .gguf_files import read_lora
 from .llm import PROBE_INPUTS, LoraHandle, Model, same_input_modules
 from .pool_index import Entry, PoolIndex, index_key, index_root
@@ -53,10 +53,20 @@ class PoolAdapter:
     max_rank: int = 0  # the largest rank over all its tensors
     probed: list[str] = field(default_factory=list)  # the modules it is scored over (empty: unprobeable)
     other_index: int | None = None  # its row of the other input's bank (scored over gate/up: no attention LoRA)
+    file_id: tuple[int, int] | None = None  # the file's (size, mtime_ns) when the pool read it
 
     @property
     def probeable(self) -> bool:
         return self.bank_index is not None or self.other_index is not None
+
+
+def _file_id(path: Path) -> tuple[int, int] | None:
+    """(size, mtime_ns) of a file, None when it is gone."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_size, st.st_mtime_ns
 
 
 def _resolve_target(info, target_module: str, block: int) -> tuple[str, int | None]:
@@ -151,6 +161,7 @@ class AdapterPool:
         """Validate one GGUF LoRA against the base and add it; AdapterError leaves the pool unchanged."""
         if self._index is not None:
             return self._add_indexed([Path(path)], [name])[0]
+        file_id = _file_id(Path(path))  # before reading: a file rewritten meanwhile then fails check_file
         lora = read_lora(path, self.model.info, only=self.read_tensors)  # validates all, keeps the window
         name = name or lora.name
         if any(a.name == name for a in self.adapters):
@@ -169,7 +180,7 @@ class AdapterPool:
                           "routed to, but can still be used by name", UserWarning, stacklevel=2)
         adapter = PoolAdapter(name, lora.path, lora.stems, lora.alpha, index, rank, reason,
                               nbytes=lora.path.stat().st_size, max_rank=max(lora.ranks.values(), default=0),
-                              probed=probed, other_index=other)
+                              probed=probed, other_index=other, file_id=file_id)
         for probe_input, states in self._states.items():
             self._calibrate(adapter, probe_input, states)
         self.adapters.append(adapter)
@@ -361,7 +372,7 @@ class AdapterPool:
             if a is None:
                 a = PoolAdapter(name, path, e.stems, e.alpha, None, e.rank, e.reason, nbytes=e.size,
                                 calibrate_s=e.calibrate_s, max_rank=e.max_rank,
-                                probed=[] if e.offset is None else self._scored(e))
+                                probed=[] if e.offset is None else self._scored(e), file_id=(e.size, e.mtime_ns))
             a.name, a.bank_index, a.other_index, a.stats = name, probed.get(id(e)), other_index.get(id(e)), stats
             adapters.append(a)
         self._bank = self._index.bank(main)
@@ -522,6 +533,19 @@ class AdapterPool:
 
     # ---- llama.cpp handles, in an LRU under a memory budget
 
+    def check_file(self, i: int) -> None:
+        """AdapterFileChangedError unless adapter i's file is still the one the pool read (its weights are about
+        to be read again: a llama.cpp handle, a packed mixture)."""
+        a = self.adapters[i]
+        now = _file_id(a.path)
+        if now is None:
+            raise AdapterFileChangedError(f"adapter {a.name!r}: its file {a.path} is gone since the pool read it "
+                                          "(removed or renamed); load it again, or remove the adapter")
+        if a.file_id is not None and now != a.file_id:
+            raise AdapterFileChangedError(f"adapter {a.name!r}: its file {a.path} changed since the pool read it; "
+                                          "remove the adapter and add it again, so that routing and answers use the "
+                                          "same weights")
+
     def handle(self, i: int, pinned: set[int] = frozenset()) -> LoraHandle:
         """The adapter's llama.cpp handle, loading the full adapter on first use.
 
@@ -530,6 +554,7 @@ class AdapterPool:
         """
         a = self.adapters[i]
         if a.handle is None:
+            self.check_file(i)
             a.handle = self.model.load_lora(a.path)
         self._loaded[i] = None
         self._loaded.move_to_end(i)

@@ -196,6 +196,29 @@ def test_a_routed_conversation_returns_to_its_saved_mixture(tiny):
     assert back["choices"][0]["message"]["content"] == ref["choices"][0]["message"]["content"]
 
 
+def test_a_record_says_returned_only_when_saved_kv_came_back(tiny):
+    """A probe-cache request sets a mixture keeping its cache (no swap): the K/V saved under that mixture stay
+    saved, and a later exact turn must not claim to have "returned" to the mixture already set (nothing restored)."""
+    from logo_edge.engine import RouteConfig
+
+    files = [tiny / "gguf" / f"{n}.gguf" for n in ("qv_r8", "all7_r4", "rs_r16", "qkd_r2", "pattern_r8")]
+    turn1 = [{"role": "user", "content": "tell me about rivers and markets and the proof of energy " * 3}]
+    with Engine(tiny / "tiny-f32.gguf", files, n_ctx=512, kv_type="f32", routing=RouteConfig(keep=1.0)) as eng:
+        a = eng.create_chat_completion(turn1, max_tokens=6)
+        eng.create_chat_completion([{"role": "user", "content": "hello"}], adapters={"pattern_r8": 1.0}, max_tokens=3)
+        eng.create_chat_completion(turn1, max_tokens=3, prefill="probe-cache")
+        msgs = turn1 + [{"role": "assistant", "content": a["choices"][0]["message"]["content"]},
+                        {"role": "user", "content": "and more"}]
+        b = eng.create_chat_completion(msgs, max_tokens=6)
+    s = b["routing"]["settings"]
+    if s["mixture"] == "returned":
+        assert s.get("kv_restored_tokens"), s  # a return brings saved K/V back
+    w = {x["name"]: x["weight"] for x in b["routing"]["adapters"] if x["rank"]}
+    with Engine(tiny / "tiny-f32.gguf", files, n_ctx=512, kv_type="f32") as fresh:
+        ref = fresh.create_chat_completion(msgs, max_tokens=6, adapters=w)
+    assert b["choices"][0]["message"]["content"] == ref["choices"][0]["message"]["content"]
+
+
 def test_probe_leaves_the_generation_cache_alone(tiny_engine):
     eng = tiny_engine
     out1 = eng.create_completion("Probe isolation", adapters="base", max_tokens=6)
@@ -602,3 +625,70 @@ def test_ignore_eos_generates_exactly_max_tokens():
         assert chunks[-1]["usage"]["completion_tokens"] == 12
         assert not any(eng.model.token_text(t) in "".join(c["choices"][0]["delta"].get("content", "")
                                                           for c in chunks) for t in eng.model.eog_tokens)
+
+
+def test_models_loaded_at_once_leave_the_process_output_where_it_was(tiny):
+    """llama-cpp-python silences a model load by pointing fds 1 and 2 at /dev/null and back; two loads at once
+    (engines started together, `serve --parallel`) must not leave the process writing to /dev/null."""
+    import sys
+    import threading
+
+    from logo_edge.llm import Model
+
+    before = (os.readlink("/proc/self/fd/1"), os.readlink("/proc/self/fd/2"), sys.stdout, sys.stderr)
+    for _ in range(4):
+        start, models = threading.Barrier(3), []
+
+        def load():
+            start.wait()
+            models.append(Model(tiny / "tiny-f32.gguf", extra_bufts=False))
+
+        threads = [threading.Thread(target=load) for _ in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(models) == 3 and all(m.buffers for m in models)  # each took its own load log
+        models.clear()
+        assert (os.readlink("/proc/self/fd/1"), os.readlink("/proc/self/fd/2"), sys.stdout, sys.stderr) == before
+
+
+def test_a_chat_template_that_refuses_the_messages_is_a_request_error_naming_it(tiny):
+    """Templates call raise_exception for roles they refuse (Mistral, Mixtral, Gemma: a system message):
+    a RequestError (HTTP 400) with the template's words, not an unexpected ValueError (500)."""
+    from llama_cpp.llama_chat_format import MIXTRAL_INSTRUCT_CHAT_TEMPLATE
+
+    from logo_edge.errors import RequestError
+
+    with Engine(tiny / "tiny-f32.gguf", n_ctx=256, kv_type="f32", flash_attn=False) as eng:
+        object.__setattr__(eng.model.info, "chat_template", MIXTRAL_INSTRUCT_CHAT_TEMPLATE)
+        with pytest.raises(RequestError, match="chat template refused these messages: .*alternate"):
+            eng.create_chat_completion([{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}],
+                                       adapters="base", max_tokens=2)
+        out = eng.create_chat_completion([{"role": "user", "content": "hi"}], adapters="base", max_tokens=2)
+        assert out["choices"][0]["message"]["content"] is not None
+
+
+@pytest.mark.parametrize("index", [False, True])
+def test_an_adapter_file_removed_or_rewritten_after_loading_is_a_409_naming_it(tiny, tmp_path, monkeypatch, index):
+    """Handles and packed mixtures read an adapter's file again after the pool validated it: a file gone since
+    (a pool rename, a delete) or rewritten (add --replace) is an AdapterFileChangedError naming the adapter and
+    the file, not a bare FileNotFoundError (HTTP 500) nor an answer under weights other than those routed."""
+    from logo_edge.errors import AdapterFileChangedError
+
+    monkeypatch.setenv("LOGO_EDGE_CACHE", str(tmp_path / "cache"))
+    d = tmp_path / "pool"
+    d.mkdir()
+    for name in ("qv_r8", "all7_r4", "rs_r16"):
+        shutil.copy(tiny / "gguf" / f"{name}.gguf", d / f"{name}.gguf")
+    msg = [{"role": "user", "content": "hello"}]
+    with Engine(tiny / "tiny-f32.gguf", d, n_ctx=256, kv_type="f32", flash_attn=False, pool_index=index) as eng:
+        (d / "qv_r8.gguf").rename(d / "moved.gguf")
+        for adapters, merge in (({"qv_r8": 0.5, "all7_r4": 0.5}, "packed"), ({"qv_r8": 1.0}, "mixture")):
+            with pytest.raises(AdapterFileChangedError, match=r"'qv_r8': its file .*qv_r8.gguf is gone"):
+                eng.create_chat_completion(msg, adapters=adapters, merge=merge, max_tokens=2)
+        shutil.copy(tiny / "gguf" / "all7_r4.gguf", d / "qv_r8.gguf")  # another adapter's weights, same name
+        with pytest.raises(AdapterFileChangedError, match=r"'qv_r8': its file .*qv_r8.gguf changed"):
+            eng.create_chat_completion(msg, adapters={"qv_r8": 1.0}, max_tokens=2)
+        out = eng.create_chat_completion(msg, adapters={"rs_r16": 1.0}, max_tokens=2)  # the others still serve
+        assert out["choices"][0]["message"]["content"] is not None

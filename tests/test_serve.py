@@ -127,6 +127,7 @@ def test_models_and_adapters_are_listed(server):
     ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 100000}, 400, "max_tokens=100000"),
     ({"messages": [{"role": "user", "content": "x"}], "temperature": -1}, 400, "temperature"),
     ({"messages": []}, 400, "messages"),
+    ({"messages": [{"role": "user", "content": "x"}], "stop": [""]}, 400, "stop string may not be empty"),
     ({"messages": [{"role": "user", "content": "word " * 3000}]}, 400, "but the context holds 512"),
 ])
 def test_bad_requests_are_4xx_naming_the_problem(server, body, status, says):
@@ -169,7 +170,39 @@ def test_api_key_is_checked_everywhere_but_health(tiny):
         assert _client(url, "sekret").models.list().data[0].id == "tiny-f32"
 
 
-def test_a_client_that_leaves_mid_stream_frees_its_engine(server):
+def test_a_stream_left_early_frees_its_engine_for_the_next_request():
+    """The workers' side of a client leaving mid-stream: a generation that would never end on its own stops at
+    the next chunk once its consumer is gone, so the engine serves the next request (without the cancel flag
+    that call would wait forever)."""
+    import asyncio
+    import itertools
+
+    from logo_edge.serve.workers import Workers
+
+    class Engine:
+        def close(self):
+            pass
+
+    def endless(_engine):
+        for i in itertools.count():
+            time.sleep(0.005)
+            yield i
+
+    async def scenario(workers):
+        chunks = workers.stream(endless)
+        assert await chunks.__anext__() == 0
+        await chunks.aclose()  # what the SSE response does when its client leaves
+        return await asyncio.wait_for(workers.call(lambda _engine: "served"), timeout=10)
+
+    workers = Workers(Engine, 1)
+    try:
+        assert asyncio.run(scenario(workers)) == "served"
+    finally:
+        workers.close()
+
+
+def test_a_client_that_leaves_mid_stream_leaves_the_server_serving(server):
+    # (the tiny model's 64 tokens take milliseconds: what frees the engine is tested on the workers above)
     body = {"model": "tiny", "messages": [{"role": "user", "content": "go on"}], "max_tokens": 64, "stream": True}
     with httpx.stream("POST", server["url"] + "/v1/chat/completions", json=body, timeout=30) as r:
         for line in r.iter_lines():
@@ -196,10 +229,18 @@ def test_load_use_and_unload_an_adapter_without_restart(server):
     routed = httpx.post(url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "a b"}],
                                                             "max_tokens": 2, "logo": {"k": 6}}).json()
     assert "hot" in {a["name"] for a in routed["routing"]["adapters"] if a["rank"]}  # routable at once
+    listed = {a["name"]: a["id"] for a in httpx.get(url + "/lora-adapters").json()}
     r = httpx.post(url + "/v1/unload_lora_adapter", json={"lora_name": "hot"})
     assert r.status_code == 200
     r = httpx.post(url + "/v1/chat/completions", json={"model": "hot", "messages": [{"role": "user", "content": "x"}]})
     assert r.status_code == 404
+    # ids stay with their adapters: the unloaded one's is refused, not given to the adapter after it
+    assert {a["name"]: a["id"] for a in httpx.get(url + "/lora-adapters").json()} == {
+        n: i for n, i in listed.items() if n != "hot"}
+    gone = {"messages": [{"role": "user", "content": "x"}], "max_tokens": 2,
+            "lora": [{"id": listed["hot"], "scale": 1}]}
+    by_id = httpx.post(url + "/v1/chat/completions", json=gone)
+    assert by_id.status_code == 400 and f"lora id {listed['hot']} is not loaded" in by_id.text
     assert httpx.post(url + "/v1/unload_lora_adapter", json={"lora_name": "hot"}).status_code == 404
 
 
@@ -234,6 +275,32 @@ def test_load_refuses_absolute_paths_outside_and_bad_files(server, tmp_path):
     assert "junk" not in [m["id"] for m in httpx.get(url + "/v1/models").json()["data"]]
     r = httpx.post(url + "/v1/load_lora_adapter", json={"lora_name": "qv_r8", "lora_path": "hot.gguf"})
     assert r.status_code == 400 and "already served" in r.json()["error"]["message"]
+    bad = server["extra"] / "bad_peft"  # a PEFT directory without weights: the client's fault, named
+    bad.mkdir()
+    (bad / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8}))
+    r = httpx.post(url + "/v1/load_lora_adapter", json={"lora_name": "bad_peft", "lora_path": "bad_peft"})
+    assert r.status_code == 400 and "bad_peft" in r.json()["error"]["message"], r.text
+
+
+def test_two_loads_of_one_name_at_once_leave_one_adapter_served(server):
+    """Both pass the early name check; the second, inside the writer section, is refused and rolls back nothing
+    of the first's (its rollback used to remove the adapter the first had just added)."""
+    url, extra = server["url"], server["extra"]
+    shutil.copy(extra / "hot.gguf", extra / "hot2.gguf")
+    start = threading.Barrier(2)
+
+    def load(path):
+        start.wait()
+        return httpx.post(url + "/v1/load_lora_adapter", json={"lora_name": "race", "lora_path": path}, timeout=60)
+
+    with ThreadPoolExecutor(2) as ex:
+        got = sorted(r.status_code for r in ex.map(load, ["hot.gguf", "hot2.gguf"]))
+    assert got == [200, 400]
+    assert "race" in [m["id"] for m in httpx.get(url + "/v1/models").json()["data"]]
+    out = httpx.post(url + "/v1/chat/completions", json={"model": "race", "max_tokens": 2,
+                                                         "messages": [{"role": "user", "content": "x"}]})
+    assert out.status_code == 200, out.text  # served on every engine
+    assert httpx.post(url + "/v1/unload_lora_adapter", json={"lora_name": "race"}).status_code == 200
 
 
 # ---- isolation under load, and the pool changing under load
@@ -518,3 +585,22 @@ def test_split_check_passes_the_answer_alone_and_rejects_another_adapters(tiny):
                 _check_split(eng, msgs, shape, wrong["content"], 5, alone["routing"], alone["routing"])
         with pytest.raises(AssertionError, match="nothing cached"):
             _check_split(eng, msgs, shape, answer + "x", 0, alone["routing"], alone["routing"])
+
+
+def test_an_errors_own_status_is_served():
+    """FleetError says 502 (a backend failed); the catch-all for LogoEdgeError (500) must not shadow it."""
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from logo_edge.serve.app import _install_errors
+    from logo_edge.serve.fleet import FleetError
+
+    app = FastAPI()
+    _install_errors(app)
+
+    @app.get("/x")
+    def x():
+        raise FleetError("llama-server at http://127.0.0.1:1 answered 500")
+
+    r = TestClient(app, raise_server_exceptions=False).get("/x")
+    assert r.status_code == 502 and r.json()["error"]["code"] == "backend_error", r.text

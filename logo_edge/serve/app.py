@@ -10,6 +10,7 @@ import hmac
 import json
 import math
 import os
+import threading
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -20,7 +21,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from sse_starlette.sse import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
 
-from ..errors import AdapterError, ContextOverflowError, EngineBusyError, LogoEdgeError, RoutingError
+from ..errors import AdapterError, ContextOverflowError, ConversionError, EngineBusyError, LogoEdgeError, RoutingError
 from ..errors import RequestError as EngineRequestError
 from .protocol import (
     ChatCompletionRequest,
@@ -65,15 +66,43 @@ STATUS = [  # error type -> HTTP status, first match wins
     (ContextOverflowError, 400),
     (RoutingError, 400),
     (AdapterError, 400),
+    (ConversionError, 400),
     (EngineBusyError, 503),
     (QueueFullError, 503),
     (LogoEdgeError, 500),
 ]
 
 
+class LoraIds:
+    """The ids `/lora-adapters` lists and requests name adapters by (`lora: [{"id": ...}]`). llama-server numbers
+    adapters by position and never unloads one; here adapters come and go, so an id is given once per loaded
+    adapter, in load order (at start: positions, as llama-server's), and never given again while the server runs:
+    a request by id never reaches an adapter other than the one listed under it."""
+
+    def __init__(self):
+        self._ids: dict[str, int] = {}
+        self._next = 0
+        self._lock = threading.Lock()
+
+    def of(self, names: list[str]) -> dict[str, int]:
+        """name -> id for the adapters loaded now (ids for new names given here)."""
+        with self._lock:
+            for n in names:
+                if n not in self._ids:
+                    self._ids[n], self._next = self._next, self._next + 1
+            return {n: self._ids[n] for n in names}
+
+    def retire(self, name: str) -> None:
+        """An unloaded adapter's id is not given to the next one (a name loaded again gets a new id)."""
+        with self._lock:
+            self._ids.pop(name, None)
+
+
 def create_app(cfg: ServeConfig, workers: Workers) -> FastAPI:
     app = FastAPI(title="logo-edge", version="0.1.0", docs_url=None, redoc_url=None)
     app.state.cfg, app.state.workers = cfg, workers
+    ids = app.state.lora_ids = LoraIds()
+    ids.of(workers.engine.pool.names)
     _install_errors(app)
     _install_guards(app, cfg)
 
@@ -91,7 +120,9 @@ def create_app(cfg: ServeConfig, workers: Workers) -> FastAPI:
 
     @app.get("/lora-adapters")
     async def lora_adapters():
-        return [_adapter_card(i, a) for i, a in enumerate(workers.engine.pool.adapters)]
+        adapters = workers.engine.pool.adapters
+        now = ids.of([a.name for a in adapters])
+        return [_adapter_card(now[a.name], a) for a in adapters]
 
     @app.get("/v1/pool")
     async def pool():  # the same rows as `logo-edge pool list`, from the running pool (pool_ops)
@@ -101,14 +132,14 @@ def create_app(cfg: ServeConfig, workers: Workers) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatCompletionRequest):
-        kwargs = _generation_kwargs(req, cfg, workers, req.max_completion_tokens)
+        kwargs = _generation_kwargs(req, cfg, workers, ids, req.max_completion_tokens)
         messages = req.chat()
         return await _respond(req, cfg, workers, lambda eng, stream: eng.create_chat_completion(
             messages, stream=stream, **kwargs))
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest):
-        kwargs = _generation_kwargs(req, cfg, workers)
+        kwargs = _generation_kwargs(req, cfg, workers, ids)
         prompt = req.text()
         return await _respond(req, cfg, workers,
                               lambda eng, stream: eng.create_completion(prompt, stream=stream, **kwargs))
@@ -122,6 +153,7 @@ def create_app(cfg: ServeConfig, workers: Workers) -> FastAPI:
         if req.lora_name not in workers.engine.pool.names:
             raise Refusal(404, f"no adapter named {req.lora_name!r} is loaded", "lora_not_found", "lora_name")
         await run_in_threadpool(workers.on_every_engine, lambda eng: eng.remove_adapter(req.lora_name))
+        ids.retire(req.lora_name)
         return {"status": "ok", "lora_name": req.lora_name, "adapters": len(workers.engine.pool)}
 
     return app
@@ -130,7 +162,8 @@ def create_app(cfg: ServeConfig, workers: Workers) -> FastAPI:
 # ---- generation
 
 
-def _generation_kwargs(req: _Generation, cfg: ServeConfig, workers: Workers, max_tokens: int | None = None) -> dict:
+def _generation_kwargs(req: _Generation, cfg: ServeConfig, workers: Workers, ids: LoraIds,
+                       max_tokens: int | None = None) -> dict:
     """The engine's keyword arguments for a request, or Refusal naming what is wrong."""
     bad = req.unsupported()
     if bad:
@@ -139,7 +172,8 @@ def _generation_kwargs(req: _Generation, cfg: ServeConfig, workers: Workers, max
     if n > cfg.max_tokens:
         raise Refusal(400, f"max_tokens={n} is over this server's limit of {cfg.max_tokens}", param="max_tokens")
     eng = workers.engine
-    kwargs = dict(adapters=_adapters(req, cfg, eng.pool.names), max_tokens=n, temperature=req.temperature,
+    names = eng.pool.names
+    kwargs = dict(adapters=_adapters(req, cfg, names, ids.of(names)), max_tokens=n, temperature=req.temperature,
                   top_p=req.top_p, top_k=req.top_k, seed=req.seed, stop=req.stops())
     if req.logo is not None:
         overrides = req.logo.overrides()
@@ -151,7 +185,7 @@ def _generation_kwargs(req: _Generation, cfg: ServeConfig, workers: Workers, max
     return kwargs
 
 
-def _adapters(req: _Generation, cfg: ServeConfig, names: list[str]):
+def _adapters(req: _Generation, cfg: ServeConfig, names: list[str], ids: dict[str, int]):
     """Which adapters: routed (the base name), one by name (vLLM's adapter-as-model), or `lora` by hand."""
     model = req.model
     single = model if model in names else None
@@ -165,11 +199,12 @@ def _adapters(req: _Generation, cfg: ServeConfig, names: list[str]):
     if not req.lora:
         return "base"  # llama-server: an empty list means no adapter
     chosen: dict[str, float] = {}
+    by_id = {i: n for n, i in ids.items()}
     for item in req.lora:
-        if item.id is not None and item.id >= len(names):
-            raise Refusal(400, f"lora id {item.id} does not exist (ids 0-{len(names) - 1}, see /lora-adapters)",
-                               "lora_not_found", "lora")
-        name = names[item.id] if item.id is not None else item.name
+        if item.id is not None and item.id not in by_id:
+            raise Refusal(400, f"lora id {item.id} is not loaded (ids: {', '.join(map(str, sorted(by_id)))}; see "
+                               "/lora-adapters)", "lora_not_found", "lora")
+        name = by_id[item.id] if item.id is not None else item.name
         if name not in names:
             raise Refusal(400, f"lora name {name!r} is not loaded (have: {', '.join(names)})",
                                "lora_not_found", "lora")
@@ -230,10 +265,19 @@ def _load_adapter(cfg: ServeConfig, workers: Workers, req: LoadLoraRequest) -> d
     from ..gguf_files import read_lora
 
     read_lora(path, workers.engine.model.info)  # validate once, before any engine changes
+    ours = []  # engines this request added the adapter to (another request may load the same name meanwhile)
+
+    def add(eng):
+        if req.lora_name in eng.pool.names:  # checked again where no other load can run
+            raise Refusal(400, f"an adapter or model named {req.lora_name!r} is already served", param="lora_name")
+        a = eng.add_adapter(path, req.lora_name)
+        ours.append(id(eng))
+        return a
+
     try:
-        added = workers.on_every_engine(lambda eng: eng.add_adapter(path, req.lora_name))
+        added = workers.on_every_engine(add)
     except Exception:
-        workers.on_every_engine(lambda eng: req.lora_name in eng.pool.names and eng.remove_adapter(req.lora_name))
+        workers.on_every_engine(lambda eng: id(eng) in ours and eng.remove_adapter(req.lora_name))
         raise
     return {"status": "ok", "lora_name": req.lora_name, "lora_path": str(path),
             "probeable": added[0].probeable, "adapters": len(workers.engine.pool)}
@@ -283,7 +327,8 @@ def _install_errors(app: FastAPI) -> None:
 
     @app.exception_handler(LogoEdgeError)
     async def engine_error(_, exc: LogoEdgeError):
-        status = next(s for t, s in STATUS if isinstance(exc, t)) or getattr(exc, "status", 400)
+        # an error's own status (Refusal, FleetError) first, then its type's
+        status = getattr(exc, "status", None) or next(s for t, s in STATUS if isinstance(exc, t)) or 400
         code = getattr(exc, "code", type(exc).__name__)
         return JSONResponse(error_body(str(exc), _type(status), code, getattr(exc, "param", None)), status)
 
