@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 import warnings
 from functools import lru_cache
 from pathlib import Path
@@ -88,7 +89,7 @@ def _load_cached(path: Path, blocks: Sequence[int]) -> tuple[np.ndarray | None, 
 
 
 def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.part")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}-{threading.get_ident()}.part")
     try:
         write(tmp)
         os.replace(tmp, path)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import struct
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Collection
@@ -430,7 +431,7 @@ def write_lora(path: str | Path, arch: str, alpha: float, pairs: dict[str, tuple
     # a temporary file of this process beside the target, flushed to disk, then renamed over it (os.replace,
     # atomic on POSIX): a writer killed at any moment leaves the old file or the new one, never a partial one
     # at `path` (a stale NAME.<pid>.part may remain); concurrent writers never share a temporary file
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.part")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}-{threading.get_ident()}.part")
     try:
         _write_lora_to(tmp, arch, alpha, pairs, outtype, name, extra)
         with open(tmp, "rb+") as f:

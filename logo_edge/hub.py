@@ -347,9 +347,15 @@ def pull(spec: str, pool_dir: str | Path | None = None, base: str | Path | None 
     check_base(label, declared_bases(snapshot, found.dirs if not found.gguf else []), base_ids(base, base_repo),
                base.name, allow_base_mismatch)
     names = [pool_ops.check_name(n) for n in _names(rs, snapshot, paths, name)]
+    clash = sorted({n for n in names if names.count(n) > 1})
+    if clash:  # two adapters of the repository under one name: no flag makes that right
+        raise PullError(f"{label}: its adapters at "
+                        f"{', '.join(p.relative_to(snapshot).as_posix() for p, n in zip(paths, names) if n in clash)} "
+                        f"would all take the pool name {', '.join(clash)}; add them one at a time from the download "
+                        f"({snapshot}) with `logo-edge pool add --name`")
     taken = [n for n in names if (pool_dir / f"{n}.gguf").exists() and not replace]
-    if taken or len(set(names)) < len(names):
-        raise PullError(f"{label}: the pool {pool_dir} already has {', '.join(taken or names)}; pass --replace "
+    if taken:
+        raise PullError(f"{label}: the pool {pool_dir} already has {', '.join(taken)}; pass --replace "
                         "to overwrite, or --name to add it under another name")
     with tempfile.TemporaryDirectory(prefix="logo-edge-pull-") as tmp:
         if found.gguf:

@@ -29,6 +29,7 @@ import hashlib
 import json
 import os
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -151,7 +152,7 @@ class PoolIndex:
                 with open(f, "rb+") as fh:
                     os.fsync(fh.fileno())
         data = dict(self.meta, entries=[vars(e) for e in self.meta["entries"]])
-        tmp = self.root / f"meta.json.{os.getpid()}.part"
+        tmp = self.root / f"meta.json.{os.getpid()}-{threading.get_ident()}.part"
         try:
             tmp.write_text(json.dumps(data, separators=(",", ":")))
             os.replace(tmp, self.root / "meta.json")

@@ -16,6 +16,7 @@ import json
 import os
 import re
 import shutil
+import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -94,7 +95,7 @@ def read_manifest(pool_dir: str | Path) -> dict:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.part")
     try:
         with open(tmp, "wb") as f:
             f.write(data)
@@ -158,7 +159,7 @@ def add_file(pool_dir: str | Path, src: str | Path, *, name: str | None = None, 
         raise AdapterError(f"{dest}: the pool already has an adapter named {name!r}; pass another name, "
                            "or replace it")
     if not same:
-        tmp = pool_dir / f".{name}.gguf.{os.getpid()}.part"
+        tmp = pool_dir / f".{name}.gguf.{os.getpid()}-{threading.get_ident()}.part"
         try:
             shutil.copyfile(src, tmp)
             with open(tmp, "rb+") as f:
@@ -193,7 +194,8 @@ def add_source(pool_dir: str | Path, src: str | Path, *, name: str | None = None
     name = check_name(name if name is not None else src.resolve().name)
     pool_dir = Path(pool_dir)
     pool_dir.mkdir(parents=True, exist_ok=True)
-    tmp = pool_dir / f".{name}.{os.getpid()}.converting"  # not *.gguf: never taken for a pool adapter
+    # not *.gguf: never taken for a pool adapter
+    tmp = pool_dir / f".{name}.{os.getpid()}-{threading.get_ident()}.converting"
     kind = "mlx" if is_mlx_adapter(src) else "peft"
     try:
         convert_lora(src, base_path, tmp, outtype, name=name)
@@ -229,7 +231,14 @@ def rename(pool_dir: str | Path, old: str, new: str) -> Path:
     if dest.exists():
         raise AdapterError(f"{dest}: the pool already has an adapter named {new!r}")
     manifest = read_manifest(pool_dir)
-    os.replace(path, dest)  # atomic; a rename never overwrites (checked above)
+    try:  # a hard link, then the old name dropped: never overwrites a file that appeared since the check
+        os.link(path, dest)
+    except FileExistsError:
+        raise AdapterError(f"{dest}: the pool already has an adapter named {new!r}") from None
+    except OSError:  # a file system without hard links: the checked rename
+        os.replace(path, dest)
+    else:
+        os.unlink(path)
     _fsync_dir(pool_dir)
     if old in manifest["adapters"]:
         manifest["adapters"][new] = manifest["adapters"].pop(old)

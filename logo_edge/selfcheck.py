@@ -23,6 +23,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -122,7 +123,7 @@ def verdict(model: str | Path) -> Verdict:
     ok, reason = run_child(model)
     v = Verdict(ok, reason, str(LIB_DIR), cpu_summary(), str(model))
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
     tmp.write_text(json.dumps(asdict(v), indent=1))
     os.replace(tmp, path)  # atomic: a concurrent checker writes the same verdict
     if not ok:

@@ -388,6 +388,22 @@ def test_rename_and_remove(tiny, base, pool):
 
 
 @pytest.mark.slow
+def test_rename_never_overwrites_a_file_that_appears_after_its_check(tiny, pool, monkeypatch):
+    """Another process adds `new` between rename's check and its move: the rename is refused, both files kept."""
+    real = pool_ops.read_manifest
+    other = (tiny / "gguf" / "all7_r4.gguf").read_bytes()
+
+    def meanwhile(pool_dir):
+        (pool / "late.gguf").write_bytes(other)
+        return real(pool_dir)
+
+    monkeypatch.setattr(pool_ops, "read_manifest", meanwhile)
+    with pytest.raises(AdapterError, match="already has an adapter named 'late'"):
+        pool_ops.rename(pool, "qv_r8", "late")
+    assert (pool / "late.gguf").read_bytes() == other
+    assert (pool / "qv_r8.gguf").read_bytes() == (tiny / "gguf" / "qv_r8.gguf").read_bytes()
+
+
 def test_remove_and_rename_without_manifest_entry(tiny, pool):
     (pool / "loose.gguf").write_bytes((tiny / "gguf" / "qkd_r2.gguf").read_bytes())
     m = (pool / "manifest.json").read_bytes()

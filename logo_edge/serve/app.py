@@ -295,7 +295,7 @@ def _convert_peft(cfg: ServeConfig, workers: Workers, peft_dir: Path) -> Path:
     out = out_dir / f"{peft_dir.name}-{h.hexdigest()[:12]}.gguf"
     if not out.exists():
         out_dir.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(f".{os.getpid()}.tmp")
+        tmp = out.with_suffix(f".{os.getpid()}-{threading.get_ident()}.tmp")
         convert_lora(peft_dir, workers.engine.model.path, tmp, "f16", name=peft_dir.name)
         os.replace(tmp, out)
     return out
