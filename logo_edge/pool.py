@@ -22,7 +22,7 @@ from .defaults import PROBE_BLOCKS, other_input_modules
 from .errors import AdapterError, AdapterFileChangedError, RoutingError
 from .gguf_files import read_lora
 from .llm import PROBE_INPUTS, LoraHandle, Model, same_input_modules
-from .pool_index import Entry, PoolIndex, index_key, index_root
+from .pool_index import Entry, PoolIndex, file_sha256, index_key, index_root
 from .router import STATISTICS, ProbeBank
 
 LARGE_POOL = 256  # adapter files beyond which a new index stores the earlier window blocks in float16
@@ -54,6 +54,7 @@ class PoolAdapter:
     probed: list[str] = field(default_factory=list)  # the modules it is scored over (empty: unprobeable)
     other_index: int | None = None  # its row of the other input's bank (scored over gate/up: no attention LoRA)
     file_id: tuple[int, int] | None = None  # the file's (size, mtime_ns) when the pool read it
+    sha256: str | None = None  # and its content's hash (a touched file with the same content is the same file)
 
     @property
     def probeable(self) -> bool:
@@ -162,6 +163,7 @@ class AdapterPool:
         if self._index is not None:
             return self._add_indexed([Path(path)], [name])[0]
         file_id = _file_id(Path(path))  # before reading: a file rewritten meanwhile then fails check_file
+        sha256 = file_sha256(Path(path)) if file_id else None
         lora = read_lora(path, self.model.info, only=self.read_tensors)  # validates all, keeps the window
         name = name or lora.name
         if any(a.name == name for a in self.adapters):
@@ -180,7 +182,7 @@ class AdapterPool:
                           "routed to, but can still be used by name", UserWarning, stacklevel=2)
         adapter = PoolAdapter(name, lora.path, lora.stems, lora.alpha, index, rank, reason,
                               nbytes=lora.path.stat().st_size, max_rank=max(lora.ranks.values(), default=0),
-                              probed=probed, other_index=other, file_id=file_id)
+                              probed=probed, other_index=other, file_id=file_id, sha256=sha256)
         for probe_input, states in self._states.items():
             self._calibrate(adapter, probe_input, states)
         self.adapters.append(adapter)
@@ -372,7 +374,8 @@ class AdapterPool:
             if a is None:
                 a = PoolAdapter(name, path, e.stems, e.alpha, None, e.rank, e.reason, nbytes=e.size,
                                 calibrate_s=e.calibrate_s, max_rank=e.max_rank,
-                                probed=[] if e.offset is None else self._scored(e), file_id=(e.size, e.mtime_ns))
+                                probed=[] if e.offset is None else self._scored(e), file_id=(e.size, e.mtime_ns),
+                                sha256=e.sha256)
             a.name, a.bank_index, a.other_index, a.stats = name, probed.get(id(e)), other_index.get(id(e)), stats
             adapters.append(a)
         self._bank = self._index.bank(main)
@@ -542,6 +545,9 @@ class AdapterPool:
             raise AdapterFileChangedError(f"adapter {a.name!r}: its file {a.path} is gone since the pool read it "
                                           "(removed or renamed); load it again, or remove the adapter")
         if a.file_id is not None and now != a.file_id:
+            if now[0] == a.file_id[0] and a.sha256 is not None and file_sha256(a.path) == a.sha256:
+                a.file_id = now  # touched or copied over with the same content: the same weights
+                return
             raise AdapterFileChangedError(f"adapter {a.name!r}: its file {a.path} changed since the pool read it; "
                                           "remove the adapter and add it again, so that routing and answers use the "
                                           "same weights")

@@ -687,6 +687,10 @@ def test_an_adapter_file_removed_or_rewritten_after_loading_is_a_409_naming_it(t
         for adapters, merge in (({"qv_r8": 0.5, "all7_r4": 0.5}, "packed"), ({"qv_r8": 1.0}, "mixture")):
             with pytest.raises(AdapterFileChangedError, match=r"'qv_r8': its file .*qv_r8.gguf is gone"):
                 eng.create_chat_completion(msg, adapters=adapters, merge=merge, max_tokens=2)
+        (d / "moved.gguf").rename(d / "qv_r8.gguf")
+        st = (d / "qv_r8.gguf").stat()  # touched, the same content: the same adapter
+        os.utime(d / "qv_r8.gguf", ns=(st.st_atime_ns, st.st_mtime_ns + 1000))
+        eng.create_chat_completion(msg, adapters={"qv_r8": 0.5, "all7_r4": 0.5}, merge="packed", max_tokens=2)
         shutil.copy(tiny / "gguf" / "all7_r4.gguf", d / "qv_r8.gguf")  # another adapter's weights, same name
         with pytest.raises(AdapterFileChangedError, match=r"'qv_r8': its file .*qv_r8.gguf changed"):
             eng.create_chat_completion(msg, adapters={"qv_r8": 1.0}, max_tokens=2)
