@@ -223,8 +223,47 @@ class BaseInfo:
             n_head_kv = int(kv.get(f"{arch}.attention.head_count_kv", n_head))
         except (TypeError, ValueError) as e:
             raise ModelLoadError(f"{path}: a block or head count is not a number: {e}") from None
+        _check_hparams(path, arch, kv, n_layer)
         template = kv.get("tokenizer.chat_template")
         return cls(path, arch, n_layer, n_head, n_head_kv, shapes, template if isinstance(template, str) else None)
+
+
+LLAMA_MAX_LAYERS, LLAMA_MAX_EXPERTS = 512, 1024  # the pinned llama.cpp's limits (src/llama-hparams.h)
+
+
+def _check_hparams(path: Path, arch: str, kv: dict, n_layer: int) -> None:
+    """The hyperparameters llama.cpp GGML_ASSERTs on while loading (llama_model::load_hparams: an abort of the
+    whole process, not an error): ModelLoadError naming the key instead. An array value (a per-layer count) is
+    skipped here (scan_header does not read arrays)."""
+    def num(key: str) -> int:
+        v = kv.get(f"{arch}.{key}", 0)
+        if v is None:
+            return 0
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v != int(v) or v < 0:
+            raise ModelLoadError(f"{path}: {arch}.{key} is {v!r}, not a count")
+        return int(v)
+
+    def bad(what: str) -> ModelLoadError:
+        return ModelLoadError(f"{path}: {what}: llama.cpp would abort loading this model")
+
+    if not 0 < n_layer <= LLAMA_MAX_LAYERS:
+        raise bad(f"{arch}.block_count is {n_layer}, not 1 to {LLAMA_MAX_LAYERS}")
+    if num("nextn_predict_layers") > n_layer:
+        raise bad(f"{arch}.nextn_predict_layers {num('nextn_predict_layers')} is over block_count {n_layer}")
+    experts, used = num("expert_count"), num("expert_used_count")
+    per_layer = kv.get(f"{arch}.expert_used_count", 0) is None  # an array: its largest is not read here
+    groups, group_used = num("expert_group_count"), num("expert_group_used_count")
+    if arch in ("hunyuan_vl", "hunyuan-dense") and experts <= 1:
+        experts, used, per_layer = 0, 0, False
+    if experts > LLAMA_MAX_EXPERTS or used > experts:
+        raise bad(f"{arch}.expert_count {experts}, expert_used_count {used} (needs used <= count <= "
+                  f"{LLAMA_MAX_EXPERTS})")
+    if experts and ((used == 0 and not per_layer) or groups >= experts
+                    or (groups > 1 and (experts % groups or not 0 < group_used < groups))):
+        raise bad(f"{arch}.expert_count {experts}, expert_used_count {used}, expert_group_count {groups}, "
+                  f"expert_group_used_count {group_used} do not fit together")
+    if not experts and groups:
+        raise bad(f"{arch}.expert_group_count {groups} without experts")
 
 
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}

@@ -531,7 +531,7 @@ class AdapterPool:
         if key not in self._stats:  # built once per pool change, not per request
             rows = [a.stats[probe_input][signal] for a in self.adapters
                     if (a.bank_index is not None if bank_only else a.probeable)]
-            self._stats[key] = tuple(np.array(rows, np.float64).T)
+            self._stats[key] = tuple(np.array(rows, np.float64).reshape(len(rows), 2).T)  # (means, sds), even of none
         return self._stats[key]
 
     # ---- llama.cpp handles, in an LRU under a memory budget

@@ -696,3 +696,41 @@ def test_an_adapter_file_removed_or_rewritten_after_loading_is_a_409_naming_it(t
             eng.create_chat_completion(msg, adapters={"qv_r8": 1.0}, max_tokens=2)
         out = eng.create_chat_completion(msg, adapters={"rs_r16": 1.0}, max_tokens=2)  # the others still serve
         assert out["choices"][0]["message"]["content"] is not None
+
+
+@pytest.mark.parametrize("block_count", [0, 513])
+def test_a_model_llama_cpp_would_abort_on_is_a_load_error_naming_the_key(tiny, tmp_path, block_count):
+    """llama.cpp GGML_ASSERTs on some hyperparameters (block_count 0 or over 512, experts over its limit): an
+    abort of the whole process. They are checked first; the load runs in a child so a regression aborts it alone."""
+    import struct
+    import subprocess
+    import sys
+
+    from gguf import GGUFReader
+
+    src = tiny / "tiny-f32.gguf"
+    field = GGUFReader(src).fields["llama.block_count"]
+    bad = tmp_path / "bad.gguf"
+    shutil.copy(src, bad)
+    with open(bad, "r+b") as f:
+        f.seek(int(field.offset) + 8 + len("llama.block_count") + 4)
+        f.write(struct.pack("<I", block_count))
+    child = ("import sys\nfrom logo_edge.errors import ModelLoadError\nfrom logo_edge.llm import Model\n"
+             "try:\n    Model(sys.argv[1], extra_bufts=False)\nexcept ModelLoadError as e:\n    print(e)\n")
+    out = subprocess.run([sys.executable, "-c", child, str(bad)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert f"llama.block_count is {block_count}, not 1 to 512" in out.stdout and str(bad) in out.stdout
+
+
+@pytest.mark.parametrize("calibration", ["zscore", "raw"])
+def test_a_pool_of_unprobeable_adapters_refuses_routing_naming_them(tiny, calibration):
+    """Adapters on o/down only: routed requests get a RoutingError naming them (HTTP 400) under every
+    calibration (calibrated routing raised an IndexError: a 500), and each still serves by name."""
+    with pytest.warns(UserWarning, match="od_only"):
+        eng = Engine(tiny / "tiny-f32.gguf", [tiny / "gguf" / "od_only.gguf"], n_ctx=256, kv_type="f32",
+                     flash_attn=False)
+    with eng:
+        with pytest.raises(RoutingError, match="no adapter could be scored: od_only: no LoRA"):
+            eng.create_completion("hello there", max_tokens=2, calibration=calibration)
+        out = eng.create_completion("hello there", adapters=["od_only"], max_tokens=2)
+        assert out["choices"][0]["text"] is not None

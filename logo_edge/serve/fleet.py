@@ -103,7 +103,10 @@ def map_adapters(url: str, pool: dict[str, Path]) -> dict[str, int]:
 
     listed = httpx.get(url + "/lora-adapters", timeout=10).raise_for_status().json()
     by_path = {str(Path(a["path"]).resolve()): a["id"] for a in listed}
-    by_stem = {Path(a["path"]).stem: a["id"] for a in listed}
+    stems: dict[str, list[int]] = {}
+    for a in listed:
+        stems.setdefault(Path(a["path"]).stem, []).append(a["id"])
+    by_stem = {s: i[0] for s, i in stems.items() if len(i) == 1}  # a stem two files share names neither
     ids, missing = {}, []
     for name, path in pool.items():
         i = by_path.get(str(Path(path).resolve()), by_stem.get(name, by_stem.get(Path(path).stem)))
@@ -111,6 +114,12 @@ def map_adapters(url: str, pool: dict[str, Path]) -> dict[str, int]:
             missing.append(name)
         else:
             ids[name] = i
+    shared = {i: [n for n in ids if ids[n] == i] for i in set(ids.values())}
+    shared = {i: names for i, names in shared.items() if len(names) > 1}
+    if shared:  # two pool adapters sent as one backend adapter: one would get the other's weight
+        raise FleetError(f"llama-server at {url}: pool adapters " + "; ".join(
+            f"{', '.join(n)} all map to its adapter {i}" for i, n in shared.items())
+            + " (matched by file name); give the backend the pool's files by the same paths")
     if missing:
         raise FleetError(f"llama-server at {url} lacks adapter(s) {', '.join(missing)} of the pool (it has: "
                          f"{', '.join(Path(a['path']).name for a in listed) or 'none'}); start it with --lora FILE "
