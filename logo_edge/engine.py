@@ -54,6 +54,7 @@ PACK_RANK_MULTIPLE = 16
 PREFILLS = ("exact", "probe-cache")
 KEEP_PROBES = ("base", "mixture")  # what a continuing turn's keep decision routes on (RouteConfig.keep_probe)
 LORA_CACHE_BYTES = 64 << 20  # adapter tensors kept in memory for packing (Engine._lora_file)
+MAX_STOPS, MAX_STOP_CHARS = 16, 1000  # stop strings a request may give (each is matched on every token)
 KEEP_MIN_PREFIX = 48  # tokens of cached history below which a request is not a continuing conversation
 # K/V kept per mixture: when a request changes the mixture, the history computed under the old one is saved
 # (llama.cpp's sequence state), most recent last, within KV_KEEP_BYTES; a request that returns to a saved mixture
@@ -143,12 +144,17 @@ class SamplingConfig:
         if not (math.isfinite(self.temperature) and self.temperature >= 0) or not 0 < self.top_p <= 1:
             raise RequestError(f"temperature must be >= 0 and top_p in (0, 1] (got {self.temperature}, "
                                f"{self.top_p})")
-        if self.top_k < 0:
-            raise RequestError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0 <= self.top_k < 2**31:
+            raise RequestError(f"top_k must be from 0 to 2**31 - 1, got {self.top_k}")
+        if self.seed is not None and not -1 <= self.seed < 2**32:  # llama.cpp's seed is 32 bits: no silent wrap
+            raise RequestError(f"seed must be from 0 to 2**32 - 1 (or -1: random, as llama-server), got {self.seed}")
         if not all(isinstance(x, str) for x in self.stop):
             raise RequestError(f"stop must be a string or a list of strings, got {self.stop!r}")
         if any(x == "" for x in self.stop):  # it would match at once: an empty answer
             raise RequestError(f"a stop string may not be empty, got {self.stop!r}")
+        if len(self.stop) > MAX_STOPS or any(len(x) > MAX_STOP_CHARS for x in self.stop):
+            raise RequestError(f"at most {MAX_STOPS} stop strings of at most {MAX_STOP_CHARS} characters each, got "
+                               f"{len(self.stop)} of up to {max(map(len, self.stop))}")
 
 
 Step = tuple[str, str | None, RoutingRecord]  # (text piece, finish reason or None, record)
@@ -746,7 +752,7 @@ class Engine:
         if s.top_p < 1:
             smp.add_top_p(s.top_p, 1)
         smp.add_temp(s.temperature)
-        smp.add_dist(s.seed if s.seed is not None else random.getrandbits(32))
+        smp.add_dist(s.seed if s.seed not in (None, -1) else random.getrandbits(32))
         return smp
 
     def stream(self, prompt: str | list[int], adapters: AdapterChoice = "auto",
@@ -833,7 +839,8 @@ class Engine:
                 self._cache.append(tok)
         finally:
             smp.close()
-        if finish == "length" and pending:
+        pending += utf8.decode(b"", final=True)  # an incomplete character at the end: its replacement
+        if pending:  # held back for a stop string that did not come (a stop string hit leaves none)
             yield pending, None, rec
         tm.decode_s = time.perf_counter() - t0
         yield "", finish, rec
@@ -962,7 +969,7 @@ def _split_stop(text: str, stops: tuple[str, ...]) -> tuple[str, str, bool]:
     cut = min((text.find(s) for s in stops if s in text), default=-1)
     if cut >= 0:
         return text[:cut], "", True
-    hold = max((n for s in stops for n in range(1, len(s)) if text.endswith(s[:n])), default=0)
+    hold = max((n for s in stops for n in range(1, min(len(s), len(text) + 1)) if text.endswith(s[:n])), default=0)
     return text[:len(text) - hold], text[len(text) - hold:], False
 
 

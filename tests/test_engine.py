@@ -734,3 +734,38 @@ def test_a_pool_of_unprobeable_adapters_refuses_routing_naming_them(tiny, calibr
             eng.create_completion("hello there", max_tokens=2, calibration=calibration)
         out = eng.create_completion("hello there", adapters=["od_only"], max_tokens=2)
         assert out["choices"][0]["text"] is not None
+
+
+def test_text_held_back_for_a_stop_string_is_kept_when_the_model_ends(tiny_engine, monkeypatch):
+    """The last characters may begin a stop string and are held back; if the model then ends (an end-of-generation
+    token) they are the answer's, as llama-server and llama-cpp-python return them."""
+    eng = tiny_engine
+    full = eng.create_completion("Hello world", adapters="base", max_tokens=6)["choices"][0]["text"]
+    calls, real = {"n": 0}, eng.model.is_eog
+
+    def ends_after_six(tok):  # the 7th sampled token is an end-of-generation token
+        calls["n"] += 1
+        return calls["n"] == 7 or real(tok)
+
+    monkeypatch.setattr(eng.model, "is_eog", ends_after_six)
+    out = eng.create_completion("Hello world", adapters="base", max_tokens=7, stop=[full[-1] + "\u2603never"])
+    assert out["choices"][0]["text"] == full and out["choices"][0]["finish_reason"] == "stop"
+    calls["n"] = 0
+    streamed = eng.create_completion("Hello world", adapters="base", max_tokens=7, stop=[full[-1] + "\u2603x"],
+                                     stream=True)
+    assert "".join(c["choices"][0]["text"] for c in streamed) == full
+
+
+@pytest.mark.parametrize("kw, says", [
+    (dict(stop=["x"] * 17), "at most 16 stop strings"),
+    (dict(stop=["y" * 1001]), "of at most 1000 characters"),
+    (dict(seed=2**32 + 7, temperature=1.0), "seed must be from 0 to 2\\*\\*32 - 1"),
+    (dict(top_k=2**32 + 1, temperature=1.0), "top_k must be from 0 to 2\\*\\*31 - 1"),
+])
+def test_sampling_values_llama_cpp_would_wrap_or_that_cost_per_token_are_refused(tiny_engine, kw, says):
+    from logo_edge.errors import RequestError
+
+    with pytest.raises(RequestError, match=says):
+        tiny_engine.create_completion("Hello", adapters="base", max_tokens=2, **kw)
+    out = tiny_engine.create_completion("Hello", adapters="base", max_tokens=2, seed=-1, temperature=1.0)
+    assert out["choices"][0]["text"] is not None  # -1: a random seed, as llama-server
