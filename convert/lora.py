@@ -163,12 +163,16 @@ def peft_to_pairs(adapter_dir: str | Path, base: BaseSpec) -> tuple[dict[str, tu
     for flag, why in (("use_dora", "DoRA magnitudes"), ("fan_in_fan_out", "Conv1D (GPT-2 style) layers")):
         if cfg.get(flag):
             raise ConversionError(f"{cfg_path}: {flag}=true ({why}) cannot be expressed as a GGUF LoRA")
+    if cfg.get("alora_invocation_tokens"):
+        raise ConversionError(f"{cfg_path}: an activated LoRA (alora_invocation_tokens) applies only after its "
+                              "invocation tokens; a GGUF LoRA would apply it to every token")
     if cfg.get("modules_to_save"):
         raise ConversionError(f"{cfg_path}: modules_to_save {cfg['modules_to_save']} holds full weights, "
                               "which a GGUF LoRA cannot carry")
     modules = ARCH_MODULES[base.arch]
     tensors = read_safetensors(adapter_dir / "adapter_model.safetensors")
     halves: dict[tuple[int, str], dict[str, np.ndarray]] = {}
+    full: dict[tuple[int, str], str] = {}  # the module's name in the model (what PEFT matches alpha_pattern on)
     for key, arr in tensors.items():
         if "embed" in key or "lm_head" in key:
             raise ConversionError(f"{adapter_dir}: tensor {key!r} adapts embeddings or lm_head, which "
@@ -183,7 +187,11 @@ def peft_to_pairs(adapter_dir: str | Path, base: BaseSpec) -> tuple[dict[str, tu
             raise ConversionError(f"{adapter_dir}: {mod} is not a LoRA on a supported module of the "
                                   f"{base.arch} family ({', '.join(modules)}); it has no GGUF counterpart there: "
                                   f"the adapter was made for another architecture (tensor {key!r})")
+        if not np.isfinite(arr).all():
+            raise ConversionError(f"{adapter_dir}: tensor {key!r} holds NaN or infinite values")
         halves.setdefault((int(m.group(1)), m.group(2)), {})[m.group(3)] = arr
+        full[(int(m.group(1)), m.group(2))] = re.sub(r"\.lora_[AB](?:\.\w+)?\.weight$", "",
+                                                     key.removeprefix("base_model.model."))
     if not halves:
         raise ConversionError(f"{adapter_dir}: the adapter has no LoRA tensors")
     use_rslora = bool(cfg.get("use_rslora"))
@@ -203,7 +211,10 @@ def peft_to_pairs(adapter_dir: str | Path, base: BaseSpec) -> tuple[dict[str, tu
             raise ConversionError(f"{adapter_dir}: layer {layer} {hf_mod}: A {a.shape} and B {b.shape} do not "
                                   f"fit the base weight (in={n_in}, out={n_out}) of {base.source.name}")
         r = a.shape[0]
-        alpha = float(_pattern_value(cfg.get("alpha_pattern"), f"layers.{layer}.{hf_mod}", alpha_default))
+        alpha = float(_pattern_value(cfg.get("alpha_pattern"), full[(layer, hf_mod)], alpha_default))
+        if not (math.isfinite(alpha) and alpha != 0):
+            raise ConversionError(f"{cfg_path}: lora_alpha (or its alpha_pattern) for {full[(layer, hf_mod)]} is "
+                                  f"{alpha:g}: the update c B A would be {'zero' if alpha == 0 else 'not finite'}")
         scales[stem] = alpha / math.sqrt(r) if use_rslora else alpha / r
         if base.arch in ROPE_PERMUTED_ARCHS and hf_mod == "self_attn.q_proj":
             b = rope_permute(b, base.n_head)
@@ -232,6 +243,11 @@ def convert_lora(adapter_dir: str | Path, base: str | Path, out: str | Path, out
         return convert_mlx(adapter_dir, base, out, outtype, name)
     spec = BaseSpec.load(base)
     pairs, alpha = peft_to_pairs(adapter_dir, spec)
+    if outtype == "f16":  # written as float16: a value beyond its range would become infinite
+        big = max(float(np.abs(x).max(initial=0.0)) for ab in pairs.values() for x in ab)
+        if big > np.finfo(np.float16).max:
+            raise ConversionError(f"{adapter_dir}: values up to {big:.4g} (after folding the scales) exceed float16's "
+                                  "range; convert with outtype f32")
     name = name or Path(adapter_dir).resolve().name
     return write_lora(out, spec.arch, alpha, pairs, outtype, name=name)
 

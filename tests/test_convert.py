@@ -140,3 +140,57 @@ def test_base_given_as_gguf_equals_hf_dir(tiny, tmp_path):
     a = convert_lora(tiny / "peft" / "rs_r16", tiny / "hf", tmp_path / "a.gguf")
     b = convert_lora(tiny / "peft" / "rs_r16", tiny / "tiny-f32.gguf", tmp_path / "b.gguf")
     assert a.read_bytes() == b.read_bytes()
+
+
+@pytest.mark.parametrize("key", ["q_proj", "self_attn.q_proj", "layers.0.self_attn.q_proj",
+                                 "model.layers.0.self_attn.q_proj", "^model.layers.0.self_attn.q_proj"])
+def test_alpha_pattern_keys_apply_where_peft_applies_them(tiny, tmp_path, key):
+    """PEFT matches alpha_pattern keys against the model's module names (model.layers.N.self_attn.q_proj): every
+    form it applies must change the converted update as it changes PEFT's (a full-name key was ignored)."""
+    torch = pytest.importorskip("torch")
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from logo_edge.convert.lora import BaseSpec, peft_to_pairs
+
+    d = _copy_adapter(tiny, tmp_path, "pattern_r8")
+    cfg = json.loads((d / "adapter_config.json").read_text())
+    cfg["alpha_pattern"] = {key: 64}
+    (d / "adapter_config.json").write_text(json.dumps(cfg))
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny / "hf", dtype=torch.float32), d)
+    pairs, alpha = peft_to_pairs(d, BaseSpec.load(tiny / "hf"))
+    for layer in (0, 1):
+        q = model.base_model.model.model.layers[layer].self_attn.q_proj
+        want = q.scaling["default"] * (q.lora_B["default"].weight @ q.lora_A["default"].weight).detach().numpy()
+        a, b = pairs[f"blk.{layer}.attn_q.weight"]
+        got = alpha / a.shape[0] * b @ a  # llama.cpp's scale alpha / r (rows RoPE-permuted: compare norms)
+        assert np.linalg.norm(got) == pytest.approx(np.linalg.norm(want), rel=1e-5), (key, layer)
+
+
+def test_adapters_that_cannot_convert_faithfully_are_refused(tiny, tmp_path):
+    """alpha 0 (a zero update: it divided by zero), an activated LoRA (applies after its invocation tokens only),
+    non-finite weights, and values beyond float16's range written as f16 are errors naming the adapter."""
+    d = _copy_adapter(tiny, tmp_path)
+    cfg = json.loads((d / "adapter_config.json").read_text())
+    (d / "adapter_config.json").write_text(json.dumps({**cfg, "lora_alpha": 0}))
+    with pytest.raises(ConversionError, match="lora_alpha .* is 0: the update c B A would be zero"):
+        convert_lora(d, tiny / "hf", tmp_path / "o.gguf")
+    (d / "adapter_config.json").write_text(json.dumps({**cfg, "alora_invocation_tokens": [1, 2]}))
+    with pytest.raises(ConversionError, match="activated LoRA"):
+        convert_lora(d, tiny / "hf", tmp_path / "o.gguf")
+    (d / "adapter_config.json").write_text(json.dumps(cfg))
+    first = next(k for k in _tensor_names(d) if k.endswith("lora_A.weight"))
+    _rewrite_tensors(d, lambda w: {**w, first: np.where(np.arange(w[first].size).reshape(w[first].shape) == 0,
+                                                         np.nan, w[first]).astype(np.float32)})
+    with pytest.raises(ConversionError, match="NaN or infinite"):
+        convert_lora(d, tiny / "hf", tmp_path / "o.gguf")
+    _rewrite_tensors(d, lambda w: {**w, first: np.full_like(w[first], 1e6)})
+    with pytest.raises(ConversionError, match="exceed float16's range"):
+        convert_lora(d, tiny / "hf", tmp_path / "o.gguf", "f16")
+    assert not (tmp_path / "o.gguf").exists()
+
+
+def _tensor_names(d):
+    from safetensors.numpy import load_file
+
+    return list(load_file(d / "adapter_model.safetensors"))
