@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 from logo_edge.errors import ConversionError
@@ -23,14 +25,25 @@ def convert_base(hf_dir: str | Path, out: str | Path, outtype: str = "f32") -> P
     cfg = hf_dir / "config.json"
     if not cfg.exists():
         raise ConversionError(f"{cfg}: not found; pass a Hugging Face model directory")
-    if not json.loads(cfg.read_text()).get("architectures"):
+    try:
+        config = json.loads(cfg.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConversionError(f"{cfg}: not valid JSON: {e}") from None
+    if not isinstance(config, dict) or not config.get("architectures"):
         raise ConversionError(f"{cfg}: no \"architectures\" entry (a config saved from a GGUF-loaded model "
                               "lacks it); add e.g. [\"LlamaForCausalLM\"]")
     script = source_tree() / "convert_hf_to_gguf.py"
-    cmd = [sys.executable, str(script), str(hf_dir), "--outfile", str(out), "--outtype", outtype]
-    res = subprocess.run(cmd, capture_output=True, text=True)
-    if res.returncode != 0 or not out.exists():
-        raise ConversionError(f"{hf_dir}: llama.cpp's convert_hf_to_gguf.py failed:\n{res.stderr[-3000:]}")
+    # written beside the target, then moved over it: an interrupted or failed conversion leaves no truncated
+    # GGUF at `out` (nor truncates a good one already there)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}-{threading.get_ident()}.part")
+    cmd = [sys.executable, str(script), str(hf_dir), "--outfile", str(tmp), "--outtype", outtype]
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        if res.returncode != 0 or not tmp.exists():
+            raise ConversionError(f"{hf_dir}: llama.cpp's convert_hf_to_gguf.py failed:\n{res.stderr[-3000:]}")
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
     return out
 
 
