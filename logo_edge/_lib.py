@@ -27,9 +27,9 @@ def _candidate_dirs() -> list[Path]:
     if os.environ.get("LOGO_EDGE_RPC"):  # llama.cpp's RPC backend: the build with GGML_RPC=ON first
         dirs.insert(0, build.lib_dir("cpu", build.RPC_FLAGS))
     native_root = build.cache_root() / "native"
-    if native_root.is_dir():  # any other build of this version (custom flags)
+    if native_root.is_dir():  # any other build of this version (custom flags) made from these patches for this CPU
         dirs += sorted(p for p in native_root.glob(f"llama-cpp-python-{build.LLAMA_CPP_PYTHON_VERSION}-*")
-                       if p not in dirs and not p.name.endswith(".tmp"))
+                       if p not in dirs and not p.name.endswith(".tmp") and build.fits_here(p) is None)
     return dirs
 
 

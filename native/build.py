@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import os
 import platform
 import shutil
@@ -85,9 +86,42 @@ def native_build(extra_flags: list[str]) -> bool:
     return not any(f.replace(" ", "").upper() in ("-DGGML_NATIVE=OFF", "-DGGML_NATIVE=0") for f in extra_flags)
 
 
-def _install(tmp_out: Path, out: Path) -> None:
-    """Record the built files' SHA-256 beside them, then move the finished directory into the cache's place."""
+BUILD_INFO = "BUILD.json"  # beside a library build: what it was built from and for (`fits_here`)
+
+
+def patches_digest() -> str:
+    h = hashlib.sha256()
+    for p in PATCHES:
+        h.update(p.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _build_info(backend: str, extra_flags: list[str]) -> dict:
+    return {"patches": patches_digest(), "backend": backend, "flags": BASE_FLAGS + BACKEND_FLAGS[backend] + extra_flags,
+            "cpu": cpu_features() if native_build(extra_flags) else None}
+
+
+def fits_here(d: Path) -> str | None:
+    """None if the library build in `d` was made from this package's patches and, when tuned to its CPU
+    (GGML_NATIVE), on a CPU with this one's features; else why not (a build of another version of the patches,
+    or of another machine sharing the cache, which could run instructions this CPU lacks)."""
+    try:
+        info = json.loads((d / BUILD_INFO).read_text())
+    except (OSError, ValueError):
+        return f"it has no readable {BUILD_INFO} (built before builds recorded what they were made from)"
+    if info.get("patches") != patches_digest():
+        return "it was built from other patches than this package's"
+    if info.get("cpu") is not None and info["cpu"] != cpu_features():
+        return "it was tuned to another CPU (GGML_NATIVE)"
+    return None
+
+
+def _install(tmp_out: Path, out: Path, info: dict | None = None) -> None:
+    """Record the built files' SHA-256 (and what they were built from) beside them, then move the finished
+    directory into the cache's place."""
     write_hashes(tmp_out)
+    if info is not None:
+        (tmp_out / BUILD_INFO).write_text(json.dumps(info, indent=1))
     shutil.rmtree(out, ignore_errors=True)
     tmp_out.rename(out)
 
@@ -175,7 +209,7 @@ HASHES = "SHA256SUMS"  # beside the libraries: every file's SHA-256, written wit
 
 
 def _libraries(d: Path) -> list[Path]:
-    return sorted(p for p in d.iterdir() if p.is_file() and p.name != HASHES)
+    return sorted(p for p in d.iterdir() if p.is_file() and p.name not in (HASHES, BUILD_INFO))
 
 
 def write_hashes(d: Path) -> None:
@@ -248,7 +282,7 @@ def build(backend: str = "cpu", extra_flags: list[str] | None = None, force: boo
         tmp_out.mkdir(parents=True)
         for p in libs:
             shutil.copy2(p, tmp_out / p.name, follow_symlinks=True)
-        _install(tmp_out, out)
+        _install(tmp_out, out, _build_info(backend, extra_flags))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     _log(f"built in {time.time() - t0:.0f} s: {out}")

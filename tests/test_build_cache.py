@@ -74,3 +74,27 @@ def test_build_rebuilds_a_damaged_cache_saying_why(cache_copy, monkeypatch, caps
     with pytest.raises(Stop):
         build.build("cpu")
     assert "is not used" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("record", ["none", "other patches", "other cpu", "this machine"])
+def test_another_keys_build_is_loaded_only_if_made_from_these_patches_for_this_cpu(cache_copy, record):
+    """With no build under this machine's key, another key's build of the same version (custom flags) may be
+    used, but only one whose BUILD.json says it was made from this package's patches and, if tuned, on a CPU
+    with these features: a shared cache's build from another CPU could run instructions this one lacks."""
+    import json
+
+    root, dest = cache_copy
+    other = dest.with_name(dest.name.rsplit("-", 1)[0] + "-0123456789ab")  # a key this machine never computes
+    dest.rename(other)
+    info = {"patches": build.patches_digest(), "cpu": build.cpu_features(), "backend": "cpu", "flags": []}
+    if record == "other patches":
+        info["patches"] = "0" * 16
+    elif record == "other cpu":
+        info["cpu"] = "fpu sse2"
+    if record != "none":
+        (other / build.BUILD_INFO).write_text(json.dumps(info))
+    r = _import_in(root)
+    if record == "this machine":
+        assert r.returncode == 0, r.stderr[-2000:]
+    else:
+        assert r.returncode != 0 and "was not found" in r.stderr, r.stderr[-2000:]
