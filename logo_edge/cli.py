@@ -300,7 +300,10 @@ def _add_pool_parsers(sub) -> None:
     p.set_defaults(fn=cmd_pool)
 
 
-def _add_engine_args(p: argparse.ArgumentParser) -> None:
+def _add_engine_args(p: argparse.ArgumentParser, engine: bool = True) -> None:
+    p.set_defaults(needs_engine=True)
+    if not engine:  # the library is not there yet (`logo-edge build` makes it): these commands say so when run
+        return
     from . import defaults
     from .engine import MERGES, PREFILLS, PROBE_INPUTS, RouteConfig
     from .router import CALIBRATIONS, SIGNALS
@@ -374,19 +377,20 @@ def _add_gen_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--use", nargs="+", metavar="NAME[=W]", help="fixed adapters and weights instead of routing")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(engine: bool = True) -> argparse.ArgumentParser:
+    """The command line; `engine=False` leaves out the engine's options (their defaults import the library)."""
     ap = argparse.ArgumentParser(prog="logo-edge", description="LoGo LoRA routing on llama.cpp")
     sub = ap.add_subparsers(dest="cmd", required=True)
 
     p = sub.add_parser("route", help="route a prompt and show every adapter's signal and weight")
-    _add_engine_args(p)
+    _add_engine_args(p, engine)
     p.add_argument("prompt")
     p.add_argument("--raw", action="store_true", help="use the prompt as is, without the chat template")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_route)
 
     p = sub.add_parser("generate", help="route and generate (streams the answer)")
-    _add_engine_args(p)
+    _add_engine_args(p, engine)
     _add_gen_args(p)
     p.add_argument("prompt")
     p.add_argument("--raw", action="store_true", help="use the prompt as is, without the chat template")
@@ -395,7 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_generate)
 
     p = sub.add_parser("chat", help="interactive chat, routed per turn")
-    _add_engine_args(p)
+    _add_engine_args(p, engine)
     _add_gen_args(p)
     p.add_argument("--system", help="system message")
     p.add_argument("--server", metavar="URL", help="chat with a running `logo-edge serve` instead of a local engine")
@@ -404,7 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_chat)
 
     p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server that routes every request")
-    _add_engine_args(p)
+    _add_engine_args(p, engine)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--api-key", help="required on every endpoint but /health and / (or LOGO_EDGE_API_KEY)")
@@ -425,12 +429,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_serve)
 
     p = sub.add_parser("demo", help="route mixed prompts on the shipped pool and print the choices and answers")
-    _add_engine_args(p)
+    _add_engine_args(p, engine)
     p.add_argument("--max-tokens", type=int, default=48)
     p.set_defaults(fn=cmd_demo)
 
     p = sub.add_parser("eval", help="LoGo vs base/oracle/uniform/random on held-out BIG-bench tasks")
-    _add_engine_args(p)
+    _add_engine_args(p, engine)
     p.add_argument("--n", type=int, default=10, help="test examples per task generated (default 10)")
     p.add_argument("--n-route", type=int, default=40, help="test examples per task for routing hit rates "
                    "and signals (probe only; default 40)")
@@ -510,7 +514,14 @@ def main(argv: list[str] | None = None) -> int:
         import os
 
         os.environ.setdefault("LOGO_EDGE_RPC", "1")
-    args = build_parser().parse_args(argv)
+    try:
+        parser, missing = build_parser(), None
+    except LogoEdgeError as e:  # no patched libllama yet (or a damaged one): `build`, `pool`, `convert-*` still run
+        parser, missing = build_parser(engine=False), e
+    args = parser.parse_args(argv)
+    if missing is not None and getattr(args, "needs_engine", False):
+        print(f"error: {missing}", file=sys.stderr)
+        return 2
     try:
         return args.fn(args)
     except LogoEdgeError as e:

@@ -23,6 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from ..errors import LogoEdgeError
+
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"
 # Applied in order to the pinned tree; each must apply cleanly (tests check it):
 #   llama-eval-callback.patch  the probe's eval callback, armed for one decode (what the probe needs)
@@ -53,7 +55,7 @@ BASE_FLAGS = [
 ]
 
 
-class BuildError(RuntimeError):
+class BuildError(LogoEdgeError, RuntimeError):
     """The native build could not be completed; the message says which step."""
 
 

@@ -98,3 +98,20 @@ def test_another_keys_build_is_loaded_only_if_made_from_these_patches_for_this_c
         assert r.returncode == 0, r.stderr[-2000:]
     else:
         assert r.returncode != 0 and "was not found" in r.stderr, r.stderr[-2000:]
+
+
+def test_the_cli_builds_and_manages_pools_before_the_library_exists(tmp_path):
+    """On a fresh install (no libllama yet) `logo-edge build` is what makes it: the command line must parse and
+    run it; commands that need the engine say how to get the library."""
+    env = {k: v for k, v in os.environ.items() if k != "LLAMA_CPP_LIB_PATH"}
+    env["LOGO_EDGE_CACHE"] = str(tmp_path / "empty")
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "logo_edge.cli", *args], env=env, capture_output=True,
+                              text=True, timeout=120)
+
+    for args in (["build", "--help"], ["--help"], ["pool", "--help"]):
+        r = cli(*args)
+        assert r.returncode == 0 and "usage: logo-edge" in r.stdout, (args, r.stderr[-2000:])
+    r = cli("route", "hello")
+    assert r.returncode == 2 and "libllama was not found" in r.stderr and "logo-edge build" in r.stderr, r.stderr
