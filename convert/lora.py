@@ -56,6 +56,9 @@ ARCH_MODULES = {"llama": MODULES, "qwen2": MODULES, "qwen3": MODULES, "gemma3": 
 ROPE_PERMUTED_ARCHS = {"llama"}  # q/k rows are permuted by convert_hf_to_gguf for these
 HF_ARCHS = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2",
             "Qwen3ForCausalLM": "qwen3", "Gemma3ForCausalLM": "gemma3", "Phi3ForCausalLM": "phi3"}
+# Bumped whenever what a PEFT adapter converts to changes (caches of converted files key on it): 2: alpha_pattern
+# keys matched on the model's module names, as PEFT matches them.
+CONVERTER_VERSION = 2
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?:model\.)?layers\.(\d+)\.(\w+\.\w+)\.lora_([AB])(?:\.\w+)?\.weight$")
 _BIAS_KEY = re.compile(r"^(?:base_model\.model\.)?(?:model\.)?layers\.(\d+)\.(\w+\.\w+)\.lora_B(?:\.\w+)?\.bias$")
 _SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": "bf16", "F64": np.float64}

@@ -93,10 +93,14 @@ def _print_record(rec: dict, as_json: bool) -> None:
 
 def cmd_chat(args) -> int:
     sampling = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
-    if args.server:
+    if args.server:  # --base and --use as the server takes them (llama-server's `lora`), --system as it is
         from .serve.client import remote_chat
 
-        return _chat_loop(remote_chat(args.server, args.api_key, args.model_name), f"server {args.server}", sampling)
+        choice = _adapters_choice(args)
+        extra = {} if choice == "auto" else {"lora": [] if choice == "base" else [
+            {"name": n, "scale": w} for n, w in choice.items()]}
+        return _chat_loop(remote_chat(args.server, args.api_key, args.model_name, extra), f"server {args.server}",
+                          sampling, args.system)
     with _engine(args) as eng:
         def send(messages, **kw):
             return eng.create_chat_completion(messages, adapters=_adapters_choice(args), stream=True, **kw)

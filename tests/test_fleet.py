@@ -99,6 +99,8 @@ def test_manual_mixture_equals_local_engine(feng, engine, mixture):
         assert text == local(engine, p, mixture), (p, mixture)
         assert {a["name"]: a["weight"] for a in rec["adapters"] if a["weight"]} == mixture
         assert rec["timings"]["completion_tokens"] > 0
+        assert rec["timings"]["completion_tokens"] == engine.create_completion(  # llama-server counts an EOS token
+            p, adapters=mixture or "base", max_tokens=16)["usage"]["completion_tokens"]
 
 
 def test_mixtures_change_the_answer(engine):

@@ -564,6 +564,10 @@ def test_chat_command_talks_to_a_running_server(server):
     res = subprocess.run(cmd, input="hello there\nand again\n\n", capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert res.stderr.count("[routed: ") == 2, res.stderr  # each turn says who answered
+    for flags, mode in ((["--use", "qv_r8=1"], "[manual: "), (["--base"], "[base")):  # sent as `lora`, not dropped
+        res = subprocess.run(cmd + flags + ["--system", "be brief"], input="hello there\n\n", capture_output=True,
+                             text=True, timeout=120)
+        assert res.returncode == 0 and mode in res.stderr, res.stderr
 
 
 def test_split_check_passes_the_answer_alone_and_rejects_another_adapters(tiny):

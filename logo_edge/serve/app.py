@@ -284,10 +284,12 @@ def _load_adapter(cfg: ServeConfig, workers: Workers, req: LoadLoraRequest) -> d
 
 
 def _convert_peft(cfg: ServeConfig, workers: Workers, peft_dir: Path) -> Path:
-    from ..convert.lora import convert_lora
+    from ..calibration import model_key
+    from ..convert.lora import CONVERTER_VERSION, convert_lora
 
     files = sorted(p for p in peft_dir.iterdir() if p.is_file())
-    h = hashlib.sha256()
+    h = hashlib.sha256()  # the base model and the converter too: a file converted for another, or before a fix, is not
+    h.update(f"{model_key(workers.engine.model.path)}:{CONVERTER_VERSION}".encode())
     for p in files:
         st = p.stat()
         h.update(f"{p.name}:{st.st_size}:{st.st_mtime_ns}".encode())

@@ -6,8 +6,10 @@ import os
 from typing import Callable, Iterator
 
 
-def remote_chat(url: str, api_key: str | None, model: str | None) -> Callable[..., Iterator[dict]]:
-    """send(messages, **sampling) -> chunk dicts (the routing record on the last), as the engine's own stream."""
+def remote_chat(url: str, api_key: str | None, model: str | None,
+                extra_body: dict | None = None) -> Callable[..., Iterator[dict]]:
+    """send(messages, **sampling) -> chunk dicts (the routing record on the last), as the engine's own stream;
+    `extra_body`: the server's own fields sent with every request (`lora`: fixed adapters, [] for the base)."""
     try:
         import openai
     except ImportError as e:
@@ -20,7 +22,8 @@ def remote_chat(url: str, api_key: str | None, model: str | None) -> Callable[..
 
     def send(messages: list[dict], **sampling) -> Iterator[dict]:
         try:
-            for chunk in client.chat.completions.create(model=name, messages=messages, stream=True, **sampling):
+            for chunk in client.chat.completions.create(model=name, messages=messages, stream=True,
+                                                        extra_body=extra_body or None, **sampling):
                 yield chunk.model_dump()  # extra fields (routing) included
         except openai.APIStatusError as e:
             from ..errors import LogoEdgeError

@@ -333,6 +333,8 @@ class FleetEngine:
         tm.decode_s = t.get("predicted_ms", 0.0) / 1000
         tm.cached_tokens = int(t.get("cache_n", 0))
         tm.completion_tokens = int(final.get("tokens_predicted", t.get("predicted_n", 0)))
+        if final.get("stop_type") == "eos" and tm.completion_tokens > 0:
+            tm.completion_tokens -= 1  # llama-server counts the end-of-generation token; the engine does not
         rec.settings.update(backend=final["backend"], backend_cache_prompt=final["cache_prompt"],
                             backend_s=round(time.perf_counter() - t0, 4))
         yield "", "length" if final.get("stop_type") == "limit" else "stop", rec
