@@ -122,19 +122,29 @@ def read_safetensors(path: Path) -> dict[str, np.ndarray]:
         header = json.loads(raw[8:8 + n])
     except Exception as e:
         raise ConversionError(f"{path}: not a safetensors file (corrupt or truncated header): {e}") from e
+    if not isinstance(header, dict):
+        raise ConversionError(f"{path}: not a safetensors file (its header is not a JSON object)")
     data = memoryview(raw)[8 + n:]
     out = {}
     for key, meta in header.items():
         if key == "__metadata__":
             continue
-        dt = _SAFETENSORS_DTYPES.get(meta["dtype"])
-        start, end = meta["data_offsets"]
-        if dt is None or end > len(data):
-            raise ConversionError(f"{path}: tensor {key!r} has dtype {meta['dtype']} or lies past the end "
-                                  "of the file (truncated?)")
+        try:
+            dt = _SAFETENSORS_DTYPES.get(meta["dtype"])
+            start, end = (int(x) for x in meta["data_offsets"])
+            shape = [int(x) for x in meta["shape"]]
+        except (TypeError, KeyError, ValueError) as e:
+            raise ConversionError(f"{path}: tensor {key!r} has a malformed header entry {meta!r}: {e}") from None
+        if dt is None or not 0 <= start <= end <= len(data):
+            raise ConversionError(f"{path}: tensor {key!r} has dtype {meta['dtype']} or lies outside the file's "
+                                  "data (truncated?)")
+        width = 2 if dt == "bf16" else np.dtype(dt).itemsize
+        if (end - start) != width * math.prod(shape) or min(shape, default=1) < 0:
+            raise ConversionError(f"{path}: tensor {key!r} holds {end - start} bytes, not the {width} x {shape} "
+                                  f"its header says")
         buf = np.frombuffer(data[start:end], np.uint16 if dt == "bf16" else dt)
         arr = (buf.astype(np.uint32) << 16).view(np.float32) if dt == "bf16" else buf.astype(np.float32)
-        out[key] = arr.reshape(meta["shape"])
+        out[key] = arr.reshape(shape)
     return out
 
 

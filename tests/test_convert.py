@@ -194,3 +194,25 @@ def _tensor_names(d):
     from safetensors.numpy import load_file
 
     return list(load_file(d / "adapter_model.safetensors"))
+
+
+@pytest.mark.parametrize("mangle, says", [
+    (lambda h, k: h[k].update(shape=[3, 3]), "holds .* bytes, not the"),
+    (lambda h, k: h[k].pop("dtype"), "malformed header entry"),
+    (lambda h, k: h[k].update(data_offsets=[-8, h[k]["data_offsets"][1]]), "outside the file's data"),
+    (lambda h, k: h.clear() or h.update(x=[1, 2]), "malformed header entry"),
+])
+def test_a_malformed_safetensors_header_is_an_error_naming_the_file(tiny, tmp_path, mangle, says):
+    import struct
+
+    d = _copy_adapter(tiny, tmp_path)
+    f = d / "adapter_model.safetensors"
+    raw = f.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n])
+    mangle(header, next(k for k in header if k != "__metadata__"))
+    head = json.dumps(header).encode()
+    f.write_bytes(struct.pack("<Q", len(head)) + head + raw[8 + n:])
+    with pytest.raises(ConversionError, match=says) as e:
+        convert_lora(d, tiny / "hf", tmp_path / "o.gguf")
+    assert "adapter_model.safetensors" in str(e.value)
