@@ -839,8 +839,7 @@ class Engine:
                 self._cache.append(tok)
         finally:
             smp.close()
-        pending += utf8.decode(b"", final=True)  # an incomplete character at the end: its replacement
-        if pending:  # held back for a stop string that did not come (a stop string hit leaves none)
+        if pending:  # held back for a stop string that did not come (a hit leaves none; a cut character stays out)
             yield pending, None, rec
         tm.decode_s = time.perf_counter() - t0
         yield "", finish, rec
