@@ -28,9 +28,18 @@ def _candidate_dirs() -> list[Path]:
         dirs.insert(0, build.lib_dir("cpu", build.RPC_FLAGS))
     native_root = build.cache_root() / "native"
     if native_root.is_dir():  # any other build of this version (custom flags) made from these patches for this CPU
-        dirs += sorted(p for p in native_root.glob(f"llama-cpp-python-{build.LLAMA_CPP_PYTHON_VERSION}-*")
-                       if p not in dirs and not p.name.endswith(".tmp") and build.fits_here(p) is None)
+        for p in sorted(native_root.glob(f"llama-cpp-python-{build.LLAMA_CPP_PYTHON_VERSION}-*")):
+            if p in dirs or p.name.endswith(".tmp") or not (p / f"libllama{_SUFFIX}").exists():
+                continue
+            why = build.fits_here(p)
+            if why is None:
+                dirs.append(p)
+            else:
+                _SKIPPED.append(f"{p} ({why})")
     return dirs
+
+
+_SKIPPED: list[str] = []  # other builds found and not used, with why (for the error when none is found)
 
 
 def find_lib_dir() -> Path:
@@ -50,6 +59,7 @@ def find_lib_dir() -> Path:
         "the patched libllama was not found (looked in: " + ", ".join(map(str, dirs)) + "). "
         "Build it once with `logo-edge build` (or `python -m logo_edge.native.build`), "
         "or point LLAMA_CPP_LIB_PATH at a directory holding a patched libllama."
+        + (" Not used: " + "; ".join(_SKIPPED) + "." if _SKIPPED else "")
     )
 
 

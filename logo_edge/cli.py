@@ -523,7 +523,7 @@ def main(argv: list[str] | None = None) -> int:
     except LogoEdgeError as e:  # no patched libllama yet (or a damaged one): `build`, `pool`, `convert-*` still run
         parser, missing = build_parser(engine=False), e
     args = parser.parse_args(argv)
-    if missing is not None and getattr(args, "needs_engine", False):
+    if missing is not None and getattr(args, "needs_engine", False) and not getattr(args, "server", None):
         print(f"error: {missing}", file=sys.stderr)
         return 2
     try:

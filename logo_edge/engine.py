@@ -144,14 +144,12 @@ class SamplingConfig:
         if not (math.isfinite(self.temperature) and self.temperature >= 0) or not 0 < self.top_p <= 1:
             raise RequestError(f"temperature must be >= 0 and top_p in (0, 1] (got {self.temperature}, "
                                f"{self.top_p})")
-        if not 0 <= self.top_k < 2**31:
-            raise RequestError(f"top_k must be from 0 to 2**31 - 1, got {self.top_k}")
-        if self.seed is not None and not -1 <= self.seed < 2**32:  # llama.cpp's seed is 32 bits: no silent wrap
-            raise RequestError(f"seed must be from 0 to 2**32 - 1 (or -1: random, as llama-server), got {self.seed}")
+        if self.top_k < 0:  # (larger than the vocabulary: off; llama-server clamps it to 32 bits, so do we)
+            raise RequestError(f"top_k must be >= 0, got {self.top_k}")
+        # seed: any integer, taken modulo 2**32 as llama-server reads it; 2**32 - 1 (and -1) is a random seed
         if not all(isinstance(x, str) for x in self.stop):
             raise RequestError(f"stop must be a string or a list of strings, got {self.stop!r}")
-        if any(x == "" for x in self.stop):  # it would match at once: an empty answer
-            raise RequestError(f"a stop string may not be empty, got {self.stop!r}")
+        object.__setattr__(self, "stop", tuple(x for x in self.stop if x))  # empty ones dropped, as llama-server
         if len(self.stop) > MAX_STOPS or any(len(x) > MAX_STOP_CHARS for x in self.stop):
             raise RequestError(f"at most {MAX_STOPS} stop strings of at most {MAX_STOP_CHARS} characters each, got "
                                f"{len(self.stop)} of up to {max(map(len, self.stop))}")
@@ -748,11 +746,12 @@ class Engine:
             smp.add_greedy()
             return smp
         if s.top_k > 0:
-            smp.add_top_k(s.top_k)
+            smp.add_top_k(min(s.top_k, 2**31 - 1))
         if s.top_p < 1:
             smp.add_top_p(s.top_p, 1)
         smp.add_temp(s.temperature)
-        smp.add_dist(s.seed if s.seed not in (None, -1) else random.getrandbits(32))
+        seed = None if s.seed is None else s.seed % 2**32
+        smp.add_dist(random.getrandbits(32) if seed in (None, 2**32 - 1) else seed)
         return smp
 
     def stream(self, prompt: str | list[int], adapters: AdapterChoice = "auto",

@@ -6,6 +6,7 @@ error naming the file and the problem instead of a NULL from the C side.
 
 from __future__ import annotations
 
+import math
 import os
 import struct
 import threading
@@ -239,7 +240,7 @@ def _check_hparams(path: Path, arch: str, kv: dict, n_layer: int) -> None:
         v = kv.get(f"{arch}.{key}", 0)
         if v is None:
             return 0
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or v != int(v) or v < 0:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v != int(v) or v < 0:
             raise ModelLoadError(f"{path}: {arch}.{key} is {v!r}, not a count")
         return int(v)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 import warnings
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterable
 
@@ -23,7 +23,7 @@ from .errors import AdapterError, AdapterFileChangedError, RoutingError
 from .gguf_files import read_lora
 from .llm import PROBE_INPUTS, LoraHandle, Model, same_input_modules
 from .pool_index import Entry, PoolIndex, file_sha256, index_key, index_root
-from .router import STATISTICS, ProbeBank
+from .router import STATISTICS, ProbeBank, ZeroUpdateError
 
 LARGE_POOL = 256  # adapter files beyond which a new index stores the earlier window blocks in float16
 # How an adapter is scored (AdapterPool's probe_modules): "target-first" over the target module where it has a
@@ -171,13 +171,16 @@ class AdapterPool:
                                "rename the file or pass another name")
         index, rank, other = None, None, None
         entries, probed, reason = self._probe_entries(lora)
-        if entries is not None and probed[0] in self.other_modules:
-            other = self._other.add(entries)
-            rank = int(self._other.ranks[other])
-        elif entries is not None:  # folded into the bank: the pool keeps no other copy
-            index = self._bank.add(entries)
-            rank = int(self._bank.ranks[index])
-        else:
+        try:
+            if entries is not None and probed[0] in self.other_modules:
+                other = self._other.add(entries)
+                rank = int(self._other.ranks[other])
+            elif entries is not None:  # folded into the bank: the pool keeps no other copy
+                index = self._bank.add(entries)
+                rank = int(self._bank.ranks[index])
+        except ZeroUpdateError as e:  # B A = 0 although neither is: nothing to read
+            entries, probed, reason = None, [], str(e)
+        if entries is None:
             warnings.warn(f"adapter {name!r} ({lora.path.name}) cannot be probed: {reason}; it will not be "
                           "routed to, but can still be used by name", UserWarning, stacklevel=2)
         adapter = PoolAdapter(name, lora.path, lora.stems, lora.alpha, index, rank, reason,
@@ -301,7 +304,11 @@ class AdapterPool:
             return out
         other = probed[0] in self.other_modules  # the other input's rows: in the same files, a bank of their own
         bank = self._bank
-        r, folded = ProbeBank.fold_entries(entries, bank.d_in, bank.Q.shape[1], self.sv_power)
+        try:
+            r, folded = ProbeBank.fold_entries(entries, bank.d_in, bank.Q.shape[1], self.sv_power)
+        except ZeroUpdateError as e:  # B A = 0 although neither is: nothing to read, not probed
+            out["reason"] = str(e)
+            return out
         lead = ProbeBank.lead_of(entries, r, self.sv_power)
         t, w, q = ProbeBank.rows_of(r, folded, len(self.blocks), bank.d_in, bank.Q.shape[1],
                                     np.dtype(self._index.meta_window_dtype))
@@ -355,7 +362,12 @@ class AdapterPool:
         by_path = {e.path: e for e in self._index.entries}
         if all(e.path in by_path for e in entries):
             return [by_path[e.path] for e in entries]
-        return self._index.sync([Path(e.path) for e in entries], self._read)
+        here = [e for e in entries if e.path in by_path or Path(e.path).is_file()]
+        fresh = {e.path: e for e in self._index.sync([Path(e.path) for e in here], self._read)}
+        # a file gone since the pool read it (and dropped from the index by another pool): kept by name, not
+        # probed (its rows may have moved); using it is refused by check_file, naming it
+        return [fresh.get(e.path) or replace(e, offset=None, rank=None, lead=None,
+                                             reason="its file is gone since the pool read it") for e in entries]
 
     def _rebind(self, entries: list[Entry], names: list[str]) -> None:
         """Make the pool's adapters and bank those of `entries` (kept handles and LRU follow their files)."""
@@ -377,6 +389,8 @@ class AdapterPool:
                                 probed=[] if e.offset is None else self._scored(e), file_id=(e.size, e.mtime_ns),
                                 sha256=e.sha256)
             a.name, a.bank_index, a.other_index, a.stats = name, probed.get(id(e)), other_index.get(id(e)), stats
+            if e.offset is None and a.unprobeable_reason is None:  # no longer probed (its file is gone)
+                a.unprobeable_reason, a.rank, a.probed = e.reason, None, []
             adapters.append(a)
         self._bank = self._index.bank(main)
         self._other = self._index.bank(others)

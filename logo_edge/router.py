@@ -41,6 +41,11 @@ _CONTROLLER = None
 Entry = tuple[np.ndarray, np.ndarray, float]  # (A (r, d_in), B (d_out, r), c) of one adapted weight
 
 
+class ZeroUpdateError(RoutingError):
+    """An adapter whose update c B A is zero at every probed block: it has no row to read (ProbeBank refuses it,
+    the pool makes it unprobeable)."""
+
+
 def fold(a: np.ndarray, b: np.ndarray, c: float) -> tuple[np.ndarray, np.ndarray]:
     """(M, Q) with c*B*A = Q*M, Q's columns orthonormal (or zero): then ||c*B*A*h|| = ||M*h||.
 
@@ -174,7 +179,7 @@ class ProbeBank:
             folded.append((j, *reweigh(m, q, sv_power)))
         rank = max(m.shape[0] for _, m, _ in folded)
         if rank == 0:  # a bank row range of 0 would shift its neighbours' sums (np.add.reduceat)
-            raise RoutingError("the adapter's update is zero at every window block: it has nothing to probe")
+            raise ZeroUpdateError("the adapter's update is zero at every window block: it has nothing to probe")
         return rank, folded
 
     @staticmethod

@@ -91,6 +91,7 @@ def test_another_keys_build_is_loaded_only_if_made_from_these_patches_for_this_c
         info["patches"] = "0" * 16
     elif record == "other cpu":
         info["cpu"] = "fpu sse2"
+    (other / build.BUILD_INFO).unlink(missing_ok=True)  # (a build of this version records one)
     if record != "none":
         (other / build.BUILD_INFO).write_text(json.dumps(info))
     r = _import_in(root)
@@ -98,6 +99,7 @@ def test_another_keys_build_is_loaded_only_if_made_from_these_patches_for_this_c
         assert r.returncode == 0, r.stderr[-2000:]
     else:
         assert r.returncode != 0 and "was not found" in r.stderr, r.stderr[-2000:]
+        assert f"Not used: {other} (" in r.stderr, r.stderr[-2000:]  # the skipped build, and why
 
 
 def test_the_cli_builds_and_manages_pools_before_the_library_exists(tmp_path):

@@ -759,13 +759,22 @@ def test_text_held_back_for_a_stop_string_is_kept_when_the_model_ends(tiny_engin
 @pytest.mark.parametrize("kw, says", [
     (dict(stop=["x"] * 17), "at most 16 stop strings"),
     (dict(stop=["y" * 1001]), "of at most 1000 characters"),
-    (dict(seed=2**32 + 7, temperature=1.0), "seed must be from 0 to 2\\*\\*32 - 1"),
-    (dict(top_k=2**32 + 1, temperature=1.0), "top_k must be from 0 to 2\\*\\*31 - 1"),
 ])
-def test_sampling_values_llama_cpp_would_wrap_or_that_cost_per_token_are_refused(tiny_engine, kw, says):
+def test_stop_strings_that_cost_per_token_are_refused(tiny_engine, kw, says):
     from logo_edge.errors import RequestError
 
     with pytest.raises(RequestError, match=says):
         tiny_engine.create_completion("Hello", adapters="base", max_tokens=2, **kw)
-    out = tiny_engine.create_completion("Hello", adapters="base", max_tokens=2, seed=-1, temperature=1.0)
-    assert out["choices"][0]["text"] is not None  # -1: a random seed, as llama-server
+
+
+def test_seeds_top_k_and_empty_stops_are_read_as_llama_server_reads_them(tiny_engine):
+    """A seed is taken modulo 2**32 (2**32 - 1 and -1: random), a top_k beyond 32 bits is clamped, an empty
+    stop string is dropped: clients that work with llama-server get the same here."""
+    def text(**kw):
+        kw = {"adapters": "base", "max_tokens": 8, "temperature": 1.5, **kw}
+        return tiny_engine.create_completion("Once upon a time", **kw)["choices"][0]["text"]
+
+    assert text(seed=2**32 + 7) == text(seed=7) and text(seed=-2) == text(seed=2**32 - 2)
+    assert text(seed=7, top_k=2**40) == text(seed=7, top_k=2**31 - 1)  # clamped (it wrapped to 1: greedy)
+    assert text(seed=7, stop=["", "\u2603"]) == text(seed=7)
+    assert len({text(seed=-1) for _ in range(4)}) > 1  # random

@@ -428,3 +428,43 @@ def test_a_second_engine_on_the_same_index_never_changes_the_first_ones_routes(t
         assert_same(routes(a), want)
     finally:
         a.close()
+
+
+def test_a_file_another_pool_dropped_from_the_index_does_not_stop_this_pool_changing(tiny, pool_dir):
+    """A served pool's adapter file is deleted and another process's pool syncs the shared index without it:
+    this pool still adds and removes its other adapters; the gone one stays listed, unprobeable, named."""
+    eng = engine(tiny, pool_dir)
+    try:
+        gone = pool_dir / "a03.gguf"
+        gone.unlink()
+        eng.pool._index.sync(sorted(p.resolve() for p in pool_dir.glob("*.gguf")), eng.pool._read)
+        eng.remove_adapter("a05")
+        assert "a05" not in eng.pool.names and "a03" in eng.pool.names
+        assert "file is gone" in eng.pool.unprobeable["a03"]
+        routes(eng)  # the others route
+    finally:
+        eng.close()
+
+
+def test_an_update_that_multiplies_to_zero_is_unprobeable(tiny, pool_dir):
+    """B A = 0 with neither zero (A's second row, B's first column empty): no row to read, so unprobeable
+    (it aborted the whole pool's load)."""
+    from logo_edge.gguf_files import BaseInfo, write_lora
+
+    info = BaseInfo.read(tiny / "tiny-f32.gguf")
+    pairs = {}
+    for b in range(info.n_layer):
+        for m in ("attn_q", "attn_v"):
+            n_in, n_out = info.shapes[f"blk.{b}.{m}.weight"][:2]
+            a = np.zeros((2, n_in), np.float32)
+            a[0] = 0.02
+            bb = np.zeros((n_out, 2), np.float32)
+            bb[:, 1] = 0.02
+            pairs[f"blk.{b}.{m}.weight"] = (a, bb)
+    write_lora(pool_dir / "a00_null.gguf", info.arch, 8, pairs, "f16", name="a00_null")
+    for index in (False, True):
+        with pytest.warns(UserWarning, match=r"'a00_null'.*zero"):
+            eng = engine(tiny, pool_dir, pool_index=index)
+        with eng:
+            assert "a00_null" in eng.pool.unprobeable
+            routes(eng)

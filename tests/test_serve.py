@@ -127,7 +127,7 @@ def test_models_and_adapters_are_listed(server):
     ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 100000}, 400, "max_tokens=100000"),
     ({"messages": [{"role": "user", "content": "x"}], "temperature": -1}, 400, "temperature"),
     ({"messages": []}, 400, "messages"),
-    ({"messages": [{"role": "user", "content": "x"}], "stop": [""]}, 400, "stop string may not be empty"),
+    ({"messages": [{"role": "user", "content": "x"}], "stop": ["x"] * 17}, 400, "at most 16 stop strings"),
     ({"messages": [{"role": "user", "content": "word " * 3000}]}, 400, "but the context holds 512"),
 ])
 def test_bad_requests_are_4xx_naming_the_problem(server, body, status, says):
