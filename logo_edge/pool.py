@@ -178,8 +178,8 @@ class AdapterPool:
             elif entries is not None:  # folded into the bank: the pool keeps no other copy
                 index = self._bank.add(entries)
                 rank = int(self._bank.ranks[index])
-        except ZeroUpdateError as e:  # B A = 0 although neither is: nothing to read
-            entries, probed, reason = None, [], str(e)
+        except ZeroUpdateError:  # nothing to read
+            entries, probed, reason = None, [], self._zero_reason(probed)
         if entries is None:
             warnings.warn(f"adapter {name!r} ({lora.path.name}) cannot be probed: {reason}; it will not be "
                           "routed to, but can still be used by name", UserWarning, stacklevel=2)
@@ -220,11 +220,13 @@ class AdapterPool:
                 here = [f"blk.{b}.{m}.weight" for m in modules if f"blk.{b}.{m}.weight" in lora.pairs]
                 entries.append([(*lora.pairs[t], lora.scale(t), t.split(".")[2] == self.target_module)
                                 for t in here] or None)  # the target's rows flagged: its outputs stay readable
-        parts = [p for e in entries if e is not None for p in (e if isinstance(e, list) else [e])]
-        if not any(c != 0 and np.any(a) and np.any(b) for a, b, c, *_ in parts):  # nothing to read: no rows
-            return None, [], (f"its update c B A is zero on {', '.join(modules)} at every probed block (all-zero B "
-                              "or A, or alpha 0: an untrained adapter?)")
         return entries, modules, None
+
+    @staticmethod
+    def _zero_reason(modules: list[str]) -> str:
+        """Why an adapter whose update the bank refuses (ZeroUpdateError) is not probed."""
+        return (f"its update c B A is zero on {', '.join(modules)} at every probed block (all-zero B or A, alpha 0, "
+                "or B A = 0: an untrained adapter?)")
 
     def _scored(self, e: Entry) -> list[str]:
         return self.scored_modules(m for m, blocks in e.modules.items() if self.target_block in blocks)
@@ -306,8 +308,8 @@ class AdapterPool:
         bank = self._bank
         try:
             r, folded = ProbeBank.fold_entries(entries, bank.d_in, bank.Q.shape[1], self.sv_power)
-        except ZeroUpdateError as e:  # B A = 0 although neither is: nothing to read, not probed
-            out["reason"] = str(e)
+        except ZeroUpdateError:  # nothing to read: not probed
+            out["reason"] = self._zero_reason(probed)
             return out
         lead = ProbeBank.lead_of(entries, r, self.sv_power)
         t, w, q = ProbeBank.rows_of(r, folded, len(self.blocks), bank.d_in, bank.Q.shape[1],

@@ -178,7 +178,8 @@ class ProbeBank:
                 m, q, _ = parts[0]
             folded.append((j, *reweigh(m, q, sv_power)))
         rank = max(m.shape[0] for _, m, _ in folded)
-        if rank == 0:  # a bank row range of 0 would shift its neighbours' sums (np.add.reduceat)
+        if not any(np.any(m) for _, m, _ in folded):  # B, A or c zero, or B A = 0: no row says anything (and a
+            # range of 0 rows, as `reweigh` leaves, would shift its neighbours' sums in np.add.reduceat)
             raise ZeroUpdateError("the adapter's update is zero at every window block: it has nothing to probe")
         return rank, folded
 
