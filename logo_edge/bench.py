@@ -425,9 +425,10 @@ def run_bench(args) -> int:
         from .bench_pack import QUICK_RECIPES, RECIPES, pack_section
 
         pack_section(model_path, threads, repeats, 16 if args.quick else 64, QUICK_RECIPES if args.quick else RECIPES)
-    from .bench_cpu import cpu_paths_section
+    from .bench_cpu import cpu_paths_section, lora_fusion_section
 
     cpu_paths_section(model_path, 64 if args.quick else TARGET_CASE[0], 16 if args.quick else 64, threads, repeats)
+    lora_fusion_section(model_path, adapters, args.k, threads, repeats, 16 if args.quick else 128)
     if args.chat:
         from .bench_chat import chat_section
 

@@ -89,3 +89,67 @@ def cpu_paths_section(model_path: Path, n_prompt: int, gen: int, threads: int, r
     finally:
         for m in models.values():
             m.close()
+
+
+# ---- the fused one-token LoRA (native/llama-lora-fused-decode.patch) on vs off
+
+FUSION_ROWS = ("base", "packed", "mixture")
+
+
+def _fusion_child(model: str, adapters: list[str], k: int, threads: int, repeats: int, gen: int) -> dict:
+    """In a process of its own (GGML_CPU_DISABLE_FUSION is read once): decode tok/s of the base model and of
+    a routed k-adapter mixture, packed and per adapter, the same `gen` tokens each (end of generation
+    ignored), interleaved; and the LoRA products fused per decoded token."""
+    from . import _lib
+    from .engine import Engine, SamplingConfig
+
+    with Engine(model, adapters, n_ctx=512, n_threads=threads, flash_attn=False) as eng:
+        prompt = eng.tokenize("Classify the sentiment of this review: the plot was thin, but the acting kept me "
+                              "watching until the very end, and I would see it again.")
+        mix = {a.name: a.weight for a in eng.route(prompt, k=k).selected}
+        sampling = SamplingConfig(max_tokens=gen, ignore_eos=True)
+        rates: dict[str, list[float]] = {r: [] for r in FUSION_ROWS}
+        fused = {}
+        for rep in range(repeats + 1):  # the first round warms up (and builds the packed adapter)
+            for row in FUSION_ROWS:
+                before = _lib.lora_fused_nodes() or 0
+                steps = list(eng.stream(prompt, "base" if row == "base" else mix, sampling,
+                                        **({} if row == "base" else {"merge": row})))
+                fused[row] = ((_lib.lora_fused_nodes() or 0) - before) / gen
+                if rep:
+                    rates[row].append(steps[-1][2].timings.decode_tok_s)
+    return {"mixture": mix, "tok_s": {r: statistics.median(v) for r, v in rates.items()}, "fused": fused}
+
+
+def lora_fusion_section(model_path: Path, adapters, k: int, threads: int, repeats: int, gen: int) -> dict:
+    """Print and return decode with the fused one-token LoRA on and off, each in a fresh process."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    print(f"\nLoRA on a decoded token as one CPU node (native/llama-lora-fused-decode.patch) on vs off "
+          f"(GGML_CPU_DISABLE_FUSION=1); k={k}, {gen} tokens decoded, median of {repeats}, a process each")
+    code = ("import json, sys; from logo_edge.bench_cpu import _fusion_child; "
+            "print(json.dumps(_fusion_child(*json.loads(sys.argv[1]))))")
+    arg = json.dumps([str(model_path), [str(a) for a in adapters], k, threads, repeats, gen])
+    out = {}
+    for setting in ("on", "off"):
+        env = {n: v for n, v in os.environ.items() if n != "GGML_CPU_DISABLE_FUSION"}
+        if setting == "off":
+            env["GGML_CPU_DISABLE_FUSION"] = "1"
+        res = subprocess.run([sys.executable, "-c", code, arg], env=env, capture_output=True, text=True)
+        if res.returncode != 0:
+            print(f"  fusion {setting}: the child failed: {res.stderr.strip()[-300:]}")
+            continue
+        r = out[setting] = json.loads(res.stdout.strip().splitlines()[-1])
+        base = r["tok_s"]["base"]
+        print(f"  fusion {setting:<3}: base {base:6.1f} tok/s; " + "; ".join(
+            f"{row} {r['tok_s'][row]:6.1f} tok/s = {r['tok_s'][row] / base:.3f} of base "
+            f"({r['fused'][row]:.0f} fused a token)" for row in FUSION_ROWS[1:]))
+    if len(out) == 2:
+        print("  on / off, each over its own base row: " + "; ".join(
+            f"{row} {out['on']['tok_s'][row] / out['on']['tok_s']['base']:.3f} vs "
+            f"{out['off']['tok_s'][row] / out['off']['tok_s']['base']:.3f}" for row in FUSION_ROWS[1:])
+            + f"  (mixture: {', '.join(f'{n} {w:.2f}' for n, w in out['on']['mixture'].items())})")
+    return out

@@ -700,9 +700,11 @@ class Engine:
         loras = [self._lora_file(self.pool.adapters[i].path) for i in idx]
         alpha, pairs = (_pack if merge == "packed" else _fuse)(loras, weights)
         path = Path(self._tmp.name) / f"{merge}-{uuid.uuid4().hex[:8]}.gguf"
-        write_lora(path, self.model.info.arch, alpha, pairs, "f32")
+        # "exact": the stacked A of f16 adapters stays f16 (half the bytes a decoded token reads, the
+        # arithmetic llama.cpp applies to the adapters themselves); the scaled B is f32
+        write_lora(path, self.model.info.arch, alpha, pairs, "exact")
         handle = self.model.load_lora(path)
-        self._merged_bytes[key] = path.stat().st_size  # what llama.cpp holds of it (f32 tensors)
+        self._merged_bytes[key] = path.stat().st_size  # what llama.cpp holds of it (its tensors as written)
         path.unlink()
         self._merged[key] = handle
         self._trim_merged(keep=key)

@@ -455,7 +455,8 @@ def _read_lora(r: GGUFReader, path: Path, base: BaseInfo, keep: set[str] | None)
 
 # ---- writing
 
-WRITE_TYPES = {"f32": GGMLQuantizationType.F32, "f16": GGMLQuantizationType.F16, "q8_0": GGMLQuantizationType.Q8_0}
+WRITE_TYPES = {"f32": GGMLQuantizationType.F32, "f16": GGMLQuantizationType.F16, "q8_0": GGMLQuantizationType.Q8_0,
+               "exact": GGMLQuantizationType.F32}  # exact: f16 where a tensor's values are all f16 values, else f32
 
 
 def write_lora(path: str | Path, arch: str, alpha: float, pairs: dict[str, tuple[np.ndarray, np.ndarray]],
@@ -463,7 +464,8 @@ def write_lora(path: str | Path, arch: str, alpha: float, pairs: dict[str, tuple
     """Write a GGUF LoRA adapter: `pairs` maps base weight name -> (A (r, in), B (out, r)).
 
     q8_0 needs rows divisible by the block size (32); other tensors fall back to f16, as
-    llama.cpp's converter does.
+    llama.cpp's converter does. "exact" writes a tensor in f16 where every value is an f16 value
+    (A of a packed mixture of f16 adapters), else in f32: nothing is rounded.
     """
     if outtype not in WRITE_TYPES:
         raise ValueError(f"unknown outtype {outtype!r}: choose one of {sorted(WRITE_TYPES)}")
@@ -513,6 +515,8 @@ def _write_lora_to(tmp: Path, arch, alpha, pairs, outtype, name, extra) -> None:
         for suffix, arr in zip(LORA_SUFFIXES, pairs[stem]):
             arr = np.ascontiguousarray(arr, np.float32)
             qtype = WRITE_TYPES[outtype]
+            if outtype == "exact" and np.array_equal(arr.astype(np.float16).astype(np.float32), arr):
+                qtype = GGMLQuantizationType.F16
             if qtype == GGMLQuantizationType.Q8_0 and arr.shape[-1] % 32 != 0:
                 qtype = GGMLQuantizationType.F16
             if qtype == GGMLQuantizationType.F32:
