@@ -146,7 +146,7 @@ def lora_fusion_section(model_path: Path, adapters, k: int, threads: int, repeat
         base = r["tok_s"]["base"]
         print(f"  fusion {setting:<3}: base {base:6.1f} tok/s; " + "; ".join(
             f"{row} {r['tok_s'][row]:6.1f} tok/s = {r['tok_s'][row] / base:.3f} of base "
-            f"({r['fused'][row]:.0f} fused a token)" for row in FUSION_ROWS[1:]))
+            f"({r['fused'][row]:.0f} fused products a token)" for row in FUSION_ROWS[1:]))
     if len(out) == 2:
         print("  on / off, each over its own base row: " + "; ".join(
             f"{row} {out['on']['tok_s'][row] / out['on']['tok_s']['base']:.3f} vs "
