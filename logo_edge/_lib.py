@@ -119,12 +119,20 @@ ggml_type_name.argtypes = [ctypes.c_int]
 ggml_type_name.restype = ctypes.c_char_p
 
 # int ggml_cpu_lora_fused_nodes(void): one-token LoRA products the CPU backend computed as one node
-# (llama-lora-fused-decode.patch); a build without it (LLAMA_CPP_LIB_PATH elsewhere) has no count. Opened by
-# the soname libggml links (a copy of the file under another name would be a second library, never called)
-_ggml_cpu_path = next((p for p in (LIB_DIR / f"libggml-cpu{_SUFFIX}.0", LIB_DIR / f"libggml-cpu.0{_SUFFIX}",
-                                   LIB_DIR / f"libggml-cpu{_SUFFIX}") if p.exists()), None)
-_lora_fused_nodes = getattr(ctypes.CDLL(str(_ggml_cpu_path)), "ggml_cpu_lora_fused_nodes", None) \
-    if _ggml_cpu_path is not None else None
+# (llama-lora-fused-decode.patch). Taken from the libggml-cpu libllama already loaded (RTLD_NOLOAD: a copy of the
+# file under another name would be a second library that never computes); None where there is none or it
+# lacks the patch (LLAMA_CPP_LIB_PATH elsewhere)
+def _loaded(names) -> ctypes.CDLL | None:
+    for name in names:
+        try:
+            return ctypes.CDLL(str(LIB_DIR / name), mode=getattr(os, "RTLD_NOLOAD", 0) | getattr(os, "RTLD_LAZY", 0))
+        except OSError:
+            continue
+    return None
+
+
+_ggml_cpu = _loaded([f"libggml-cpu{_SUFFIX}.0", f"libggml-cpu.0{_SUFFIX}", f"libggml-cpu{_SUFFIX}"])
+_lora_fused_nodes = getattr(_ggml_cpu, "ggml_cpu_lora_fused_nodes", None) if _ggml_cpu is not None else None
 if _lora_fused_nodes is not None:
     _lora_fused_nodes.argtypes = []
     _lora_fused_nodes.restype = ctypes.c_int
@@ -132,8 +140,8 @@ if _lora_fused_nodes is not None:
 
 def lora_fused_nodes() -> int | None:
     """How many one-token LoRA products (res + s B (A x)) this process's CPU backend computed fused, or None
-    where the library lacks the patch. GGML_CPU_DISABLE_FUSION=1 at start turns the fusion off."""
-    return None if _lora_fused_nodes is None else int(_lora_fused_nodes())
+    where the library lacks the patch. GGML_CPU_DISABLE_LORA_FUSION=1 at start turns the fusion off."""
+    return None if _lora_fused_nodes is None else int(_lora_fused_nodes()) & 0xFFFFFFFF  # wraps: take deltas mod 2**32
 
 
 GGML_TYPE_F32 = 0

@@ -97,7 +97,7 @@ FUSION_ROWS = ("base", "packed", "mixture")
 
 
 def _fusion_child(model: str, adapters: list[str], k: int, threads: int, repeats: int, gen: int) -> dict:
-    """In a process of its own (GGML_CPU_DISABLE_FUSION is read once): decode tok/s of the base model and of
+    """In a process of its own (GGML_CPU_DISABLE_LORA_FUSION is read once): decode tok/s of the base model and of
     a routed k-adapter mixture, packed and per adapter, the same `gen` tokens each (end of generation
     ignored), interleaved; and the LoRA products fused per decoded token."""
     from . import _lib
@@ -129,15 +129,15 @@ def lora_fusion_section(model_path: Path, adapters, k: int, threads: int, repeat
     import sys
 
     print(f"\nLoRA on a decoded token as one CPU node (native/llama-lora-fused-decode.patch) on vs off "
-          f"(GGML_CPU_DISABLE_FUSION=1); k={k}, {gen} tokens decoded, median of {repeats}, a process each")
+          f"(GGML_CPU_DISABLE_LORA_FUSION=1); k={k}, {gen} tokens decoded, median of {repeats}, a process each")
     code = ("import json, sys; from logo_edge.bench_cpu import _fusion_child; "
             "print(json.dumps(_fusion_child(*json.loads(sys.argv[1]))))")
     arg = json.dumps([str(model_path), [str(a) for a in adapters], k, threads, repeats, gen])
     out = {}
     for setting in ("on", "off"):
-        env = {n: v for n, v in os.environ.items() if n != "GGML_CPU_DISABLE_FUSION"}
+        env = {n: v for n, v in os.environ.items() if not n.startswith("GGML_CPU_DISABLE")}
         if setting == "off":
-            env["GGML_CPU_DISABLE_FUSION"] = "1"
+            env["GGML_CPU_DISABLE_LORA_FUSION"] = "1"
         res = subprocess.run([sys.executable, "-c", code, arg], env=env, capture_output=True, text=True)
         if res.returncode != 0:
             print(f"  fusion {setting}: the child failed: {res.stderr.strip()[-300:]}")

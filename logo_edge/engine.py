@@ -700,8 +700,9 @@ class Engine:
         loras = [self._lora_file(self.pool.adapters[i].path) for i in idx]
         alpha, pairs = (_pack if merge == "packed" else _fuse)(loras, weights)
         path = Path(self._tmp.name) / f"{merge}-{uuid.uuid4().hex[:8]}.gguf"
-        # "exact": the stacked A of f16 adapters stays f16 (half the bytes a decoded token reads, the
-        # arithmetic llama.cpp applies to the adapters themselves); the scaled B is f32
+        # "exact": a tensor whose values are all f16 values is written in f16, else in f32 (nothing rounded):
+        # the stacked A of f16 adapters stays f16 (half the bytes a decoded token reads; llama.cpp rounds x to
+        # f16 for the adapters themselves too); B scaled by w_i c_i is f32 unless that scaling was exact
         write_lora(path, self.model.info.arch, alpha, pairs, "exact")
         handle = self.model.load_lora(path)
         self._merged_bytes[key] = path.stat().st_size  # what llama.cpp holds of it (its tensors as written)

@@ -33,8 +33,9 @@ LLAMA_CPP_PYTHON_VERSION = "0.3.36"
 #   llama-lora-unit-scale.patch no ggml_scale node for an adapter applied at scale 1 (a packed mixture):
 #                              one node less per adapted weight, paid in every decode's thread syncs
 #   llama-lora-fused-decode.patch the CPU backend computes a LoRA on one token, res + s B (A x), as one node
-#                              (A's rows shared out among the threads) instead of three or four; f32/f16
-#                              weights; ggml_cpu_lora_fused_nodes() counts them (GGML_CPU_DISABLE_FUSION=1: off)
+#                              (A x's rows shared out among the threads) instead of three or four; f32 weights,
+#                              f16 on x86; ggml_cpu_lora_fused_nodes() counts them (GGML_CPU_DISABLE_LORA_FUSION=1:
+#                              off)
 PATCHES = [Path(__file__).with_name(n) for n in ("llama-eval-callback.patch", "llama-amx-tileconfig.patch",
                                                  "llama-lora-unit-scale.patch", "llama-lora-fused-decode.patch")]
 BACKEND_FLAGS = {
