@@ -118,20 +118,22 @@ ggml_type_name = _ggml_base.ggml_type_name
 ggml_type_name.argtypes = [ctypes.c_int]
 ggml_type_name.restype = ctypes.c_char_p
 
+
+def _soname(stem: str) -> Path:
+    """The file libllama loaded `stem` by (its soname: libggml-cpu.so.0, libggml-cpu.0.dylib); another copy of it under
+    another name would be a second library, with its own state, that never computes."""
+    return next((p for p in (LIB_DIR / f"{stem}{_SUFFIX}.0", LIB_DIR / f"{stem}.0{_SUFFIX}") if p.exists()),
+                LIB_DIR / f"{stem}{_SUFFIX}")
+
+
 # int ggml_cpu_lora_fused_nodes(void): one-token LoRA products the CPU backend computed as one node
-# (llama-lora-fused-decode.patch). Taken from the libggml-cpu libllama already loaded (RTLD_NOLOAD: a copy of the
-# file under another name would be a second library that never computes); None where there is none or it
-# lacks the patch (LLAMA_CPP_LIB_PATH elsewhere)
-def _loaded(names) -> ctypes.CDLL | None:
-    for name in names:
-        try:
-            return ctypes.CDLL(str(LIB_DIR / name), mode=getattr(os, "RTLD_NOLOAD", 0) | getattr(os, "RTLD_LAZY", 0))
-        except OSError:
-            continue
-    return None
-
-
-_ggml_cpu = _loaded([f"libggml-cpu{_SUFFIX}.0", f"libggml-cpu.0{_SUFFIX}", f"libggml-cpu{_SUFFIX}"])
+# (llama-lora-fused-decode.patch), from the libggml-cpu already loaded (RTLD_NOLOAD); None where there is none
+# or it lacks the patch (LLAMA_CPP_LIB_PATH elsewhere)
+try:
+    _ggml_cpu = ctypes.CDLL(str(_soname("libggml-cpu")),
+                            mode=getattr(os, "RTLD_NOLOAD", 0) | getattr(os, "RTLD_LAZY", 0))
+except OSError:
+    _ggml_cpu = None
 _lora_fused_nodes = getattr(_ggml_cpu, "ggml_cpu_lora_fused_nodes", None) if _ggml_cpu is not None else None
 if _lora_fused_nodes is not None:
     _lora_fused_nodes.argtypes = []
@@ -179,8 +181,7 @@ class GGMLTensor(ctypes.Structure):
 
 # libllama links libggml by its soname (libggml.so.0); llama-cpp-python also opens libggml.so, which can be a
 # second copy with its own backend registry: register devices where libllama looks
-_ggml = ctypes.CDLL(str(next((p for p in (LIB_DIR / f"libggml{_SUFFIX}.0", LIB_DIR / f"libggml.0{_SUFFIX}")
-                              if p.exists()), LIB_DIR / f"libggml{_SUFFIX}")))
+_ggml = ctypes.CDLL(str(_soname("libggml")))
 _ggml.ggml_backend_reg_by_name.argtypes = [ctypes.c_char_p]
 _ggml.ggml_backend_reg_by_name.restype = ctypes.c_void_p
 _ggml.ggml_backend_reg_get_proc_address.argtypes = [ctypes.c_void_p, ctypes.c_char_p]

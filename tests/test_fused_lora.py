@@ -140,25 +140,6 @@ def test_base_model_decode_fuses_nothing(tiny_engine):
 
 # ---- the fused node on graphs built here (ggml's C API): shapes, types and orders llama.cpp's graphs do not show
 
-def _ggml_api():
-    from logo_edge import _lib
-
-    class Init(ctypes.Structure):
-        _fields_ = [("mem_size", ctypes.c_size_t), ("mem_buffer", ctypes.c_void_p), ("no_alloc", ctypes.c_bool)]
-
-    base, cpu = _lib._ggml_base, _lib._ggml_cpu
-    P, i64 = ctypes.c_void_p, ctypes.c_int64
-    sigs = {"ggml_init": (P, [Init]), "ggml_free": (None, [P]), "ggml_new_tensor_2d": (P, [P, ctypes.c_int, i64, i64]),
-            "ggml_mul_mat": (P, [P, P, P]), "ggml_scale": (P, [P, P, ctypes.c_float]), "ggml_add": (P, [P, P, P]),
-            "ggml_add_inplace": (P, [P, P, P]), "ggml_new_graph": (P, [P]), "ggml_build_forward_expand": (None, [P, P]),
-            "ggml_get_data": (P, [P])}
-    for name, (res, args) in sigs.items():
-        getattr(base, name).restype, getattr(base, name).argtypes = res, args
-    cpu.ggml_graph_compute_with_ctx.restype = ctypes.c_int
-    cpu.ggml_graph_compute_with_ctx.argtypes = [P, P, ctypes.c_int]
-    return base, cpu, Init
-
-
 def _f16(a):
     return np.asarray(a, np.float32).astype(np.float16).astype(np.float64)
 
@@ -170,41 +151,39 @@ def _f16(a):
     ("f32", "f32", 16, None, "res+u", False, 3),   # three tokens: never fused, still right
 ])
 @pytest.mark.parametrize("threads", [1, 2, 3])
-def test_fused_node_computes_the_lora_product(a_type, b_type, r, scale, order, inplace, n_tok, threads):
+def test_fused_node_computes_the_lora_product(ggml, a_type, b_type, r, scale, order, inplace, n_tok, threads):
     from logo_edge import _lib
 
     if "f16" in (a_type, b_type) and platform.machine().lower() not in ("x86_64", "amd64", "i686", "i386"):
         pytest.skip("f16 weights are fused on x86 only")
-    base, cpu, Init = _ggml_api()
+    base, ctx = ggml
+    cpu = _lib._ggml_cpu
     types = {"f32": (0, np.float32), "f16": (1, np.float16)}
     d_in, d_out = 40, 23
     rng = np.random.default_rng(r + threads)
     vals = {"A": rng.normal(size=(r, d_in)), "B": rng.normal(size=(d_out, r)), "x": rng.normal(size=(n_tok, d_in)),
             "res": rng.normal(size=(n_tok, d_out))}
-    ctx = base.ggml_init(Init(16 << 20, None, False))
-    try:
-        def tensor(name, typ, rows, cols):
-            t = base.ggml_new_tensor_2d(ctx, types[typ][0], cols, rows)
-            data = np.ascontiguousarray(vals[name], types[typ][1])
-            ctypes.memmove(base.ggml_get_data(t), data.ctypes.data, data.nbytes)
-            return t
 
-        A, B = tensor("A", a_type, r, d_in), tensor("B", b_type, d_out, r)
-        x, res = tensor("x", "f32", n_tok, d_in), tensor("res", "f32", n_tok, d_out)
-        u = base.ggml_mul_mat(ctx, B, base.ggml_mul_mat(ctx, A, x))
-        if scale is not None:
-            u = base.ggml_scale(ctx, u, scale)
-        add = base.ggml_add_inplace if inplace else base.ggml_add
-        out = add(ctx, res, u) if order == "res+u" else add(ctx, u, res)
-        graph = base.ggml_new_graph(ctx)
-        base.ggml_build_forward_expand(graph, out)
-        before = _lib.lora_fused_nodes()
-        assert cpu.ggml_graph_compute_with_ctx(ctx, graph, threads) == 0
-        fused = _lib.lora_fused_nodes() - before
-        got = np.ctypeslib.as_array(ctypes.cast(base.ggml_get_data(out), ctypes.POINTER(ctypes.c_float)),
-                                    shape=(n_tok, d_out)).astype(np.float64)
-    finally:
-        base.ggml_free(ctx)
+    def tensor(name, typ, rows, cols):
+        t = base.ggml_new_tensor_2d(ctx, types[typ][0], cols, rows)
+        data = np.ascontiguousarray(vals[name], types[typ][1])
+        ctypes.memmove(base.ggml_get_data(t), data.ctypes.data, data.nbytes)
+        return t
+
+    A, B = tensor("A", a_type, r, d_in), tensor("B", b_type, d_out, r)
+    x, res = tensor("x", "f32", n_tok, d_in), tensor("res", "f32", n_tok, d_out)
+    u = base.ggml_mul_mat(ctx, B, base.ggml_mul_mat(ctx, A, x))
+    if scale is not None:
+        u = base.ggml_scale(ctx, u, scale)
+    add = base.ggml_add_inplace if inplace else base.ggml_add
+    out = add(ctx, res, u) if order == "res+u" else add(ctx, u, res)
+    graph = base.ggml_new_graph(ctx)
+    base.ggml_build_forward_expand(graph, out)
+    before = _lib.lora_fused_nodes()
+    assert cpu.ggml_graph_compute_with_ctx(ctx, graph, threads) == 0
+    fused = _lib.lora_fused_nodes() - before
+    got = np.ctypeslib.as_array(ctypes.cast(base.ggml_get_data(out), ctypes.POINTER(ctypes.c_float)),
+                                shape=(n_tok, d_out)).astype(np.float64)
     # the reference in float64, with the roundings mul_mat applies: x to f16 for an f16 A, A x to f16 for an f16 B
     a = _f16(vals["A"]) if a_type == "f16" else vals["A"].astype(np.float32)
     b = _f16(vals["B"]) if b_type == "f16" else vals["B"].astype(np.float32)

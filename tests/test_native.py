@@ -36,34 +36,6 @@ def test_struct_mirror_matches_the_library():
     assert ctypes.sizeof(_lib.GGMLTensor) + _lib.GGML_OBJECT_SIZE == _lib.ggml_tensor_overhead()
 
 
-class _InitParams(ctypes.Structure):  # struct ggml_init_params
-    _fields_ = [("mem_size", ctypes.c_size_t), ("mem_buffer", ctypes.c_void_p), ("no_alloc", ctypes.c_bool)]
-
-
-@pytest.fixture
-def ggml():
-    """ggml's own C API (libggml-base, beside libllama) and a 1 MiB ggml context to build tensors in."""
-    from logo_edge import _lib
-
-    lib = _lib._ggml_base
-    P, i64, sz = ctypes.c_void_p, ctypes.c_int64, ctypes.c_size_t
-    sigs = {"ggml_init": (P, [_InitParams]), "ggml_free": (None, [P]),
-            "ggml_new_tensor_2d": (P, [P, ctypes.c_int, i64, i64]), "ggml_add": (P, [P, P, P]),
-            "ggml_mul": (P, [P, P, P]), "ggml_rms_norm": (P, [P, P, ctypes.c_float]),
-            "ggml_norm": (P, [P, P, ctypes.c_float]), "ggml_scale": (P, [P, P, ctypes.c_float]),
-            "ggml_view_2d": (P, [P, P, i64, i64, sz, sz]), "ggml_transpose": (P, [P, P]),
-            "ggml_set_name": (P, [P, ctypes.c_char_p]), "ggml_set_input": (None, [P]),
-            "ggml_get_data": (P, [P]), "ggml_nbytes": (sz, [P]), "ggml_type_size": (sz, [ctypes.c_int]),
-            "ggml_row_size": (sz, [ctypes.c_int, i64]), "ggml_n_dims": (ctypes.c_int, [P]),
-            "ggml_is_transposed": (ctypes.c_bool, [P]), "ggml_op_desc": (ctypes.c_char_p, [P])}
-    for name, (res, args) in sigs.items():
-        getattr(lib, name).restype, getattr(lib, name).argtypes = res, args
-    ctx = lib.ggml_init(_InitParams(1 << 20, None, False))
-    assert ctx
-    yield lib, ctx
-    lib.ggml_free(ctx)
-
-
 def test_struct_mirror_reads_every_field_as_the_library_does(ggml):
     """Every field the probe reads (type, ne, nb, op, src, name, data), and the others, against ggml's own
     accessors on tensors ggml made: an independent check of each offset, not just the struct's size."""
