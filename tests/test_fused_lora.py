@@ -120,11 +120,17 @@ def test_fused_decode_matches_the_unfused_graph(tiny, adapter_sets, tmp_path):
                 # storing the adapters in f16 instead of f32 does
                 f16_cost = np.abs(np.array(p["logits"]) - np.array(runs["f32", False][key]["logits"])).max()
                 assert diff < 0.2 * f16_cost, (key, diff, f16_cost)
-        # every thread count computes the same function (1 thread: no sharing; 3: uneven shares of A x)
+        # every thread count computes the same function (1 thread: no sharing; 3: uneven shares of A x), to the
+        # bounds above: the prompt's prefill is unfused, and llama.cpp's own kernels on 1 thread take other tiles
+        # (measured unfused, f16 per adapter: 7e-4 between 1 and 2 threads, which the f16 rounding of A x amplifies)
         for merge in ("packed", "mixture"):
             for threads in (1, 3):
-                np.testing.assert_allclose(fused[f"{merge}-{threads}"]["logits"], fused[f"{merge}-2"]["logits"],
-                                           rtol=1e-5, atol=1e-5)
+                diff = np.abs(np.array(fused[f"{merge}-{threads}"]["logits"]) -
+                              np.array(fused[f"{merge}-2"]["logits"])).max()
+                f16_cost = np.abs(np.array(runs["f16", False][f"{merge}-2"]["logits"]) -
+                                  np.array(runs["f32", False][f"{merge}-2"]["logits"])).max()
+                bound = 1e-4 if dtype == "f32" else 0.2 * f16_cost
+                assert diff < bound, (dtype, merge, threads, diff, bound)
 
 
 def test_base_model_decode_fuses_nothing(tiny_engine):
