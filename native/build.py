@@ -11,6 +11,7 @@ a second build with the same inputs returns at once.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import hashlib
 import json
 import os
@@ -21,7 +22,9 @@ import sys
 import tarfile
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from ..errors import LogoEdgeError
 
@@ -153,19 +156,46 @@ def _log(msg: str) -> None:
     print(f"[logo-edge build] {msg}", file=sys.stderr, flush=True)
 
 
+@contextmanager
+def cache_lock(name: str) -> Iterator[None]:
+    """Hold the cache's lock on `name` (a build's directory name, the sdist, the source tree): one process at a
+    time fills that place, and one that finds the lock taken says so and waits, then finds the work done."""
+    locks = cache_root() / "locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    with open(locks / f"{name}.lock", "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            _log(f"waiting for another process that is preparing {name} in {cache_root()}")
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def fetch_sdist() -> Path:
-    """Download the llama-cpp-python sdist from the package index (cached)."""
+    """Download the llama-cpp-python sdist from the package index (cached; into a private folder first, so a
+    download cut short is never taken for the file)."""
     dest = cache_root() / "sdist"
     name = f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}.tar.gz"
     if (dest / name).exists():
         return dest / name
-    dest.mkdir(parents=True, exist_ok=True)
-    _log(f"downloading the llama-cpp-python {LLAMA_CPP_PYTHON_VERSION} sdist")
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-           f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}", "-d", str(dest)]
-    res = subprocess.run(cmd, capture_output=True, text=True)
-    if not (dest / name).exists():
-        raise BuildError(f"could not download {name} from the package index:\n{res.stderr[-2000:]}")
+    with cache_lock("sdist"):
+        if (dest / name).exists():
+            return dest / name
+        dest.mkdir(parents=True, exist_ok=True)
+        _log(f"downloading the llama-cpp-python {LLAMA_CPP_PYTHON_VERSION} sdist")
+        tmp = Path(tempfile.mkdtemp(prefix="download-", dir=dest))
+        try:
+            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+                   f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}", "-d", str(tmp)]
+            res = subprocess.run(cmd, capture_output=True, text=True)
+            if not (tmp / name).exists():
+                raise BuildError(f"could not download {name} from the package index:\n{res.stderr[-2000:]}")
+            os.replace(tmp / name, dest / name)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return dest / name
 
 
@@ -203,11 +233,15 @@ def source_tree() -> Path:
     dest = cache_root() / "src" / f"llama.cpp-{LLAMA_CPP_PYTHON_VERSION}"
     if (dest / "CMakeLists.txt").exists():
         return dest
-    tmp = dest.with_name(dest.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.parent.mkdir(parents=True, exist_ok=True)
-    extract_tree(fetch_sdist(), tmp)
-    tmp.rename(dest)
+    with cache_lock(dest.name):
+        if (dest / "CMakeLists.txt").exists():
+            return dest
+        tmp = dest.with_name(dest.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        extract_tree(fetch_sdist(), tmp)
+        shutil.rmtree(dest, ignore_errors=True)  # a tree that lost its CMakeLists.txt: damaged since
+        tmp.rename(dest)
     return dest
 
 
@@ -263,8 +297,17 @@ def build(backend: str = "cpu", extra_flags: list[str] | None = None, force: boo
         raise BuildError(f"unknown backend {backend!r}: choose one of {sorted(BACKEND_FLAGS)}")
     extra_flags = extra_flags or []
     out = lib_dir(backend, extra_flags)
-    if _cached(out, (out / "libllama.so").exists() or (out / "libllama.dylib").exists(), force):
+    present = lambda: (out / "libllama.so").exists() or (out / "libllama.dylib").exists()  # noqa: E731
+    if not force and present() and verify_hashes(out) is None:
+        _log(f"cached: {out}")
         return out
+    with cache_lock(out.name):  # another process may be building it: wait, then take its build
+        if _cached(out, present(), force):
+            return out
+        return _build_lib(backend, extra_flags, out, jobs)
+
+
+def _build_lib(backend: str, extra_flags: list[str], out: Path, jobs: int | None) -> Path:
     t0 = time.time()
     cache_root().mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="llama-build-", dir=cache_root()))
@@ -339,8 +382,17 @@ def build_tools(targets=TOOL_TARGETS, rpc: bool = True, backend: str = "cpu", ex
         raise BuildError("ggml-rpc-server needs rpc=True (GGML_RPC=ON)")
     extra_flags = extra_flags or []
     out = tools_dir(backend, extra_flags, targets, rpc)
-    if _cached(out, all((out / t).exists() for t in targets), force):
+    present = lambda: all((out / t).exists() for t in targets)  # noqa: E731
+    if not force and present() and verify_hashes(out) is None:
+        _log(f"cached: {out}")
         return out
+    with cache_lock(out.name):  # another process may be building them (and resuming its work dir): wait
+        if _cached(out, present(), force):
+            return out
+        return _build_tools(targets, rpc, backend, extra_flags, out, jobs)
+
+
+def _build_tools(targets, rpc: bool, backend: str, extra_flags: list[str], out: Path, jobs: int | None) -> Path:
     t0 = time.time()
     cache_root().mkdir(parents=True, exist_ok=True)
     # the work directory is kept when a build fails or is interrupted: the next call resumes it (make is

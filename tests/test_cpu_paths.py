@@ -5,10 +5,13 @@ machine code GCC emits for an AMX CPU (-march=sapphirerapids compiles anywhere),
 fallback is proven by making the self-check's child fail on purpose.
 """
 
+import json
+import os
 import re
 import shutil
 import subprocess
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -171,3 +174,84 @@ def test_native_build_key_holds_the_cpu(monkeypatch):
     portable = build.build_key("cpu", ["-DGGML_NATIVE=OFF"])
     monkeypatch.setattr(build, "cpu_features", lambda: "yet another cpu")
     assert build.build_key("cpu", ["-DGGML_NATIVE=OFF"]) == portable
+
+
+# ---- the fused LoRA node on ARM: ggml's CPU backend cross-compiled for aarch64 and run under qemu
+
+ARM_TOOLS = ("aarch64-linux-gnu-gcc", "aarch64-linux-gnu-g++", "qemu-aarch64")
+
+
+def _arm_ggml(arch: str, openmp: bool):
+    """libggml-base.a and libggml-cpu.a of the patched tree for aarch64 (`-DGGML_CPU_ARM_ARCH=arch`), built once
+    into the cache (about a minute on 2 cores) and keyed by the patches."""
+    key = f"ggml-aarch64-{arch.replace('+', '_')}-{'omp' if openmp else 'threadpool'}-{build.patches_digest()[:12]}"
+    out = build.cache_root() / "cross" / key
+    libs = [out / "libggml-cpu.a", out / "libggml-base.a"]
+    with build.cache_lock(key):
+        if all(p.exists() for p in libs):
+            return out
+        work = out.with_name(out.name + ".work")
+        shutil.rmtree(work, ignore_errors=True)
+        shutil.copytree(build.source_tree(), work / "tree", symlinks=True)
+        build.apply_patches(work / "tree")
+        flags = ["-DCMAKE_SYSTEM_NAME=Linux", "-DCMAKE_SYSTEM_PROCESSOR=aarch64",
+                 "-DCMAKE_C_COMPILER=aarch64-linux-gnu-gcc", "-DCMAKE_CXX_COMPILER=aarch64-linux-gnu-g++",
+                 "-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=OFF", "-DGGML_NATIVE=OFF",
+                 f"-DGGML_CPU_ARM_ARCH={arch}", f"-DGGML_OPENMP={'ON' if openmp else 'OFF'}",
+                 "-DLLAMA_BUILD_COMMON=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_TOOLS=OFF",
+                 "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_CURL=OFF"]
+        for cmd in (["cmake", "-S", str(work / "tree"), "-B", str(work / "b"), *flags],
+                    ["cmake", "--build", str(work / "b"), "--target", "ggml-cpu", "-j", str(os.cpu_count() or 2)]):
+            res = subprocess.run(cmd, capture_output=True, text=True)
+            assert res.returncode == 0, \
+                f"{' '.join(cmd[:3])} failed for aarch64 ({arch}):\n{res.stdout[-3000:]}{res.stderr[-3000:]}"
+        tmp = out.with_name(out.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(work / "tree" / "ggml" / "include", tmp / "include")
+        for p in libs:
+            shutil.copy2(work / "b" / "ggml" / "src" / p.name, tmp / p.name)
+        shutil.rmtree(out, ignore_errors=True)
+        tmp.rename(out)
+        shutil.rmtree(work, ignore_errors=True)
+    return out
+
+
+def _run_arm(exe, fusion: bool, cpu: str) -> list[dict]:
+    env = dict(os.environ, GGML_CPU_DISABLE_LORA_FUSION="0" if fusion else "1")
+    res = subprocess.run(["qemu-aarch64", "-cpu", cpu, str(exe)], capture_output=True, text=True, env=env, timeout=120)
+    assert res.returncode == 0, f"the aarch64 program failed under qemu ({res.returncode}):\n{res.stderr[-2000:]}"
+    return [json.loads(line) for line in res.stdout.splitlines()]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch, openmp, cpu", [
+    ("armv8.2-a+fp16+dotprod", False, "max,sve=off"),  # NEON with f16 arithmetic, ggml's own threadpool (as macOS)
+    ("armv8.2-a+sve", True, "max"),                    # SVE kernels, OpenMP threads (as a Graviton under Linux)
+])
+def test_fused_lora_node_on_arm(arch, openmp, cpu, tmp_path):
+    """The patch compiles for aarch64, and there the fused node computes res + s B (A x) for f32 adapters on 1-3
+    threads as llama.cpp's own unfused graph and a float64 reference do; f16 weights and several tokens are left to
+    the unfused way (ARM's mul_mat rounds f16 products otherwise than the node would)."""
+    missing = [t for t in ARM_TOOLS if shutil.which(t) is None]
+    if missing:
+        pytest.skip(f"needs {', '.join(missing)} (Debian: g++-aarch64-linux-gnu qemu-user; .ci/run installs them)")
+    ggml = _arm_ggml(arch, openmp)
+    obj, exe = tmp_path / "lora_graph.o", tmp_path / "lora_graph"
+    src = Path(__file__).with_name("native") / "lora_graph.c"
+    subprocess.run(["aarch64-linux-gnu-gcc", "-O2", "-std=c11", "-Wall", "-Werror", "-I", str(ggml / "include"),
+                    "-c", str(src), "-o", str(obj)], check=True)
+    subprocess.run(["aarch64-linux-gnu-g++", "-static", *(["-fopenmp"] if openmp else []), str(obj),
+                    str(ggml / "libggml-cpu.a"), str(ggml / "libggml-base.a"), "-lpthread", "-lm", "-o", str(exe)],
+                   check=True, capture_output=True)
+    fused, unfused = _run_arm(exe, True, cpu), _run_arm(exe, False, cpu)
+    assert len(fused) == len(unfused) == 18
+    for on, off in zip(fused, unfused):
+        case = {k: on[k] for k in ("a", "b", "r", "scale", "n_tok", "threads")}
+        assert on["rc"] == off["rc"] == 0, case
+        f32 = on["a"] == on["b"] == "f32"
+        assert on["fused"] == (1 if f32 and on["n_tok"] == 1 else 0), case
+        assert off["fused"] == 0, case
+        # f32: to rounding; f16: the weights' values are exact, the products are rounded as ARM's kernels round
+        tol = 1e-5 if f32 else 1e-3
+        assert on["err"] <= tol * max(1.0, on["mag"]), case
+        np.testing.assert_allclose(on["out"], off["out"], rtol=1e-5, atol=1e-5 * max(1.0, on["mag"]), err_msg=str(case))
