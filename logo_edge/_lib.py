@@ -88,7 +88,14 @@ llama_set_eval_callback = _llama.llama_set_eval_callback
 llama_set_eval_callback.argtypes = [ctypes.c_void_p, EvalCallback, ctypes.c_void_p]
 llama_set_eval_callback.restype = None
 
-_ggml_base = ctypes.CDLL(str(LIB_DIR / f"libggml-base{_SUFFIX}"))
+def _soname(stem: str) -> Path:
+    """The file libllama loaded `stem` by (its soname: libggml-cpu.so.0, libggml-cpu.0.dylib); another copy of it under
+    another name would be a second library, with its own state, that never computes."""
+    return next((p for p in (LIB_DIR / f"{stem}{_SUFFIX}.0", LIB_DIR / f"{stem}.0{_SUFFIX}") if p.exists()),
+                LIB_DIR / f"{stem}{_SUFFIX}")
+
+
+_ggml_base = ctypes.CDLL(str(_soname("libggml-base")))  # the copy libllama uses, not a second one
 
 # void ggml_backend_tensor_get(const struct ggml_tensor * tensor, void * data, size_t offset, size_t size);
 ggml_backend_tensor_get = _ggml_base.ggml_backend_tensor_get
@@ -117,13 +124,6 @@ ggml_op_name.restype = ctypes.c_char_p
 ggml_type_name = _ggml_base.ggml_type_name
 ggml_type_name.argtypes = [ctypes.c_int]
 ggml_type_name.restype = ctypes.c_char_p
-
-
-def _soname(stem: str) -> Path:
-    """The file libllama loaded `stem` by (its soname: libggml-cpu.so.0, libggml-cpu.0.dylib); another copy of it under
-    another name would be a second library, with its own state, that never computes."""
-    return next((p for p in (LIB_DIR / f"{stem}{_SUFFIX}.0", LIB_DIR / f"{stem}.0{_SUFFIX}") if p.exists()),
-                LIB_DIR / f"{stem}{_SUFFIX}")
 
 
 # int ggml_cpu_lora_fused_nodes(void): one-token LoRA products the CPU backend computed as one node

@@ -4,6 +4,7 @@ import ctypes
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -234,3 +235,20 @@ def test_missing_library_says_what_to_run(tmp_path):
     res = subprocess.run([sys.executable, "-c", "import logo_edge._lib"], env=env, capture_output=True, text=True)
     assert res.returncode != 0
     assert "patched libllama was not found" in res.stderr and "logo-edge build" in res.stderr
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads /proc/self/maps (Linux)")
+def test_each_native_library_is_loaded_once():
+    """libllama, libggml, libggml-base and libggml-cpu are each mapped from one file: a second copy opened by another
+    name (the cache holds file copies, not symlinks) has its own globals, and what it is asked is not what ran."""
+    code = r"""
+import re
+import logo_edge._lib
+from logo_edge import Engine  # the engine's imports open nothing more
+files = {m.group(1) for m in map(re.compile(r"(/\S*/lib(?:ggml|llama)\S*)").search, open("/proc/self/maps")) if m}
+print("\n".join(sorted(files)))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    stems = [Path(f).name.split(".")[0] for f in out]
+    assert sorted(set(stems)) == ["libggml", "libggml-base", "libggml-cpu", "libllama"], out
+    assert len(stems) == len(set(stems)), f"a library is loaded twice: {out}"
