@@ -40,15 +40,34 @@ def prompts_key() -> str:
 
 
 def model_key(path: Path) -> str:
-    """A cheap content key of a model file: its size and its first and last MiB."""
+    """The content key of a model file: the SHA-256 of every byte (two models that differ anywhere, a base with an
+    adapter merged into some of its layers among them, never share calibration states or a pool index).
+
+    Hashing a file of several GB takes seconds, so the digest is remembered under the file's device, inode, size
+    and modification time (`cache_root()/model-keys/`, one small file each, written atomically): a file rewritten
+    or replaced is hashed again, an unchanged one costs a stat."""
+    from .native.build import cache_root
+
+    path = Path(path)
+    st = path.stat()
+    memo = cache_root() / "model-keys" / f"{st.st_dev}-{st.st_ino}-{st.st_size}-{st.st_mtime_ns}"
+    try:
+        key = memo.read_text().strip()
+        if len(key) == 12 and all(c in "0123456789abcdef" for c in key):
+            return key
+    except OSError:
+        pass
     h = hashlib.sha256()
-    size = path.stat().st_size
-    h.update(str(size).encode())
     with open(path, "rb") as f:
-        h.update(f.read(1 << 20))
-        f.seek(max(0, size - (1 << 20)))
-        h.update(f.read(1 << 20))
-    return h.hexdigest()[:12]
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    key = h.hexdigest()[:12]
+    try:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_write(memo, lambda tmp: tmp.write_text(key + "\n"))
+    except OSError:  # a read-only cache: the key is still right, only computed again next time
+        pass
+    return key
 
 
 def states_path(model_path: Path, blocks: Sequence[int], module: str, probe_input: str) -> Path:

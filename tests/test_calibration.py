@@ -2,6 +2,7 @@
 disk cache of calibration states, and the property that motivates them (invariance to update size)."""
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -154,3 +155,33 @@ def test_engine_calibration_matches_pytorch(tiny, hf_tiny, monkeypatch, tmp_path
         eng3.close()
     finally:
         eng.close()
+
+
+def test_model_key_sees_every_byte_and_remembers_it_by_the_files_stat(tmp_path, monkeypatch):
+    """Two models of one size and name that differ only in the middle (an adapter merged into some layers) get
+    different keys, so they never share calibration states or a pool index; an unchanged file is not hashed
+    again, and a file rewritten in place is."""
+    import os
+
+    from logo_edge import calibration
+
+    monkeypatch.setenv("LOGO_EDGE_CACHE", str(tmp_path / "cache"))
+    data = np.random.default_rng(0).integers(0, 256, 5 << 20, dtype=np.uint8).tobytes()
+    merged = bytearray(data)
+    merged[(5 << 20) // 2] ^= 1  # the first and last MiB, the size and the name unchanged
+    a, b, c = tmp_path / "a" / "m.gguf", tmp_path / "b" / "m.gguf", tmp_path / "c" / "m.gguf"
+    for p, content in ((a, data), (b, bytes(merged)), (c, data)):
+        p.parent.mkdir()
+        p.write_bytes(content)
+    ka, kb = calibration.model_key(a), calibration.model_key(b)
+    assert ka != kb and calibration.model_key(c) == ka
+    assert calibration.states_path(a, [3, 4], "attn_q", "normed") != calibration.states_path(b, [3, 4], "attn_q",
+                                                                                               "normed")
+    hashed = []
+    real_open = open
+    monkeypatch.setattr("builtins.open", lambda f, *args, **kw: hashed.append(Path(f)) or real_open(f, *args, **kw))
+    assert calibration.model_key(b) == kb and b not in hashed  # remembered: a stat, not a read
+    st = b.stat()
+    b.write_bytes(data)  # rewritten in place, same size: the memo's stat no longer matches
+    os.utime(b, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+    assert calibration.model_key(b) == ka and b in hashed
