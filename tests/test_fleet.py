@@ -126,6 +126,24 @@ def test_streaming_carries_the_record(feng, engine):
     assert "".join(c["choices"][0]["text"] for c in chunks) == local(engine, PROMPTS[1], {"qv_r8": 1.0}, 12)
 
 
+def test_stop_strings_are_applied_as_the_engine_applies_them(feng, engine):
+    """Stop strings are matched on the front: llama-server drops the text it holds back for a stop string's prefix
+    when the answer ends at max_tokens (the first case), and the answer, finish reason and token count equal the
+    local engine's whether the stop string is hit or not, streamed or not."""
+    mix = {"qv_r8": 1.0}
+    text = local(engine, PROMPTS[0], mix)
+    mid = text[len(text) // 2:len(text) // 2 + 3]
+    for stop in ([text[-3:] + "\x01never"], [mid], [mid, text[-3:] + "\x01never"]):
+        want = engine.create_completion(PROMPTS[0], adapters=mix, max_tokens=16, stop=stop)
+        got = feng.create_completion(PROMPTS[0], adapters=mix, max_tokens=16, stop=stop)
+        assert got["choices"][0]["text"] == want["choices"][0]["text"], stop
+        assert got["choices"][0]["finish_reason"] == want["choices"][0]["finish_reason"], stop
+        assert got["usage"]["completion_tokens"] == want["usage"]["completion_tokens"], stop
+        chunks = list(feng.create_completion(PROMPTS[0], adapters=mix, max_tokens=16, stop=stop, stream=True))
+        assert "".join(c["choices"][0]["text"] for c in chunks) == want["choices"][0]["text"]
+    assert want["choices"][0]["finish_reason"] == "stop" and len(want["choices"][0]["text"]) < len(text)
+
+
 def test_same_mixture_sticks_to_its_backend_and_reuses_the_prefix(feng):
     mix = {"rs_r16": 1.0}
     _, r1 = remote(feng, LONG, mix, 4)
@@ -135,7 +153,7 @@ def test_same_mixture_sticks_to_its_backend_and_reuses_the_prefix(feng):
 
 
 def test_a_new_mixture_goes_to_the_least_busy_backend(feng, fleet, engine):
-    busy = fleet._acquire(("held", 1.0))  # one request in flight there
+    _, busy = fleet._acquire(("held", 1.0), set())  # one request in flight there
     try:
         text, rec = remote(feng, LONG, {"pattern_r8": 0.25}, 8)
         assert rec["settings"]["backend"] != busy.url
@@ -269,6 +287,94 @@ def test_serve_generate_on(tiny, fleet, engine):
             assert r["choices"][0]["text"] == local(engine, p, mix, 16)
         r = httpx.post(url + "/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": "qv_r8.gguf"})
         assert r.status_code in (400, 403)  # the fleet's adapters are fixed at its start
+        health = httpx.get(url + "/health").json()  # the backends, each up
+        assert health["status"] == "ok" and {b["url"] for b in health["backends"]} == set(urls.split(","))
+        assert all(b["up"] for b in health["backends"])
+
+
+# ---- failover: a backend that dies or stops answering
+
+def _wait_until(cond, timeout=90.0):
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.2)
+
+
+def test_a_spawned_backend_that_dies_is_skipped_restarted_and_serves_again(tiny, pool, llama_server, engine,
+                                                                             tmp_path):
+    """SIGKILL the backend a mixture sticks to: its next request is answered by the other backend (the same answer
+    as the local engine) while the dead one restarts, and once back it serves alone."""
+    from logo_edge.serve.fleet import Fleet, FleetEngine
+
+    mix = {"all7_r4": 0.7, "rs_r16": 0.3}
+    want = local(engine, PROMPTS[0], mix)
+    with Fleet.spawn(tiny / "tiny-f32.gguf", pool, 2, exe=llama_server, logdir=tmp_path, **SERVER_KW) as f:
+        fe = FleetEngine(engine, f)
+        text, rec = remote(fe, PROMPTS[0], mix)
+        first = next(b for b in f.backends if b.url == rec["settings"]["backend"])
+        other = next(b for b in f.backends if b is not first)
+        first.proc.kill()
+        first.proc.wait(timeout=20)
+        text, rec = remote(fe, PROMPTS[0], mix)  # its exit is noticed before sending: restarting, so the other
+        assert text == want and rec["settings"]["backend"] == other.url
+        state = {b["url"]: b for b in f.status()}[first.url]
+        assert state["restarting"] or state["restarts"] == 1, state
+        _wait_until(lambda: first.down is None)  # restarted with its command, /health, the pool mapped again
+        assert first.restarts == 1 and first.proc.poll() is None
+        assert "restarting llama-server" in first.log.read_text()
+        other.proc.kill()
+        other.proc.wait(timeout=20)
+        text, rec = remote(fe, PROMPTS[0], mix)
+        assert text == want and rec["settings"]["backend"] == first.url
+
+
+def test_a_connected_backend_that_stops_answering_is_failed_over_and_tried_again(tiny, pool, llama_server, engine,
+                                                                                  tmp_path):
+    """Backends we did not start: a refused connection takes one out of rotation and the request goes to the other;
+    with both gone the request gets FleetUnavailable (503) naming each; a backend started again on its port is
+    tried after the backoff and serves."""
+    from logo_edge.serve.fleet import Fleet, FleetEngine, FleetUnavailable, _wait_health
+
+    servers = [_raw_server(llama_server, tiny, pool, tmp_path) for _ in range(2)]
+    try:
+        for url, proc, log in servers:
+            _wait_health(url, proc, Path(log.name), 120)
+        with Fleet.connect([u for u, _, _ in servers], pool) as f:
+            fe = FleetEngine(engine, f)
+            mix = {"qv_r8": 1.0}
+            want = local(engine, PROMPTS[1], mix)
+            _, rec = remote(fe, PROMPTS[1], mix)
+            k = [u for u, _, _ in servers].index(rec["settings"]["backend"])
+            servers[k][1].kill()
+            servers[k][1].wait(timeout=20)
+            text, rec2 = remote(fe, PROMPTS[1], mix)  # sent to the dead one first: refused, then the other
+            assert text == want and rec2["settings"]["backend"] == servers[1 - k][0]
+            assert "ConnectError" in f.backends[k].down
+            servers[1 - k][1].kill()
+            servers[1 - k][1].wait(timeout=20)
+            with pytest.raises(FleetUnavailable) as e:
+                remote(fe, PROMPTS[1], mix)
+            assert e.value.status == 503 and all(u in str(e.value) for u, _, _ in servers)
+            # the first comes back on its port (its pool ids are the same: the same --lora list)
+            port = int(servers[k][0].rsplit(":", 1)[1])
+            cmd = servers[k][1].args
+            servers[k] = (servers[k][0], subprocess.Popen(cmd, stdout=servers[k][2], stderr=subprocess.STDOUT),
+                          servers[k][2])
+            _wait_health(servers[k][0], servers[k][1], Path(servers[k][2].name), 120)
+            assert f"--port {port}" in " ".join(cmd)
+            _wait_until(lambda: __import__("time").monotonic() >= f.backends[k].retry_at, 40)
+            text, rec3 = remote(fe, PROMPTS[1], mix)
+            assert text == want and rec3["settings"]["backend"] == servers[k][0]
+            assert f.backends[k].down is None and f.backends[1 - k].down is not None
+    finally:
+        for _, proc, log in servers:
+            if proc.poll() is None:
+                proc.terminate()
+                proc.wait(timeout=20)
+            log.close()
 
 
 # ---- RPC: one backend's model placed across two rpc-servers on loopback

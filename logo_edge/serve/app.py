@@ -108,7 +108,13 @@ def create_app(cfg: ServeConfig, workers: Workers) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "engines": len(workers), "adapters": len(workers.engine.pool)}
+        out = {"status": "ok", "engines": len(workers), "adapters": len(workers.engine.pool)}
+        fleet = getattr(workers.engine, "fleet", None)  # --generate-on: the llama-server backends, up or not
+        if fleet is not None:
+            out["backends"] = fleet.status()
+            up = sum(b["up"] for b in out["backends"])
+            out["status"] = "ok" if up == len(out["backends"]) else "degraded" if up else "unavailable"
+        return out
 
     @app.get("/")
     async def page():

@@ -9,6 +9,11 @@ adapters, loaded with `--lora ... --lora-init-without-apply`. The chosen mixture
     eng = FleetEngine(Engine(model, pool_paths), fleet)   # what the server's workers own instead of an Engine
     eng.create_chat_completion(messages)                   # probe here, generate there, record as usual
 
+A backend that stops answering (its process died, the connection is refused or cut) is taken out of rotation and
+the request goes to another before anything was streamed; a backend started here is restarted in the background
+with the same command and comes back once /health answers and it holds the pool again; one connected to is tried
+again after a backoff (1 s, doubling to 30 s). `Fleet.status()` (the server's /health) says which are up.
+
 Two llama-server defects are defeated here, never shown to the user (tests/test_fleet.py shows both):
 - #28674: `--lora-init-without-apply` leaves the global scales at 1.0 and `"lora": []` falls back to them.
   Every request lists every adapter explicitly; on connecting, non-zero global scales are set to 0.
@@ -16,11 +21,14 @@ Two llama-server defects are defeated here, never shown to the user (tests/test_
   computed under another adapter set. Backends started here run with `--cache-ram 0` (the slot's own cache
   is cleared by the server when the scales change, as `lora` is never empty); a backend we did not start may
   have it on, so its requests go with `cache_prompt: false` (full prefill, always the right answer).
+And one more: when an answer ends at n_predict with a stop string's prefix at its end, llama-server drops that held
+back text; stop strings are matched here, on the front, and the stream is closed at a hit.
 """
 
 from __future__ import annotations
 
 import json
+import queue
 import subprocess
 import threading
 import time
@@ -33,6 +41,7 @@ from ..errors import LogoEdgeError, RoutingError
 
 HEALTH_TIMEOUT_S = 120
 STICKY_SIZE = 1024  # mixtures remembered for prefix affinity
+RETRY_MIN_S, RETRY_MAX_S = 1.0, 30.0  # a down backend is tried again after this backoff (doubling per failure)
 
 
 class FleetError(LogoEdgeError):
@@ -40,6 +49,17 @@ class FleetError(LogoEdgeError):
 
     status = 502
     code = "backend_error"
+
+
+class FleetUnavailable(FleetError):
+    """No backend of the fleet can take a request now (all down or restarting)."""
+
+    status = 503
+    code = "backend_unavailable"
+
+
+class _Unreachable(Exception):
+    """A backend failed in a way another backend would not (connection refused or cut, the stream ended early)."""
 
 
 @dataclass
@@ -53,6 +73,16 @@ class Backend:
     log: Path | None = None
     inflight: int = 0
     served: int = 0
+    cmd: list[str] | None = None  # how it was started here: what restarts it
+    down: str | None = None  # why it is out of rotation; None while it serves
+    retry_at: float = 0.0  # (monotonic) when a down backend that is not restarting may be tried again
+    fails: int = 0  # failures in a row
+    restarting: bool = False
+    restarts: int = 0
+
+    def state(self) -> dict:
+        return {"url": self.url, "up": self.down is None, "down": self.down, "restarting": self.restarting,
+                "restarts": self.restarts, "inflight": self.inflight, "served": self.served}
 
     def lora(self, mixture: dict[str, float]) -> list[dict]:
         """Every adapter with its scale: the mixture's weight, 0 for the rest (#28674: never an empty list)."""
@@ -137,13 +167,20 @@ class Fleet:
     """Backends and the choice among them: sticky by mixture (the backend whose cache holds that mixture's
     prefixes, LRU-remembered), else the least busy."""
 
-    def __init__(self, backends: list[Backend], sticky_size: int = STICKY_SIZE):
+    def __init__(self, backends: list[Backend], sticky_size: int = STICKY_SIZE, pool: dict[str, Path] | None = None,
+                 health_timeout: float = HEALTH_TIMEOUT_S):
         if not backends:
             raise FleetError("a fleet needs at least one backend")
         self.backends = backends
         self._sticky: OrderedDict[tuple, int] = OrderedDict()
         self._sticky_size = sticky_size
         self._lock = threading.Lock()
+        self._pool, self._health_timeout = pool, health_timeout  # what a restarted backend must hold again
+        self._closed = False
+        # restarts run on one thread that lives as long as the fleet: a child started with PR_SET_PDEATHSIG (no
+        # orphan servers) is killed when the thread that started it ends, not the process
+        self._restart_queue: queue.SimpleQueue[Backend | None] = queue.SimpleQueue()
+        self._restarter: threading.Thread | None = None
         import httpx
 
         self._http = httpx.Client(timeout=httpx.Timeout(600, connect=10))
@@ -156,7 +193,7 @@ class Fleet:
             u = u.rstrip("/")
             _wait_health(u, None, None, health_timeout)
             backends.append(Backend(u, map_adapters(u, pool), cache_prompt=False))
-        return cls(backends)
+        return cls(backends, pool=pool, health_timeout=health_timeout)
 
     @classmethod
     def spawn(cls, model: Path, pool: dict[str, Path], n: int = 1, *, exe: Path | None = None,
@@ -180,17 +217,21 @@ class Fleet:
                 cmd = server_command(Path(exe), Path(model), list(pool.values()), port, **server_kw)
                 with open(log, "w") as out:
                     proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
-                backends.append(Backend(f"http://127.0.0.1:{port}", {}, cache_prompt=True, proc=proc, log=log))
+                backends.append(Backend(f"http://127.0.0.1:{port}", {}, cache_prompt=True, proc=proc, log=log,
+                                        cmd=cmd))
             for b in backends:
                 _wait_health(b.url, b.proc, b.log, health_timeout)
                 b.ids = map_adapters(b.url, pool)
-            fleet = cls(backends)
+            fleet = cls(backends, pool=pool, health_timeout=health_timeout)
             return fleet
         finally:
             if fleet is None:
                 _stop(backends)
 
     def close(self) -> None:
+        with self._lock:
+            self._closed = True  # a restart under way stops its new process itself
+        self._restart_queue.put(None)
         self._http.close()
         _stop(self.backends)
 
@@ -202,57 +243,145 @@ class Fleet:
 
     # ---- choosing a backend
 
-    def _acquire(self, key: tuple) -> Backend:
+    def status(self) -> list[dict]:
+        """Every backend's state: up or why not, restarts, requests in flight and served."""
+        self._notice_exits()
         with self._lock:
+            return [b.state() for b in self.backends]
+
+    def _notice_exits(self) -> None:
+        """Take a backend started here whose process has exited out of rotation (and restart it) before a request
+        is sent its way."""
+        for b in self.backends:
+            if b.down is None and b.proc is not None and b.proc.poll() is not None:
+                self._mark_down(b, f"its process exited with {b.proc.returncode}")
+
+    def _acquire(self, key: tuple, tried: set[int]) -> tuple[int, Backend]:
+        self._notice_exits()
+        with self._lock:
+            now = time.monotonic()
+            ok = [j for j, b in enumerate(self.backends) if j not in tried
+                  and (b.down is None or (not b.restarting and now >= b.retry_at))]
+            if not ok:
+                raise FleetUnavailable("no generation backend can take the request now: " + "; ".join(
+                    f"{b.url} {'failed this request' if j in tried and b.down is None else 'is down'}"
+                    f"{f' ({b.down})' if b.down else ''}{', restarting' if b.restarting else ''}"
+                    for j, b in enumerate(self.backends)))
             i = self._sticky.get(key)
-            if i is not None:
+            if i in ok:
                 self._sticky.move_to_end(key)
-            else:
-                i = min(range(len(self.backends)), key=lambda j: (self.backends[j].inflight, self.backends[j].served))
+            else:  # a new mixture, or its backend is down: the least busy that is up (a down one on probation last)
+                i = min(ok, key=lambda j: (self.backends[j].down is not None, self.backends[j].inflight,
+                                           self.backends[j].served))
                 self._sticky[key] = i
+                self._sticky.move_to_end(key)
                 while len(self._sticky) > self._sticky_size:
                     self._sticky.popitem(last=False)
             b = self.backends[i]
             b.inflight += 1
             b.served += 1
-            return b
+            return i, b
 
     def _release(self, b: Backend) -> None:
         with self._lock:
             b.inflight -= 1
 
+    def _mark_up(self, b: Backend) -> None:
+        with self._lock:
+            b.down, b.fails = None, 0
+
+    def _mark_down(self, b: Backend, why: str) -> None:
+        with self._lock:
+            b.fails += 1
+            b.down = why
+            b.retry_at = time.monotonic() + min(RETRY_MAX_S, RETRY_MIN_S * 2 ** (b.fails - 1))
+            restart = (b.cmd is not None and b.proc is not None and b.proc.poll() is not None and not b.restarting
+                       and not self._closed and self._pool is not None)
+            if restart:
+                b.restarting = True
+                if self._restarter is None:
+                    self._restarter = threading.Thread(target=self._restart_loop, name="fleet-restarts", daemon=True)
+                    self._restarter.start()
+                self._restart_queue.put(b)
+
+    def _restart_loop(self) -> None:
+        while (b := self._restart_queue.get()) is not None:
+            self._restart(b)
+
+    def _restart(self, b: Backend) -> None:
+        """Start a backend's process again with its command (same port), wait for /health, check it holds the pool
+        with the same ids, and put it back in rotation; on failure it stays down until a later failure retries."""
+        from .process import _die_with_parent
+
+        proc = None
+        try:
+            with open(b.log, "a") if b.log else open("/dev/null", "w") as out:
+                out.write(f"\n[logo-edge] restarting llama-server (it exited with {b.proc.returncode})\n")
+                out.flush()
+                proc = subprocess.Popen(b.cmd, stdout=out, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
+            with self._lock:
+                closed = self._closed
+                if not closed:
+                    b.proc = proc
+            if closed:
+                _stop([Backend(b.url, {}, False, proc=proc)])
+                return
+            _wait_health(b.url, proc, b.log, self._health_timeout)
+            ids = map_adapters(b.url, self._pool)
+            if ids != b.ids:
+                raise FleetError(f"after its restart llama-server at {b.url} numbers the adapters otherwise")
+            with self._lock:
+                b.down, b.fails, b.restarting = None, 0, False
+                b.restarts += 1
+        except Exception as e:  # noqa: BLE001  (whatever stopped the restart is what /health shows)
+            with self._lock:
+                b.down = f"restart failed: {type(e).__name__}: {str(e)[:300]}"
+                b.restarting = False
+                b.retry_at = time.monotonic() + RETRY_MAX_S
+
     # ---- generating
 
     def generate(self, tokens: list[int], mixture: dict[str, float], body: dict) -> Iterator[tuple[str, dict | None]]:
-        """Stream (text piece, None) then ("", final) from the backend chosen for `mixture`; `final` holds
-        llama-server's last event (stop_type, timings) plus `backend` and `cache_prompt`."""
+        """Stream (text piece, event) from the backend chosen for `mixture`, every event llama-server sends (with
+        `backend` and `cache_prompt` added), the last one with `stop` true (stop_type, timings). Closing the generator
+        closes the connection, and llama-server stops generating. A backend that cannot be
+        reached, or ends the stream before its first piece, is taken out of rotation and the request goes to the
+        next; one that fails after streaming part of the answer ends the request with FleetError."""
+        import httpx
+
         key = tuple(sorted(mixture.items()))
-        b = self._acquire(key)
-        try:
-            req = {**body, "prompt": list(tokens), "stream": True, "lora": b.lora(mixture),
-                   "cache_prompt": b.cache_prompt}
-            with self._http.stream("POST", b.url + "/completion", json=req) as r:
-                if r.status_code != 200:
-                    r.read()
-                    raise FleetError(f"llama-server at {b.url} answered {r.status_code}: {r.text[:500]}")
-                for line in r.iter_lines():
-                    if not line.startswith("data: "):
-                        continue
-                    ev = json.loads(line[6:])
-                    if ev.get("content"):
-                        yield ev["content"], None
-                    if ev.get("stop"):
-                        yield "", {**ev, "backend": b.url, "cache_prompt": b.cache_prompt}
-                        return
-            raise FleetError(f"llama-server at {b.url} closed the stream before its last event")
-        except FleetError:
-            raise
-        except Exception as e:  # httpx errors: name the backend
-            if type(e).__module__.startswith("httpx"):
-                raise FleetError(f"llama-server at {b.url}: {type(e).__name__}: {e}") from e
-            raise
-        finally:
-            self._release(b)
+        tried: set[int] = set()
+        while True:
+            i, b = self._acquire(key, tried)
+            sent = False
+            try:
+                req = {**body, "prompt": list(tokens), "stream": True, "lora": b.lora(mixture),
+                       "cache_prompt": b.cache_prompt}
+                with self._http.stream("POST", b.url + "/completion", json=req) as r:
+                    if r.status_code != 200:
+                        r.read()
+                        if r.status_code == 503:  # loading, or shutting down
+                            raise _Unreachable(f"it answered 503: {r.text[:200]}")
+                        raise FleetError(f"llama-server at {b.url} answered {r.status_code}: {r.text[:500]}")
+                    for line in r.iter_lines():
+                        if not line.startswith("data: "):
+                            continue
+                        ev = {**json.loads(line[6:]), "backend": b.url, "cache_prompt": b.cache_prompt}
+                        sent = sent or bool(ev.get("content"))
+                        if ev.get("stop"):
+                            self._mark_up(b)
+                        yield ev.get("content") or "", ev
+                        if ev.get("stop"):
+                            return
+                raise _Unreachable("it closed the stream before its last event")
+            except (_Unreachable, httpx.TransportError) as e:
+                why = str(e) if isinstance(e, _Unreachable) else f"{type(e).__name__}: {e}"
+                self._mark_down(b, why)
+                if sent:
+                    raise FleetError(f"llama-server at {b.url} failed in the middle of the answer: {why}") from e
+                tried.add(i)
+            finally:
+                self._release(b)
 
 
 def _stop(backends: list[Backend]) -> None:
@@ -270,11 +399,15 @@ def _stop(backends: list[Backend]) -> None:
 
 def sampling_body(s) -> dict:
     """llama-server's sampling fields for the engine's SamplingConfig: the engine's chain (top-k, top-p,
-    temperature, dist; greedy at temperature 0) and nothing else (min-p, penalties, DRY, XTC off)."""
+    temperature, dist; greedy at temperature 0) and nothing else (min-p, penalties, DRY, XTC off); no stop strings."""
     body = {"n_predict": s.max_tokens, "temperature": s.temperature, "top_k": s.top_k, "top_p": s.top_p,
             "min_p": 0.0, "typical_p": 1.0, "repeat_penalty": 1.0, "presence_penalty": 0.0,
             "frequency_penalty": 0.0, "dry_multiplier": 0.0, "xtc_probability": 0.0,
-            "samplers": ["top_k", "top_p", "temperature"], "stop": list(s.stop), "ignore_eos": s.ignore_eos}
+            "samplers": ["top_k", "top_p", "temperature"], "ignore_eos": s.ignore_eos,
+            # stop strings are applied on the front (FleetEngine.stream): llama-server drops the text it holds back
+            # for a stop string's prefix when the answer ends at n_predict; per-token timings and counts so that an
+            # answer cut on the front still reports them
+            "timings_per_token": True}
     if s.seed is not None:
         body["seed"] = s.seed
     return body
@@ -311,7 +444,7 @@ class FleetEngine:
 
     def stream(self, prompt, adapters="auto", sampling=None, **route_overrides):
         """(text piece, finish reason or None, record), like Engine.stream; generation on the fleet."""
-        from ..engine import SamplingConfig
+        from ..engine import SamplingConfig, _split_stop
 
         eng = self.engine
         sampling = sampling or SamplingConfig()
@@ -324,20 +457,31 @@ class FleetEngine:
             idx, weights, rec = eng._plan(tokens, adapters, replace(cfg, keep_probe="base", prefill="exact"))
         mixture = {eng.pool.adapters[i].name: float(w) for i, w in zip(idx, weights)}
         t0 = time.perf_counter()
-        final = None
-        for piece, final in self.fleet.generate(tokens, mixture, sampling_body(sampling)):
-            if piece:
-                yield piece, None, rec
-        tm, t = rec.timings, final.get("timings", {})
+        last: dict = {}
+        pending, hit = "", False
+        events = self.fleet.generate(tokens, mixture, sampling_body(sampling))
+        try:
+            for piece, last in events:
+                pending += piece
+                emit, pending, hit = _split_stop(pending, sampling.stop)  # as Engine._decode does
+                if emit:
+                    yield emit, None, rec
+                if hit:
+                    break  # closing the stream below stops the backend's generation
+        finally:
+            events.close()
+        if pending:  # held back for a stop string that did not come
+            yield pending, None, rec
+        tm, t = rec.timings, last.get("timings", {})
         tm.prefill_s = t.get("prompt_ms", 0.0) / 1000
         tm.decode_s = t.get("predicted_ms", 0.0) / 1000
         tm.cached_tokens = int(t.get("cache_n", 0))
-        tm.completion_tokens = int(final.get("tokens_predicted", t.get("predicted_n", 0)))
-        if final.get("stop_type") == "eos" and tm.completion_tokens > 0:
+        tm.completion_tokens = int(last.get("tokens_predicted", t.get("predicted_n", 0)))
+        if last.get("stop_type") == "eos" and tm.completion_tokens > 0:
             tm.completion_tokens -= 1  # llama-server counts the end-of-generation token; the engine does not
-        rec.settings.update(backend=final["backend"], backend_cache_prompt=final["cache_prompt"],
+        rec.settings.update(backend=last["backend"], backend_cache_prompt=last["cache_prompt"],
                             backend_s=round(time.perf_counter() - t0, 4))
-        yield "", "length" if final.get("stop_type") == "limit" else "stop", rec
+        yield "", "length" if not hit and last.get("stop_type") == "limit" else "stop", rec
 
     def create_completion(self, prompt, *, adapters="auto", max_tokens=128, temperature=0.0, top_p=1.0, top_k=0,
                           seed=None, stop=(), stream=False, ignore_eos=False, **route_overrides):
