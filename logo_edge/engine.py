@@ -36,11 +36,12 @@ PROBE_INPUTS = ("residual", "normed")
 # adapter of rank sum(r_i) with B_i scaled by w_i c_i (exact, fewer graph nodes); fusion: parameter
 # averaging A = sum w_i A_i, B = sum w_i B_i (not the same function; for comparison). auto (the default): the
 # faster exact one for the mixture at hand: packed for two or more adapters whose tensors (as their files hold
-# them) total at most PACK_MAX_BYTES, else mixture. Building a packed adapter costs about 12 ms per MB of files
-# per new mixture (kept for the next 8); it decodes faster (bench.txt's pack-cost section, 2 cores: 3 rank-8
-# q,k,v,o adapters, 5 MB, 0.88 of base vs 0.80, built in 68 ms; 20 of them, 36 MB, 0.74 vs 0.38 and prefill 2.3x
-# faster, built in 430 ms, repaid after ~50 tokens; 3 rank-64 all-module adapters, 112 MB, 0.51 vs 0.49, built in
-# 570 ms, repaid only after ~800 tokens: mixture).
+# them) total at most PACK_MAX_BYTES, else mixture. Building a packed adapter costs 5-15 ms per MB of files per
+# new mixture (kept for the next 8); it decodes faster (bench.txt's pack-cost section, 2 cores: 3 rank-8 q,k,v,o
+# adapters, 5 MB, 0.88 of base vs 0.80; 20 of them, 36 MB, 0.74 vs 0.38 and prefill 2.3x faster, repaid after ~50
+# tokens; 3 rank-64 all-module adapters, 112 MB, 0.51 vs 0.49, repaid only after hundreds of tokens: mixture).
+# Built (warm: files read) in 26, 540 and 540 ms since the pack is written without fsync, A in f16 straight from
+# f16 files and no f16 check of the scaled B (before: 60, 1,050 and 960 ms; pack_section, stop 18).
 MERGES = ("auto", "mixture", "packed", "fusion")
 PACK_MAX_BYTES = 64 << 20
 # a packed adapter's rank is padded with zeros (exact: zero terms) to a multiple of 16, the inner dimension
@@ -703,7 +704,7 @@ class Engine:
         # "exact": a tensor whose values are all f16 values is written in f16, else in f32 (nothing rounded):
         # the stacked A of f16 adapters stays f16 (half the bytes a decoded token reads; llama.cpp rounds x to
         # f16 for the adapters themselves too); B scaled by w_i c_i is f32 unless that scaling was exact
-        write_lora(path, self.model.info.arch, alpha, pairs, "exact")
+        write_lora(path, self.model.info.arch, alpha, pairs, "exact", durable=False)  # read back and deleted
         handle = self.model.load_lora(path)
         self._merged_bytes[key] = path.stat().st_size  # what llama.cpp holds of it (its tensors as written)
         path.unlink()
@@ -922,10 +923,20 @@ def _pack(loras, weights) -> tuple[float, dict]:
     pairs = {}
     for m in sorted({m for lo in loras for m in lo.pairs}):
         have = [(lo, w) for lo, w in zip(loras, weights) if m in lo.pairs]
-        a = np.concatenate([lo.pairs[m][0] for lo, _ in have], axis=0)  # (sum r, d_in)
-        b = np.concatenate([np.float32(w * lo.scale(m)) * lo.pairs[m][1] for lo, w in have], axis=1)  # (d_out, sum r)
-        pad = -a.shape[0] % PACK_RANK_MULTIPLE
-        pairs[m] = (np.pad(a, ((0, pad), (0, 0))), np.pad(b, ((0, 0), (0, pad))))
+        r = sum(lo.pairs[m][0].shape[0] for lo, _ in have)
+        r_pad = r + -r % PACK_RANK_MULTIPLE
+        # A stacked (in f16 where every file holds it in f16: the same values, written as they are), B scaled
+        # and joined, into zeroed arrays of the padded rank
+        f16 = all(m in lo.a_f16 for lo, _ in have)
+        a = np.zeros((r_pad, have[0][0].pairs[m][0].shape[1]), np.float16 if f16 else np.float32)
+        b = np.zeros((have[0][0].pairs[m][1].shape[0], r_pad), np.float32)
+        at = 0
+        for lo, w in have:
+            la, lb = lo.pairs[m]
+            a[at:at + len(la)] = la
+            np.multiply(lb, np.float32(w * lo.scale(m)), out=b[:, at:at + len(la)])
+            at += len(la)
+        pairs[m] = (a, b)
     return 0.0, pairs
 
 

@@ -363,6 +363,7 @@ class LoraFile:
     pairs: dict[str, tuple[np.ndarray, np.ndarray]] = field(repr=False)  # base name -> (A (r,in), B (out,r))
     stems: list[str] = field(default_factory=list)  # every adapted base weight (pairs may hold fewer)
     ranks: dict[str, int] = field(default_factory=dict)  # every adapted base weight -> its rank
+    a_f16: frozenset[str] = frozenset()  # the weights whose A the file holds in f16 (pairs has them exactly)
 
     def scale(self, base_name: str) -> float:
         """c = alpha / r as llama.cpp applies it (1 when the file has no alpha)."""
@@ -450,7 +451,9 @@ def _read_lora(r: GGUFReader, path: Path, base: BaseInfo, keep: set[str] | None)
         ranks[stem] = a_shape[0]
         if keep is None or stem in keep:
             pairs[stem] = (tensor_array(h[".lora_a"]), tensor_array(h[".lora_b"]))
-    return LoraFile(path, name, float(alpha) if alpha is not None else None, pairs, sorted(halves), ranks)
+    a_f16 = frozenset(stem for stem, h in halves.items()
+                      if GGMLQuantizationType(int(h[".lora_a"].tensor_type)) == GGMLQuantizationType.F16)
+    return LoraFile(path, name, float(alpha) if alpha is not None else None, pairs, sorted(halves), ranks, a_f16)
 
 
 # ---- writing
@@ -460,12 +463,15 @@ WRITE_TYPES = {"f32": GGMLQuantizationType.F32, "f16": GGMLQuantizationType.F16,
 
 
 def write_lora(path: str | Path, arch: str, alpha: float, pairs: dict[str, tuple[np.ndarray, np.ndarray]],
-               outtype: str = "f32", name: str | None = None, extra: dict[str, str] | None = None) -> Path:
+               outtype: str = "f32", name: str | None = None, extra: dict[str, str] | None = None,
+               durable: bool = True) -> Path:
     """Write a GGUF LoRA adapter: `pairs` maps base weight name -> (A (r, in), B (out, r)).
 
     q8_0 needs rows divisible by the block size (32); other tensors fall back to f16, as
     llama.cpp's converter does. "exact" writes a tensor in f16 where every value is an f16 value
-    (A of a packed mixture of f16 adapters), else in f32: nothing is rounded.
+    (A of a packed mixture of f16 adapters; a float16 array is one), else in f32: nothing is rounded.
+    `durable=False` skips the fsyncs: a scratch file read back and deleted at once (a packed mixture)
+    needs the atomic rename, not the disk.
     """
     if outtype not in WRITE_TYPES:
         raise ValueError(f"unknown outtype {outtype!r}: choose one of {sorted(WRITE_TYPES)}")
@@ -476,13 +482,25 @@ def write_lora(path: str | Path, arch: str, alpha: float, pairs: dict[str, tuple
     tmp = path.with_name(f"{path.name}.{os.getpid()}-{threading.get_ident()}.part")
     try:
         _write_lora_to(tmp, arch, alpha, pairs, outtype, name, extra)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
+        if durable:
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
+    if durable:
+        _fsync_dir(path.parent)
     return path
+
+
+def _f16_exact(arr: np.ndarray) -> bool:
+    """Whether every value of a float32 array is an f16 value; a few leading values first (a scaled B fails
+    there, at no cost)."""
+    flat = arr.reshape(-1)
+    head = flat[:64]
+    if not np.array_equal(head.astype(np.float16).astype(np.float32), head):
+        return False
+    return bool(np.array_equal(flat.astype(np.float16).astype(np.float32), flat))
 
 
 def _fsync_dir(d: Path) -> None:
@@ -513,9 +531,12 @@ def _write_lora_to(tmp: Path, arch, alpha, pairs, outtype, name, extra) -> None:
         w.add_string(k, v)
     for stem in sorted(pairs):
         for suffix, arr in zip(LORA_SUFFIXES, pairs[stem]):
-            arr = np.ascontiguousarray(arr, np.float32)
             qtype = WRITE_TYPES[outtype]
-            if outtype == "exact" and np.array_equal(arr.astype(np.float16).astype(np.float32), arr):
+            if outtype == "exact" and np.asarray(arr).dtype == np.float16:
+                w.add_tensor(stem + suffix, np.ascontiguousarray(arr))  # f16 values already: written as they are
+                continue
+            arr = np.ascontiguousarray(arr, np.float32)
+            if outtype == "exact" and _f16_exact(arr):
                 qtype = GGMLQuantizationType.F16
             if qtype == GGMLQuantizationType.Q8_0 and arr.shape[-1] % 32 != 0:
                 qtype = GGMLQuantizationType.F16

@@ -342,6 +342,42 @@ def test_packed_adapters_count_in_the_budget(tiny):
         eng.close()
 
 
+@pytest.mark.parametrize("types", [("f16", "f16"), ("f16", "f32")])
+def test_packed_file_holds_the_stacked_a_and_the_scaled_b_exactly(tiny, tmp_path, types):
+    """The packed adapter as written (the scratch GGUF llama.cpp loads): A stacked in f16 where every source file
+    holds A in f16 (else f32), B as w_i c_i B_i in f32, the rank padded with zeros; every value equals numpy's
+    stacking of the files' own values."""
+    from gguf import GGMLQuantizationType, GGUFReader
+
+    from logo_edge.engine import PACK_RANK_MULTIPLE, _pack
+    from logo_edge.gguf_files import BaseInfo, read_lora, tensor_array, write_lora
+
+    base = BaseInfo.read(tiny / "tiny-f32.gguf")
+    files = []
+    for name, t in zip(("qv_r8", "rs_r16"), types):
+        src = read_lora(tiny / "gguf" / f"{name}.gguf", base)
+        files.append(write_lora(tmp_path / f"{name}-{t}.gguf", base.arch, src.alpha or 0.0, src.pairs, t))
+    loras = [read_lora(f, base) for f in files]
+    weights = [0.7, 0.3]
+    _, pairs = _pack(loras, weights)
+    out = write_lora(tmp_path / "packed.gguf", base.arch, 0.0, pairs, "exact", durable=False)
+    got = {t.name: t for t in GGUFReader(out).tensors}
+    kinds = {id(lo): t for lo, t in zip(loras, types)}
+    for m in sorted({m for lo in loras for m in lo.pairs}):
+        have = [(lo, w) for lo, w in zip(loras, weights) if m in lo.pairs]
+        a = np.concatenate([lo.pairs[m][0] for lo, _ in have])
+        b = np.concatenate([np.float32(w * lo.scale(m)) * lo.pairs[m][1] for lo, w in have], axis=1)
+        pad = -len(a) % PACK_RANK_MULTIPLE
+        ta, tb = got[m + ".lora_a"], got[m + ".lora_b"]
+        # f16 where every source file holds A in f16, else wherever every value happens to be an f16 value
+        f16 = all(kinds[id(lo)] == "f16" for lo, _ in have) or np.array_equal(a.astype(np.float16), a)
+        want = GGMLQuantizationType.F16 if f16 else GGMLQuantizationType.F32
+        assert GGMLQuantizationType(int(ta.tensor_type)) == want, m
+        assert GGMLQuantizationType(int(tb.tensor_type)) == GGMLQuantizationType.F32, m
+        np.testing.assert_array_equal(tensor_array(ta), np.pad(a, ((0, pad), (0, 0))))
+        np.testing.assert_array_equal(tensor_array(tb), np.pad(b, ((0, 0), (0, pad))))
+
+
 def test_auto_merge_packs_small_mixtures_with_the_mixtures_answers(tiny, monkeypatch):
     """merge="auto" (the default) applies two or more adapters packed while they are small (PACK_MAX_BYTES),
     otherwise as a mixture; one adapter is set as it is. The answers are the mixture's either way; a changed
