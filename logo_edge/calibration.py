@@ -44,13 +44,14 @@ def model_key(path: Path) -> str:
     adapter merged into some of its layers among them, never share calibration states or a pool index).
 
     Hashing a file of several GB takes seconds, so the digest is remembered under the file's device, inode, size
-    and modification time (`cache_root()/model-keys/`, one small file each, written atomically): a file rewritten
-    or replaced is hashed again, an unchanged one costs a stat."""
+    and modification and change times (`cache_root()/model-keys/`, one small file each, written atomically): a
+    file rewritten or replaced is hashed again, an unchanged one costs a stat."""
     from .native.build import cache_root
 
     path = Path(path)
     st = path.stat()
-    memo = cache_root() / "model-keys" / f"{st.st_dev}-{st.st_ino}-{st.st_size}-{st.st_mtime_ns}"
+    # ctime too: it changes with every write and cannot be set back by hand (rsync -t, tar keep mtimes)
+    memo = cache_root() / "model-keys" / f"{st.st_dev}-{st.st_ino}-{st.st_size}-{st.st_mtime_ns}-{st.st_ctime_ns}"
     try:
         key = memo.read_text().strip()
         if len(key) == 12 and all(c in "0123456789abcdef" for c in key):

@@ -258,7 +258,15 @@ def write_hashes(d: Path) -> None:
 
 
 def verify_hashes(d: Path) -> str | None:
-    """None if every library file in `d` matches the SHA-256 recorded at build time, else what does not."""
+    """None if every library file in `d` matches the SHA-256 recorded at build time, else what does not (a
+    directory another process is replacing at that moment included)."""
+    try:
+        return _verify_hashes(d)
+    except OSError as e:
+        return f"it could not be read ({type(e).__name__}: {e})"
+
+
+def _verify_hashes(d: Path) -> str | None:
     sums = d / HASHES
     if not sums.exists():
         return f"it has no {HASHES} (an unverified or interrupted build)"

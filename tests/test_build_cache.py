@@ -122,30 +122,47 @@ def test_the_cli_builds_and_manages_pools_before_the_library_exists(tmp_path):
 def test_a_second_build_waits_for_the_first_and_takes_its_result(cache_copy, tmp_path):
     """Two processes building the same library into one cache (two `make test` runs, a server and a test): the
     second waits for the first, saying so, and takes its build instead of compiling again into the same place."""
+    import time
+
     root, dest = cache_copy
-    staged = tmp_path / "staged"
+    staged, go = tmp_path / "staged", tmp_path / "go"
     shutil.move(dest, staged)  # the cache has no build yet
     env = {k: v for k, v in os.environ.items() if k != "LLAMA_CPP_LIB_PATH"}
     env["LOGO_EDGE_CACHE"] = str(root)
     first = subprocess.Popen([sys.executable, "-c", f"""
-import shutil, time
+import pathlib, shutil, time
 from logo_edge.native import build
 with build.cache_lock({dest.name!r}):  # what a build holds while it compiles
     print("building", flush=True)
-    time.sleep(3)
+    deadline = time.monotonic() + 120
+    while not pathlib.Path({str(go)!r}).exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
     shutil.copytree({str(staged)!r}, {str(dest)!r})
 """], env=env, stdout=subprocess.PIPE, text=True)
+    second = None
     try:
         assert first.stdout.readline() == "building\n"
-        second = subprocess.run([sys.executable, "-c", """
+        second = subprocess.Popen([sys.executable, "-c", """
 from logo_edge.native import build
 def compile_it():
     raise SystemExit("the second process started a build of its own")
 build.source_tree = compile_it
 print(build.build("cpu"))
-"""], env=env, capture_output=True, text=True, timeout=120)
+"""], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        said = []
+        deadline = time.monotonic() + 120
+        while not any("waiting for another process" in line for line in said) and time.monotonic() < deadline:
+            line = second.stderr.readline()  # it blocks on the lock, saying so; then the first may finish
+            if not line:
+                break
+            said.append(line)
+        go.touch()
+        out, err = second.communicate(timeout=120)
     finally:
+        go.touch()
         first.wait(timeout=60)
-    assert second.returncode == 0, second.stderr[-2000:]
-    assert "waiting for another process" in second.stderr
-    assert Path(second.stdout.strip()) == dest and build.verify_hashes(dest) is None
+        if second is not None and second.poll() is None:
+            second.kill()
+    assert second.returncode == 0, "".join(said) + err[-2000:]
+    assert any("waiting for another process" in line for line in said), said
+    assert Path(out.strip()) == dest and build.verify_hashes(dest) is None

@@ -252,9 +252,14 @@ class Fleet:
     def _notice_exits(self) -> None:
         """Take a backend started here whose process has exited out of rotation (and restart it) before a request
         is sent its way."""
+        now = time.monotonic()
         for b in self.backends:
-            if b.down is None and b.proc is not None and b.proc.poll() is not None:
+            if b.proc is None or b.proc.poll() is None:
+                continue
+            if b.down is None:
                 self._mark_down(b, f"its process exited with {b.proc.returncode}")
+            elif not b.restarting and now >= b.retry_at:  # a restart that failed: try again after the backoff
+                self._mark_down(b, b.down)
 
     def _acquire(self, key: tuple, tried: set[int]) -> tuple[int, Backend]:
         self._notice_exits()
@@ -315,6 +320,9 @@ class Fleet:
 
         proc = None
         try:
+            with self._lock:
+                if self._closed:
+                    return
             with open(b.log, "a") if b.log else open("/dev/null", "w") as out:
                 out.write(f"\n[logo-edge] restarting llama-server (it exited with {b.proc.returncode})\n")
                 out.flush()
@@ -334,6 +342,8 @@ class Fleet:
                 b.down, b.fails, b.restarting = None, 0, False
                 b.restarts += 1
         except Exception as e:  # noqa: BLE001  (whatever stopped the restart is what /health shows)
+            if proc is not None and proc.poll() is None:  # up but unusable (no /health in time, other ids): stop it
+                _stop([Backend(b.url, {}, False, proc=proc)])
             with self._lock:
                 b.down = f"restart failed: {type(e).__name__}: {str(e)[:300]}"
                 b.restarting = False
@@ -367,14 +377,20 @@ class Fleet:
                         if not line.startswith("data: "):
                             continue
                         ev = {**json.loads(line[6:]), "backend": b.url, "cache_prompt": b.cache_prompt}
+                        if "error" in ev:  # the request's own failure, sent in the stream: no other backend helps
+                            err = ev["error"] if isinstance(ev["error"], dict) else {"message": str(ev["error"])}
+                            raise FleetError(f"llama-server at {b.url} failed the request: "
+                                             f"{str(err.get('message', err))[:500]}")
+                        if b.down is not None:
+                            self._mark_up(b)  # it answers: back in rotation
                         sent = sent or bool(ev.get("content"))
-                        if ev.get("stop"):
-                            self._mark_up(b)
                         yield ev.get("content") or "", ev
                         if ev.get("stop"):
                             return
                 raise _Unreachable("it closed the stream before its last event")
             except (_Unreachable, httpx.TransportError) as e:
+                if isinstance(e, httpx.PoolTimeout):  # this process's own connection limit, not the backend
+                    raise FleetError(f"no connection to llama-server at {b.url} was free in time") from e
                 why = str(e) if isinstance(e, _Unreachable) else f"{type(e).__name__}: {e}"
                 self._mark_down(b, why)
                 if sent:
