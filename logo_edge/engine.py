@@ -40,8 +40,8 @@ PROBE_INPUTS = ("residual", "normed")
 # new mixture (kept for the next 8); it decodes faster (bench.txt's pack-cost section, 2 cores: 3 rank-8 q,k,v,o
 # adapters, 5 MB, 0.88 of base vs 0.80; 20 of them, 36 MB, 0.74 vs 0.38 and prefill 2.3x faster, repaid after ~50
 # tokens; 3 rank-64 all-module adapters, 112 MB, 0.51 vs 0.49, repaid only after hundreds of tokens: mixture).
-# Built (warm: files read) in 26, 540 and 540 ms since the pack is written without fsync, A in f16 straight from
-# f16 files and no f16 check of the scaled B (before: 60, 1,050 and 960 ms; pack_section, stop 18).
+# Built (warm: files read) in 26, 540 and 540 ms: a scratch file written without fsync, A copied in f16 from f16
+# files, B scaled into the padded arrays.
 MERGES = ("auto", "mixture", "packed", "fusion")
 PACK_MAX_BYTES = 64 << 20
 # a packed adapter's rank is padded with zeros (exact: zero terms) to a multiple of 16, the inner dimension

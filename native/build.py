@@ -24,7 +24,7 @@ import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from ..errors import LogoEdgeError
 
@@ -297,6 +297,19 @@ def _cached(out: Path, present: bool, force: bool) -> bool:
     return False
 
 
+def _cached_or_built(out: Path, present: Callable[[], bool], force: bool, make: Callable[[], Path]) -> Path:
+    """`out` as cached when present and intact (and not forced), else built by `make` under the cache's lock on it:
+    a process that finds another building it waits, then takes that build instead of compiling into the same
+    place."""
+    if not force and present() and verify_hashes(out) is None:
+        _log(f"cached: {out}")
+        return out
+    with cache_lock(out.name):
+        if _cached(out, present(), force):
+            return out
+        return make()
+
+
 def build(backend: str = "cpu", extra_flags: list[str] | None = None, force: bool = False,
           jobs: int | None = None) -> Path:
     """Build the patched libllama for `backend` unless cached (and intact: its SHA256SUMS match); return the
@@ -305,14 +318,8 @@ def build(backend: str = "cpu", extra_flags: list[str] | None = None, force: boo
         raise BuildError(f"unknown backend {backend!r}: choose one of {sorted(BACKEND_FLAGS)}")
     extra_flags = extra_flags or []
     out = lib_dir(backend, extra_flags)
-    present = lambda: (out / "libllama.so").exists() or (out / "libllama.dylib").exists()  # noqa: E731
-    if not force and present() and verify_hashes(out) is None:
-        _log(f"cached: {out}")
-        return out
-    with cache_lock(out.name):  # another process may be building it: wait, then take its build
-        if _cached(out, present(), force):
-            return out
-        return _build_lib(backend, extra_flags, out, jobs)
+    return _cached_or_built(out, lambda: (out / "libllama.so").exists() or (out / "libllama.dylib").exists(), force,
+                            lambda: _build_lib(backend, extra_flags, out, jobs))
 
 
 def _build_lib(backend: str, extra_flags: list[str], out: Path, jobs: int | None) -> Path:
@@ -390,14 +397,8 @@ def build_tools(targets=TOOL_TARGETS, rpc: bool = True, backend: str = "cpu", ex
         raise BuildError("ggml-rpc-server needs rpc=True (GGML_RPC=ON)")
     extra_flags = extra_flags or []
     out = tools_dir(backend, extra_flags, targets, rpc)
-    present = lambda: all((out / t).exists() for t in targets)  # noqa: E731
-    if not force and present() and verify_hashes(out) is None:
-        _log(f"cached: {out}")
-        return out
-    with cache_lock(out.name):  # another process may be building them (and resuming its work dir): wait
-        if _cached(out, present(), force):
-            return out
-        return _build_tools(targets, rpc, backend, extra_flags, out, jobs)
+    return _cached_or_built(out, lambda: all((out / t).exists() for t in targets), force,
+                            lambda: _build_tools(targets, rpc, backend, extra_flags, out, jobs))
 
 
 def _build_tools(targets, rpc: bool, backend: str, extra_flags: list[str], out: Path, jobs: int | None) -> Path:

@@ -226,14 +226,14 @@ class Fleet:
             return fleet
         finally:
             if fleet is None:
-                _stop(backends)
+                _stop([b.proc for b in backends])
 
     def close(self) -> None:
         with self._lock:
             self._closed = True  # a restart under way stops its new process itself
         self._restart_queue.put(None)
         self._http.close()
-        _stop(self.backends)
+        _stop([b.proc for b in self.backends])
 
     def __enter__(self) -> "Fleet":
         return self
@@ -332,7 +332,7 @@ class Fleet:
                 if not closed:
                     b.proc = proc
             if closed:
-                _stop([Backend(b.url, {}, False, proc=proc)])
+                _stop([proc])
                 return
             _wait_health(b.url, proc, b.log, self._health_timeout)
             ids = map_adapters(b.url, self._pool)
@@ -343,7 +343,7 @@ class Fleet:
                 b.restarts += 1
         except Exception as e:  # noqa: BLE001  (whatever stopped the restart is what /health shows)
             if proc is not None and proc.poll() is None:  # up but unusable (no /health in time, other ids): stop it
-                _stop([Backend(b.url, {}, False, proc=proc)])
+                _stop([proc])
             with self._lock:
                 b.down = f"restart failed: {type(e).__name__}: {str(e)[:300]}"
                 b.restarting = False
@@ -400,17 +400,18 @@ class Fleet:
                 self._release(b)
 
 
-def _stop(backends: list[Backend]) -> None:
-    for b in backends:
-        if b.proc is not None and b.proc.poll() is None:
-            b.proc.terminate()
-    for b in backends:
-        if b.proc is not None:
-            try:
-                b.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                b.proc.kill()
-                b.proc.wait()
+def _stop(procs: list[subprocess.Popen | None]) -> None:
+    """Terminate llama-server processes (all first, then wait for each; killed after 20 s)."""
+    procs = [p for p in procs if p is not None]
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+    for p in procs:
+        try:
+            p.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
 
 
 def sampling_body(s) -> dict:
