@@ -27,8 +27,18 @@ def engine(threads: int) -> Engine:
     return Engine(adapters=str(POOL), n_ctx=1024, n_threads=threads)
 
 
-def probe(eng: Engine, n: int, out: Path, shard=(0, 1)) -> None:
+def ranked(eng: Engine, prompt: str):
+    """One chat prompt probed and routed under the engine's default: the routing and the pool indices it
+    considered (the shortlist's, where there is one), best calibrated score first."""
     cfg = eng.routing
+    tokens = eng.tokenize(eng.format_chat([{"role": "user", "content": prompt}]))
+    routing, considered = eng.route_state(eng.probe(tokens, cfg.probe_input), cfg)
+    s = np.asarray(routing.scores, np.float64)
+    ok = np.isfinite(s) if considered is None else (considered & np.isfinite(s))
+    return routing, [int(k) for k in np.argsort(-np.where(ok, s, -np.inf)) if ok[k]]
+
+
+def probe(eng: Engine, n: int, out: Path, shard=(0, 1)) -> None:
     todo = []
     for split in ("val", "test"):
         todo += [("in-pool", t, split, i, ex.prompt) for t in eng.pool.names if t in TASKS
@@ -40,11 +50,8 @@ def probe(eng: Engine, n: int, out: Path, shard=(0, 1)) -> None:
     for j, (group, task, split, i, prompt) in enumerate(todo):
         if j % 50 == 0:
             print(f"\rprobed {j}/{len(todo)}, {time.time() - t0:.0f} s", end="", file=sys.stderr)
-        tokens = eng.tokenize(eng.format_chat([{"role": "user", "content": prompt}]))
-        routing, considered = eng.route_state(eng.probe(tokens, cfg.probe_input), cfg)
-        s = np.asarray(routing.scores, np.float64)
-        ok = np.isfinite(s) if considered is None else (considered & np.isfinite(s))
-        order = [int(k) for k in np.argsort(-np.where(ok, s, -np.inf)) if ok[k]]
+        routing, order = ranked(eng, prompt)
+        s = routing.scores
         got.append(dict(group=group, task=task, split=split, index=i,
                         ranked=[[routing.names[k], float(s[k])] for k in order],
                         routed={routing.names[k]: w for k, w in routing.mixture()}))

@@ -15,21 +15,19 @@ import numpy as np
 from logo_edge import Engine
 from logo_edge.tasks import TASKS, splits
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "broad"))
+from study import ranked  # noqa: E402  (the broad study's probe-and-rank, shared)
+
 
 def probe(pool: Path, n: int, shard: tuple[int, int], threads: int) -> list[dict]:
     eng = Engine(adapters=str(pool), n_ctx=1024, n_threads=threads)
-    cfg = eng.routing
     todo = [(t, i, ex.prompt) for t in eng.pool.names if t in TASKS
             for i, ex in enumerate(splits(TASKS[t])["test"][:n])][shard[0]::shard[1]]
     got, t0 = [], time.time()
     for j, (task, i, prompt) in enumerate(todo):
         if j % 50 == 0:
             print(f"\rprobed {j}/{len(todo)}, {time.time() - t0:.0f} s", end="", file=sys.stderr)
-        tokens = eng.tokenize(eng.format_chat([{"role": "user", "content": prompt}]))
-        routing, considered = eng.route_state(eng.probe(tokens, cfg.probe_input), cfg)
-        s = np.asarray(routing.scores, np.float64)
-        ok = np.isfinite(s) if considered is None else (considered & np.isfinite(s))
-        order = [int(k) for k in np.argsort(-np.where(ok, s, -np.inf)) if ok[k]]
+        routing, order = ranked(eng, prompt)
         got.append(dict(task=task, index=i, first=[routing.names[k] for k in order[:3]]))
     print(file=sys.stderr)
     return got
