@@ -17,7 +17,7 @@ def route_config(args):
     return RouteConfig(signal=args.signal, k=args.k, probe_input=args.probe_input, merge=args.merge,
                        calibration=args.calibration, prefill=args.prefill, keep=args.keep, shortlist=args.shortlist,
                        keep_probe=args.keep_probe, keep_score=args.keep_score, keep_drop=args.keep_drop,
-                       min_score=args.min_score)
+                       min_score=args.min_score, examples=args.examples)
 
 
 def _optional_float(v: str) -> float | None:
@@ -331,6 +331,9 @@ def _add_engine_args(p: argparse.ArgumentParser, engine: bool = True) -> None:
     p.add_argument("--shortlist", type=int, default=d.shortlist,
                    help="route pools larger than this in two stages: the target block ranks every adapter, the "
                         f"whole window is read for the best SHORTLIST (default {d.shortlist}; 0 = every adapter)")
+    p.add_argument("--no-examples", dest="examples", action="store_false",
+                   help="rank by LoGo's calibrated signal alone, even for adapters with example prompts "
+                        "(NAME.examples.jsonl beside NAME.gguf, which otherwise rank them)")
     p.add_argument("--no-pool-index", dest="pool_index", action="store_false",
                    help="read every adapter file at start-up instead of mapping the pool's persisted index")
     p.add_argument("--keep", type=float, default=d.keep,

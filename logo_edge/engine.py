@@ -25,6 +25,7 @@ import numpy as np
 from . import defaults
 from ._lib import _internals, llama_cpp
 from .errors import AdapterError, ContextOverflowError, EngineBusyError, RequestError, RoutingError
+from .examples import Prototypes, pool_prototypes
 from .gguf_files import LoraFile, read_lora, write_lora
 from .llm import Context, ContextConfig, LoraHandle, Model, ProbeCapture
 from .pool import AdapterPool
@@ -101,6 +102,10 @@ class RouteConfig:
     # Knowing when not to route: with calibrated routing, a request whose best adapter's calibrated score is
     # below `min_score` is answered by the base model (no adapter fits it well enough). None: always route.
     min_score: float | None = None
+    # Adapters that ship example prompts (NAME.examples.jsonl beside NAME.gguf; logo_edge.examples) are ranked by
+    # the cosine of the request's probe state with their examples' prototype, with calibrated routing. False:
+    # LoGo's calibrated signal alone. A pool without example files routes the same either way.
+    examples: bool = True
 
     def __post_init__(self) -> None:
         RouterConfig(self.signal, self.k, self.calibration)  # validates signal, k and calibration
@@ -200,6 +205,7 @@ class Engine:
         self._probe_cache: tuple[list[int], int] = ([], 0)  # tokens in the probe context, blocks complete
         self._probe_memo: dict[tuple, np.ndarray] = {}  # recent probes' h by (tokens, block, module, input)
         self._probe_reused = 0  # prompt tokens the last probe found in its cache
+        self._protos: tuple[tuple, Prototypes | None] | None = None  # (pool key, its example prototypes)
         self.pool = AdapterPool(self.model, target_block, target_module, max_loaded_mb, probe_blocks,
                                 use_index=pool_index, probe_modules=probe_modules, sv_power=sv_power)
         self.pool.other_states = lambda probe_input: self._calibration_states(self.pool, probe_input, other=True)
@@ -455,6 +461,9 @@ class Engine:
                         target_module=self.pool.target_module, probe_modules=self.pool.probe_modules,
                         sv_power=self.pool.sv_power, probe_input=cfg.probe_input, merge=cfg.merge,
                         prefill=cfg.prefill)
+        protos = self._examples_for(cfg)
+        if protos is not None:  # ranked by example prompts: how many adapters have them
+            settings["examples"] = len(protos.index)
         return RoutingRecord("routed", settings, scores, Timings(prompt_tokens=len(tokens)))
 
     def route_state(self, h: np.ndarray, cfg: RouteConfig | None = None) -> tuple[Routing, np.ndarray | None]:
@@ -463,7 +472,8 @@ class Engine:
         window was read)."""
         cfg = cfg or self.routing
         pool = self.pool
-        h, h_other = pool.split_states(np.asarray(h))
+        h_all = np.asarray(h)
+        h, h_other = pool.split_states(h_all)
         calibrated = cfg.calibration != "raw"
         stats = pool.stats(cfg.probe_input, cfg.signal) if calibrated else None
         considered = None
@@ -488,7 +498,45 @@ class Engine:
             raw, stats = raw[keep], None if stats is None else (stats[0][keep], stats[1][keep])
             unprobeable = {**unprobeable, **pool.norm_only}
         rcfg = RouterConfig(cfg.signal, cfg.k, cfg.calibration)
-        return route_signals(raw, pool.names, rcfg, unprobeable, stats, considered), considered
+        routing = route_signals(raw, pool.names, rcfg, unprobeable, stats, considered)
+        protos = self._examples_for(cfg)
+        if protos is not None:
+            with one_blas_thread():
+                routing = protos.route(routing, h_all, cfg.k)
+        return routing, considered
+
+    def _examples_for(self, cfg: RouteConfig) -> Prototypes | None:
+        """The prototypes `cfg` routes with: the pool's, where it has example prompts and routing is calibrated."""
+        return self.prototypes(cfg.probe_input) if cfg.examples and cfg.calibration != "raw" else None
+
+    def prototypes(self, probe_input: str | None = None) -> Prototypes | None:
+        """The prototypes of the pool's adapters that ship example prompts (logo_edge.examples) at the probe
+        window for `probe_input`; None when none does. Built again when the pool changes (an examples file edited
+        meanwhile counts from the next pool change); each adapter's example states are cached on disk."""
+        from .calibration import model_key
+
+        probe_input = probe_input or self.routing.probe_input
+        pool = self.pool
+        key = (id(pool), probe_input, pool.probe_reads, pool.changes)
+        if self._protos is not None and self._protos[0] == key:
+            return self._protos[1]
+        self.calibrate(probe_input)
+        generic = pool.calibration_states(probe_input)
+        if len(pool.other_bank):
+            generic = np.concatenate([generic, pool._other_states_for(probe_input)], axis=1)
+        reads = pool.probe_reads if isinstance(pool.probe_reads, str) else "+".join(pool.probe_reads)
+        cache_name = (f"{self.model.path.stem}-{model_key(self.model.path)}-b{pool.blocks[0]}-{pool.blocks[-1]}-"
+                      f"{reads}-{probe_input}")
+
+        def probe_prompt(text: str) -> np.ndarray:
+            prompt = self.format_chat([{"role": "user", "content": text}]) if self.model.info.chat_template \
+                else text
+            return self.probe(self.tokenize(prompt), probe_input)
+
+        protos = pool_prototypes([(i, a.path) for i, a in enumerate(pool.adapters)], cache_name, generic,
+                                 probe_prompt)
+        self._protos = (key, protos)
+        return protos
 
     def _plan(self, tokens: list[int], adapters: AdapterChoice, cfg: RouteConfig):
         """Decide the mixture: (pool indices, weights, record)."""
@@ -543,6 +591,8 @@ class Engine:
         the mixture holds (kept: the tokens stay in the cache for the answer), else None (routed afresh)."""
         current = self._mixture[1]
         ref = self._keep_ref[1] if self._keep_ref and self._keep_ref[0] == current else None
+        if self._examples_for(cfg) is not None:
+            return None  # the score rule was chosen for LoGo's z-scores: route afresh (the weights rule may keep)
         if _uses_score_rule(cfg) and ref is None:
             return None  # no turn of this conversation chose the mixture on its states: route afresh
         got = self._mixture_states(tokens, cfg)
@@ -793,7 +843,7 @@ class Engine:
             t0 = time.perf_counter()
             # a mixture routed afresh for a chat that may keep it: read the turn's states under it while prefilling
             chose = (rec.settings.get("mixture") == "new" and cfg.keep_probe == "mixture" and _uses_score_rule(cfg)
-                     and bool(idx))
+                     and bool(idx) and self._examples_for(cfg) is None)
             cap = ProbeCapture(self.ctx, self.pool.blocks, self.pool.probe_reads, cfg.probe_input,
                                stop_early=False) if chose else None
             reused = self._prefill(tokens, cap)

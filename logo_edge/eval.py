@@ -36,6 +36,7 @@ SPECTRAL = {"Arrow k=3": (SpectralConfig("arrow", 3), "arrow [window mean]"),
             "SpectR k=3 [target block]": (SpectralConfig("spectr", 3, blocks="target"), "spectr [target block]"),
             "Arrow k=3 [zscore]": (SpectralConfig("arrow", 3, calibration="zscore"), "arrow [zscore]"),
             "SpectR k=3 [zscore]": (SpectralConfig("spectr", 3, calibration="zscore"), "spectr [zscore]")}
+EXAMPLES_HIT = "examples [zscore]"  # the hit-rate row of the router over the adapters' example prompts
 GENERATED_SPECTRAL = ("Arrow k=3", "SpectR k=3", "Arrow k=3 [zscore]", "SpectR k=3 [zscore]")
 BOOTSTRAP = 2000  # resamples for the 95 % intervals of the routers table
 
@@ -98,6 +99,8 @@ class Evaluator:
         normed = [s.label for s in settings if s.probe_input == "normed" and self.pools[s.label] is eng.pool]
         self.normed = normed[0] if normed else None  # the probe Arrow and SpectR read: q_proj's input
         self.spectral = SpectralBank.from_pool(eng.pool) if self.normed else None
+        # adapters that ship example prompts (logo_edge.examples): their router is reported beside LoGo's
+        self.examples = eng.prototypes(settings[0].probe_input) is not None if settings else False
 
     def route_spectral(self, states: dict[str, np.ndarray], method: str, k: int | None = None):
         """Arrow / SpectR (`SPECTRAL[method]`) on the normed probe states; k overrides the config's."""
@@ -109,10 +112,11 @@ class Evaluator:
             self.spectral.calibrate(self.eng.pool.calibration_states("normed"))
         return self.spectral.route(self.eng.pool.split_states(states[self.normed])[0], cfg)
 
-    def route(self, h, label: str, signal: str, k: int, calibration: str = "raw"):
+    def route(self, h, label: str, signal: str, k: int, calibration: str = "raw", examples: bool = False):
         """Route one setting's states. The engine's pool routes as a request does (Engine.route_state: both
         banks while MLP-only adapters are scored over the FFN input); another window's pool leaves adapters of
-        the other input unranked (nan) rather than reading a second input for a study setting."""
+        the other input unranked (nan) rather than reading a second input for a study setting. `examples`: the
+        engine's pool ranked by its adapters' example prompts (the "examples" router), else by LoGo alone."""
         from .engine import RouteConfig
 
         pool = self.pools[label]
@@ -120,7 +124,7 @@ class Evaluator:
         if pool is self.eng.pool:  # calibrated: with the engine's shortlist (ranked to its length at most)
             short = self.eng.routing.shortlist if calibration != "raw" else 0
             cfg = RouteConfig(signal, min(k, short) if 0 < short < len(pool.names) else k, s.probe_input,
-                              calibration=calibration, shortlist=short)
+                              calibration=calibration, shortlist=short, examples=examples)
             return self.eng.route_state(h, cfg)[0]
         stats = pool.stats(s.probe_input, signal) if calibration != "raw" else None
         raw = pool.bank.signals(h, signal)
@@ -171,13 +175,15 @@ class Evaluator:
         for s in self.settings[1:]:
             if s.generate:
                 m[f"LoGo-{sig} k={k} [zscore, {s.label}]"] = self._mix(states[s.label], s.label, sig, k, "zscore")
+        if self.examples:
+            m[f"examples k={k}"] = self._mix(states[main], main, sig, k, "zscore", examples=True)
         if spectral and self.spectral is not None:
             for name in GENERATED_SPECTRAL:
                 m[name] = {self.names[i]: w for i, w in self.route_spectral(states, name).mixture()}
         return m
 
-    def _mix(self, h, label, signal, k, calibration="raw") -> dict[str, float]:
-        r = self.route(h, label, signal, k, calibration)
+    def _mix(self, h, label, signal, k, calibration="raw", examples=False) -> dict[str, float]:
+        r = self.route(h, label, signal, k, calibration, examples)
         return {self.pools[label].names[i]: w for i, w in r.mixture()}
 
     def generate(self, ex: Example, mixture, merge: str = "mixture", **route) -> tuple[str, float]:
@@ -250,6 +256,12 @@ def run_eval(eng, n_per_task: int, out_dir: Path, quick: bool = False, tasks: li
                         own = pool.names.index(task.name)
                         rank = r.selected.index(own) if own in r.selected else len(pool.names)
                         st.hits.setdefault((f"{sig} [{cal}]", s.label, task.name), []).append((rank == 0, rank < 3))
+        if ev.examples and in_pool:
+            main = settings[0].label
+            r = ev.route(states[main], main, "norm", len(ev.names), "zscore", examples=True)
+            own = ev.names.index(task.name)
+            rank = r.selected.index(own) if own in r.selected else len(ev.names)
+            st.hits.setdefault((EXAMPLES_HIT, main, task.name), []).append((rank == 0, rank < 3))
         if hit_spectral:
             _spectral_hits(ev, st, states, task.name if in_pool else None)
         if j >= n_per_task:
@@ -260,7 +272,7 @@ def run_eval(eng, n_per_task: int, out_dir: Path, quick: bool = False, tasks: li
             methods = {m: v for m, v in every.items() if m in only}
         elif quick:  # the pipeline end to end on a few methods
             methods = {m: v for m, v in methods.items() if m in ("base", "oracle", "LoGo-norm k=3",
-                                                                  "LoGo-norm k=3 [zscore]")
+                                                                  "LoGo-norm k=3 [zscore]", "examples k=3")
                        or (gen_spectral and m in GENERATED_SPECTRAL)}
         sig, k = ev.default
         approx = f"LoGo-{sig} k={k} [zscore, probe-cache]"
@@ -276,7 +288,7 @@ def run_eval(eng, n_per_task: int, out_dir: Path, quick: bool = False, tasks: li
                 done[key] = ev.generate(ex, mix)
             pred, secs = done[key]
             # routed methods count the probe; probe-cache's generation timed it whole
-            routed = method.startswith(("LoGo", "Arrow", "SpectR")) and not method.endswith("probe-cache]")
+            routed = method.startswith(("LoGo", "Arrow", "SpectR", "examples")) and not method.endswith("probe-cache]")
             st.rows.append(dict(idx=i, task=task.name, group="in-pool" if in_pool else "unseen", method=method,
                                 score=score(task, pred, ex.refs), seconds=secs + (probe_s if routed else 0.0),
                                 adapters=";".join(f"{a}:{w:.3f}" for a, w in mix.items()) if mix != "base" else "",
@@ -335,6 +347,8 @@ def _routers(ev) -> dict[str, tuple[str, str, object]]:
     if ev.spectral is not None:
         for name, (_, hit) in SPECTRAL.items():
             out[name] = (hit, ev.normed, lambda st, m=name: ev.route_spectral(st, m))
+    if ev.examples:
+        out["examples k=3"] = (EXAMPLES_HIT, main, lambda st: ev.route(st[main], main, "norm", 3, "zscore", True))
     return out
 
 

@@ -149,6 +149,7 @@ class AdapterPool:
         self._states: dict[str, np.ndarray] = {}  # probe input -> calibration states (n_prompts, n_blocks, d_in)
         # what is derived once per pool change (every change clears it): stats() per bank, and the banks' layout
         self._stats: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
+        self.changes = 0  # adapters added, removed or re-read so far: what is derived from the pool keys on it
         self.max_loaded_bytes = int(max_loaded_mb * 2**20)
         self._loaded: OrderedDict[int, None] = OrderedDict()  # indices with a llama.cpp handle, LRU first
         self.extra_bytes = 0  # other adapters llama.cpp holds for this model (the engine's packed/fused ones)
@@ -190,6 +191,7 @@ class AdapterPool:
             self._calibrate(adapter, probe_input, states)
         self.adapters.append(adapter)
         self._stats.clear()
+        self.changes += 1
         return adapter
 
     def _entry(self, lora, tensor: str) -> tuple[np.ndarray, np.ndarray, float]:
@@ -401,6 +403,7 @@ class AdapterPool:
         where = {a.path: i for i, a in enumerate(adapters)}
         self._loaded = OrderedDict((where[p], None) for p in loaded if p in where)
         self._stats.clear()
+        self.changes += 1
 
     def remove(self, name: str, in_use: set[int] = frozenset()) -> PoolAdapter:
         """Take an adapter out of the pool and free its llama.cpp handle; later adapters move down one index.
@@ -434,6 +437,7 @@ class AdapterPool:
                 if b.other_index is not None and b.other_index > a.other_index:
                     b.other_index -= 1
         self._stats.clear()
+        self.changes += 1
         return a
 
     # ---- views

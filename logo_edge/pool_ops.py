@@ -150,6 +150,10 @@ def add_file(pool_dir: str | Path, src: str | Path, *, name: str | None = None, 
         raise AdapterError(f"{src}: no such adapter file")
     info = _base_info(base)
     lora = read_lora(src, info, only=[])  # every tensor validated before anything is written
+    from .examples import examples_path, read_examples, write_examples
+
+    # its example prompts (logo_edge.examples) go with it, checked before anything is written too
+    examples = read_examples(examples_path(src)) if examples_path(src).is_file() else None
     name = check_name(name if name is not None else _safe_stem(lora.name) or src.stem)
     pool_dir.mkdir(parents=True, exist_ok=True)
     manifest = read_manifest(pool_dir)  # before writing: a broken manifest stops the add
@@ -174,8 +178,14 @@ def add_file(pool_dir: str | Path, src: str | Path, *, name: str | None = None, 
     if origin or not (same and entry.get("origin")):
         entry["origin"] = origin or f"file:{src.resolve()}"
     _write_manifest(pool_dir, manifest)
+    if not same:  # a replaced adapter's examples do not stay with the new file
+        if examples is not None:
+            write_examples(examples_path(dest), examples)
+        else:
+            examples_path(dest).unlink(missing_ok=True)
     if move and not same:
         src.unlink(missing_ok=True)
+        examples_path(src).unlink(missing_ok=True)
     return describe(dest, info, entry["origin"])
 
 
@@ -217,6 +227,9 @@ def remove(pool_dir: str | Path, name: str) -> Path:
     path = _existing(pool_dir, name)
     manifest = read_manifest(pool_dir)
     path.unlink()
+    from .examples import examples_path
+
+    examples_path(path).unlink(missing_ok=True)
     _fsync_dir(pool_dir)
     if manifest["adapters"].pop(name, None) is not None:
         _write_manifest(pool_dir, manifest)
@@ -239,6 +252,10 @@ def rename(pool_dir: str | Path, old: str, new: str) -> Path:
         os.replace(path, dest)
     else:
         os.unlink(path)
+    from .examples import examples_path
+
+    if examples_path(path).is_file():
+        os.replace(examples_path(path), examples_path(dest))
     _fsync_dir(pool_dir)
     if old in manifest["adapters"]:
         manifest["adapters"][new] = manifest["adapters"].pop(old)

@@ -4,6 +4,7 @@
     python models/train_pool.py --pool mixed          # the mixed-recipe pool of issue 5, models/pool-mixed
     python models/train_pool.py --tasks sql intent    # retrain some adapters only
     python models/train_pool.py --pool large --jobs 2 # the 78-adapter pool of issue 18, models/pool-large (q8_0)
+    python models/train_pool.py --pool large --examples 5 --examples-only   # NAME.examples.jsonl beside each
 
 Reproducible: fixed seeds, the fixed splits of logo_edge.tasks (a seeded shuffle; test and validation
 examples are never trained on), the chat prompt format the runtime uses. The base weights are the
@@ -220,6 +221,18 @@ def _run_workers(argv: list[str], jobs: int) -> int:
     return max(codes)
 
 
+def write_examples_of(task, out_dir: Path, n: int) -> Path:
+    """NAME.examples.jsonl: the first n distinct inputs of the task's training split (logo_edge.examples), which
+    the adapter was trained on; never a validation or test input."""
+    from logo_edge.examples import examples_path, write_examples
+    from logo_edge.tasks import splits
+
+    prompts = list(dict.fromkeys(e.prompt for e in splits(task)["train"]))[:n]
+    path = examples_path(out_dir / f"{task.name}.gguf")
+    write_examples(path, prompts)
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     import torch
 
@@ -236,8 +249,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, help="output directory (default: the pool's directory in models/)")
     ap.add_argument("--jobs", type=int, default=1, help="training processes, each on its share of the cores")
     ap.add_argument("--skip-done", action="store_true", help="skip adapters whose GGUF file exists (resume)")
+    ap.add_argument("--examples", type=int, default=0, metavar="N",
+                    help="write NAME.examples.jsonl beside each adapter: N training inputs (default 0: none)")
+    ap.add_argument("--examples-only", action="store_true", help="only write the examples files; train nothing")
     ap.add_argument("--shard", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.examples_only:
+        if args.examples < 1:
+            ap.error("--examples-only needs --examples N (N >= 1)")
+        for name in args.tasks or list(POOLS[args.pool]):
+            print(write_examples_of(TASKS[name], args.out or POOL_DIRS[args.pool], args.examples))
+        return 0
     if args.jobs > 1 and not args.shard:
         return _run_workers(argv, args.jobs)
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -266,6 +288,8 @@ def main(argv: list[str] | None = None) -> int:
         convert_lora(work / name, hf_dir, tmp, OUTTYPE[args.pool], name=name)
         tmp.replace(out_dir / f"{name}.gguf")
         _update_manifest(out_dir / "manifest.json", args.pool, name, info)
+        if args.examples:
+            write_examples_of(task, out_dir, args.examples)
     return 0
 
 

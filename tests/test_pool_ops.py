@@ -7,6 +7,7 @@ refused operation (a refusal must leave the pool exactly as it was)."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -628,3 +629,37 @@ def test_cli_end_to_end(tiny, base, tmp_path):
     r = run("verify", pool=False, extra_env={"LOGO_EDGE_POOL": str(d)})
     assert r.returncode == 1 and "BAD math" in r.stdout
     assert not (tmp_path / "xdg").exists()
+
+
+@pytest.mark.slow
+def test_example_prompts_travel_with_their_adapter(tiny, base, tmp_path):
+    """NAME.examples.jsonl beside an added file is copied (moved with `move`), renamed and removed with it; a
+    malformed one stops the add with the pool unchanged; replacing an adapter drops the old one's examples."""
+    from logo_edge.examples import examples_path, read_examples, write_examples
+
+    src_dir = tmp_path / "src"
+    src_dir.mkdir()
+    src = src_dir / "qv.gguf"
+    shutil.copyfile(tiny / "gguf" / "qv_r8.gguf", src)
+    pool = tmp_path / "pool"
+    pool_ops.add_file(pool, tiny / "gguf" / "all7_r4.gguf", base=base)
+    examples_path(src).write_text('{"prompt": "fine"}\n{oops\n')
+    before = snapshot(pool)
+    with pytest.raises(AdapterError, match=r"qv.examples.jsonl, line 2: not JSON"):
+        pool_ops.add_file(pool, src, name="qv", base=base)
+    assert snapshot(pool) == before
+
+    write_examples(examples_path(src), ["What is 2 + 2?", "Add 3 and 4."])
+    pool_ops.add_file(pool, src, name="qv", base=base)
+    assert read_examples(pool / "qv.examples.jsonl") == ["What is 2 + 2?", "Add 3 and 4."]
+    pool_ops.rename(pool, "qv", "math")
+    assert read_examples(pool / "math.examples.jsonl")[0] == "What is 2 + 2?"
+    assert not (pool / "qv.examples.jsonl").exists()
+    examples_path(src).unlink()
+    pool_ops.add_file(pool, src, name="math", base=base, replace=True)  # the new file has none
+    assert not (pool / "math.examples.jsonl").exists()
+    write_examples(examples_path(src), ["x"])
+    pool_ops.add_file(pool, src, name="moved", base=base, move=True)
+    assert read_examples(pool / "moved.examples.jsonl") == ["x"] and not any(src_dir.iterdir())
+    pool_ops.remove(pool, "moved")
+    assert sorted(p.name for p in pool.iterdir()) == ["all7_r4.gguf", "manifest.json", "math.gguf"]

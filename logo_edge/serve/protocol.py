@@ -53,6 +53,7 @@ class LogoSettings(Strict):
     keep_drop: float | None = None
     min_score: float | None = None
     shortlist: int | None = None
+    examples: bool | None = None  # false: LoGo's signal alone, even for adapters with example prompts
 
     def overrides(self) -> dict:
         return {k: v for k, v in self.model_dump().items() if v is not None}
