@@ -17,7 +17,7 @@ def route_config(args):
     return RouteConfig(signal=args.signal, k=args.k, probe_input=args.probe_input, merge=args.merge,
                        calibration=args.calibration, prefill=args.prefill, keep=args.keep, shortlist=args.shortlist,
                        keep_probe=args.keep_probe, keep_score=args.keep_score, keep_drop=args.keep_drop,
-                       min_score=args.min_score, examples=args.examples)
+                       min_score=args.min_score, fallback=args.fallback, examples=args.examples)
 
 
 def _optional_float(v: str) -> float | None:
@@ -349,8 +349,11 @@ def _add_engine_args(p: argparse.ArgumentParser, engine: bool = True) -> None:
                    help="--keep-probe mixture: most the leader's score may fall below its score on the turn that "
                         f"chose the mixture (default {d.keep_drop})")
     p.add_argument("--min-score", type=_optional_float, default=d.min_score,
-                   help="answer with the base model when the best adapter's calibrated score is below this "
-                        f"('none': always route; default {d.min_score})")
+                   help="answer with --fallback when the best adapter's calibrated score (with example prompts: "
+                        f"its cosine) is below this ('none': always route; default {d.min_score})")
+    p.add_argument("--fallback", default=d.fallback, choices=["base", "uniform"],
+                   help="what a request below --min-score gets: the base model, or every ranked adapter with equal "
+                        f"weights (default {d.fallback})")
     p.add_argument("--max-loaded-mb", type=float, default=1024,
                    help="memory budget for full adapters loaded into llama.cpp (LRU beyond it)")
     p.add_argument("--target-block", type=int, default=-1, help="last block to probe (default: the model's last)")

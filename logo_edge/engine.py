@@ -55,6 +55,8 @@ PACK_RANK_MULTIPLE = 16
 # prompt token is decoded again under the mixture, saving the second prefill.
 PREFILLS = ("exact", "probe-cache")
 KEEP_PROBES = ("base", "mixture")  # what a continuing turn's keep decision routes on (RouteConfig.keep_probe)
+FALLBACKS = ("base", "uniform")  # what a request below min_score gets (RouteConfig.fallback)
+MAX_UNIFORM = 128  # fallback="uniform" mixes at most this many adapters (the best-ranked), equally
 LORA_CACHE_BYTES = 64 << 20  # adapter tensors kept in memory for packing (Engine._lora_file)
 MAX_STOPS, MAX_STOP_CHARS = 16, 1000  # stop strings a request may give (each is matched on every token)
 KEEP_MIN_PREFIX = 48  # tokens of cached history below which a request is not a continuing conversation
@@ -100,8 +102,11 @@ class RouteConfig:
     keep_score: float | None = 1.218
     keep_drop: float | None = 1.621
     # Knowing when not to route: with calibrated routing, a request whose best adapter's calibrated score is
-    # below `min_score` is answered by the base model (no adapter fits it well enough). None: always route.
+    # below `min_score` (a cosine where every adapter has example prompts, see below) is answered by `fallback`:
+    # "base", the base model (no adapter fits it well enough), or "uniform", every adapter the router ranked, with
+    # equal weights (at most MAX_UNIFORM of them, the best-ranked). None: always route.
     min_score: float | None = None
+    fallback: str = "base"
     # Adapters that ship example prompts (NAME.examples.jsonl beside NAME.gguf; logo_edge.examples) are ranked by
     # the cosine of the request's probe state with their examples' prototype, with calibrated routing. False:
     # LoGo's calibrated signal alone. A pool without example files routes the same either way.
@@ -119,6 +124,8 @@ class RouteConfig:
             raise RoutingError(f"merge must be one of {MERGES}, got {self.merge!r}")
         if self.prefill not in PREFILLS:
             raise RoutingError(f"prefill must be one of {PREFILLS}, got {self.prefill!r}")
+        if self.fallback not in FALLBACKS:
+            raise RoutingError(f"fallback must be one of {FALLBACKS}, got {self.fallback!r}")
         if self.keep_probe not in KEEP_PROBES:
             raise RoutingError(f"keep_probe must be one of {KEEP_PROBES}, got {self.keep_probe!r}")
         if not (isinstance(self.keep, (int, float)) and 0 <= self.keep <= 1):
@@ -556,10 +563,13 @@ class Engine:
                 if kept:
                     rec.settings.update(mixture="returned", keep_rule="base probe, saved K/V")
             if not kept and unsure:
-                rec.settings["fallback"] = f"base model: best calibrated score {best:.3g} < min_score {cfg.min_score}"
-                idx, weights = [], []
-                for a in rec.adapters:
-                    a.weight, a.rank = 0.0, None
+                why = f"best calibrated score {best:.3g} < min_score {cfg.min_score}"
+                idx = _ranked(routing.scores)[:MAX_UNIFORM] if cfg.fallback == "uniform" else []
+                weights = [1.0 / len(idx)] * len(idx) if idx else []
+                rec.settings["fallback"] = (f"uniform over {len(idx)} adapters: " if idx else "base model: ") + why
+                rank = {i: r + 1 for r, i in enumerate(idx)}
+                for j, a in enumerate(rec.adapters):
+                    a.weight, a.rank = (weights[0], rank[j]) if j in rank else (0.0, None)
             if kept:  # the record shows the mixture that answered; signals and scores are this turn's
                 idx, weights = list(kept), list(kept.values())
                 order = {i: r + 1 for r, i in enumerate(sorted(kept, key=lambda i: -kept[i]))}
@@ -927,6 +937,13 @@ class Engine:
 def weight_distance(a: Mapping[int, float], b: Mapping[int, float]) -> float:
     """Total variation distance between two mixtures (adapter index -> weight): half the sum of |a_i - b_i|."""
     return 0.5 * sum(abs(a.get(i, 0.0) - b.get(i, 0.0)) for i in set(a) | set(b))
+
+
+def _ranked(scores) -> list[int]:
+    """Pool indices of the finite scores, best first."""
+    s = np.asarray(scores, np.float64)
+    ok = np.flatnonzero(np.isfinite(s))
+    return [int(i) for i in ok[np.argsort(-s[ok], kind="stable")]]
 
 
 def _uses_score_rule(cfg: RouteConfig) -> bool:

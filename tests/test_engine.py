@@ -619,6 +619,27 @@ def test_min_score_answers_with_the_base_model_when_no_adapter_fits(tiny):
         RouteConfig(min_score=float("inf"))
 
 
+def test_the_uniform_fallback_mixes_every_ranked_adapter_equally(tiny):
+    """fallback="uniform": a request below min_score is answered by every ranked adapter with equal weights, the
+    same answer as that mixture set by hand; the record names them, best-ranked first."""
+    from logo_edge.engine import RouteConfig
+
+    files = [tiny / "gguf" / f"{n}.gguf" for n in ("qv_r8", "all7_r4", "rs_r16")]
+    prompt = "A question no adapter was trained for"
+    with Engine(tiny / "tiny-f32.gguf", files, n_ctx=256, kv_type="f32") as eng:
+        routed = eng.create_completion(prompt, max_tokens=6, k=1)
+        order = sorted((a for a in routed["routing"]["adapters"]), key=lambda a: -a["score"])
+        out = eng.create_completion(prompt, max_tokens=6, k=1, min_score=1e9, fallback="uniform")
+        by_hand = eng.create_completion(prompt, max_tokens=6, adapters={a["name"]: 1 / 3 for a in order})
+    assert out["routing"]["settings"]["fallback"].startswith("uniform over 3 adapters: best calibrated score")
+    got = sorted((a for a in out["routing"]["adapters"] if a["rank"]), key=lambda a: a["rank"])
+    assert [a["name"] for a in got] == [a["name"] for a in order]
+    assert all(a["weight"] == pytest.approx(1 / 3) for a in got)
+    assert out["choices"][0]["text"] == by_hand["choices"][0]["text"]
+    with pytest.raises(RoutingError, match="fallback"):
+        RouteConfig(fallback="broad")
+
+
 def test_probe_cache_mode_reuses_the_previous_turn(tiny):
     """probe-cache: a continuing turn probes (and prefills) only its new tokens; the record says how many
     the probe reused. Exact probing always reuses its own base-model prefix too."""

@@ -52,6 +52,7 @@ class LogoSettings(Strict):
     keep_score: float | None = None
     keep_drop: float | None = None
     min_score: float | None = None
+    fallback: str | None = None
     shortlist: int | None = None
     examples: bool | None = None  # false: LoGo's signal alone, even for adapters with example prompts
 
