@@ -220,3 +220,20 @@ def test_eval_reports_the_examples_router_as_a_request_routes(shipped_copy, tmp_
     hits = summary["hit_rates"]["examples [zscore], normed, last 8 blocks"]
     assert hits[0] == 1.0, summary["hit_rates"]
     assert "| examples k=3 |" in (tmp_path / "report.md").read_text()
+
+
+def test_the_large_pools_examples_are_training_inputs_of_their_own_task():
+    """models/pool-large ships ten example prompts per adapter: every one an input of its own task's training
+    split, none a validation or test input of any shipped task (the reports measure on those)."""
+    from pathlib import Path
+
+    from logo_edge.tasks import TASKS, splits
+
+    pool = Path(__file__).resolve().parents[1] / "models" / "pool-large"
+    held_out = {e.prompt for t in TASKS.values() for s in ("val", "test") for e in splits(t)[s]}
+    files = sorted(pool.glob("*.gguf"))
+    assert files
+    for g in files:
+        prompts = read_examples(examples_path(g))
+        train = {e.prompt for e in splits(TASKS[g.stem])["train"]}
+        assert len(prompts) == 10 and set(prompts) <= train and not set(prompts) & held_out, g.stem
