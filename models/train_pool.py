@@ -4,7 +4,7 @@
     python models/train_pool.py --pool mixed          # the mixed-recipe pool of issue 5, models/pool-mixed
     python models/train_pool.py --tasks sql intent    # retrain some adapters only
     python models/train_pool.py --pool large --jobs 2 # the 78-adapter pool of issue 18, models/pool-large (q8_0)
-    python models/train_pool.py --pool large --examples 5 --examples-only   # NAME.examples.jsonl beside each
+    python models/train_pool.py --pool large --examples 10 --examples-only  # NAME.examples.jsonl beside each
 
 Reproducible: fixed seeds, the fixed splits of logo_edge.tasks (a seeded shuffle; test and validation
 examples are never trained on), the chat prompt format the runtime uses. The base weights are the
