@@ -117,6 +117,17 @@ def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def save_npy(path: Path, array: np.ndarray) -> None:
+    """Write an array atomically (its directory made if needed)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    def save(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            np.save(f, array)
+
+    _atomic_write(path, save)
+
+
 def calibration_states(model_path: Path, blocks: Sequence[int], module: str, probe_input: str,
                        probe: Callable[[str], np.ndarray]) -> np.ndarray:
     """(n_prompts, n_blocks, d_in) probe states of the calibration prompts at a window of blocks, from the
@@ -133,13 +144,7 @@ def calibration_states(model_path: Path, blocks: Sequence[int], module: str, pro
             return states
         warnings.warn(f"calibration cache {path} is not used: {why}; recomputing it", CacheWarning, stacklevel=2)
     states = np.stack([probe(p) for p in calibration_prompts()]).astype(np.float32)
-    path.parent.mkdir(parents=True, exist_ok=True)
-
-    def save(tmp: Path) -> None:
-        with open(tmp, "wb") as f:
-            np.save(f, states)
-
-    _atomic_write(path, save)
+    save_npy(path, states)
     digest = _digest(path)
     _atomic_write(_hash_path(path), lambda tmp: tmp.write_text(digest + "\n"))
     return states

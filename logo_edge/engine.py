@@ -30,7 +30,16 @@ from .gguf_files import LoraFile, read_lora, write_lora
 from .llm import Context, ContextConfig, LoraHandle, Model, ProbeCapture
 from .pool import AdapterPool
 from .record import AdapterScore, RoutingRecord, Timings
-from .router import LEAD_NORM, TARGET_NORM, RouterConfig, Routing, one_blas_thread, route_signals, shortlist_norms
+from .router import (
+    LEAD_NORM,
+    TARGET_NORM,
+    RouterConfig,
+    Routing,
+    one_blas_thread,
+    route_signals,
+    select,
+    shortlist_norms,
+)
 
 PROBE_INPUTS = ("residual", "normed")
 # mixture: each selected adapter set with scale w_i (the paper's); packed: the same sum built as one
@@ -421,13 +430,14 @@ class Engine:
         from .calibration import calibration_states
 
         module = pool.other_modules[0] if other else pool.target_module
+        return calibration_states(self.model.path, pool.blocks, module, probe_input,
+                                  lambda text: self._probe_message(text, probe_input, pool.blocks, module))
 
-        def probe_prompt(text: str) -> np.ndarray:
-            prompt = self.format_chat([{"role": "user", "content": text}]) if self.model.info.chat_template \
-                else text
-            return self.probe(self.tokenize(prompt), probe_input, pool.blocks, module)
-
-        return calibration_states(self.model.path, pool.blocks, module, probe_input, probe_prompt)
+    def _probe_message(self, text: str, probe_input: str, blocks=None, module=None) -> np.ndarray:
+        """`probe` of one user message, in the chat template where the model has one (calibration and example
+        prompts are probed as a request is)."""
+        prompt = self.format_chat([{"role": "user", "content": text}]) if self.model.info.chat_template else text
+        return self.probe(self.tokenize(prompt), probe_input, blocks, module)
 
     def route(self, prompt: str | list[int] | list[dict], **overrides) -> RoutingRecord:
         """Route a prompt (text, tokens, or chat messages) without generating."""
@@ -534,14 +544,8 @@ class Engine:
         reads = pool.probe_reads if isinstance(pool.probe_reads, str) else "+".join(pool.probe_reads)
         cache_name = (f"{self.model.path.stem}-{model_key(self.model.path)}-b{pool.blocks[0]}-{pool.blocks[-1]}-"
                       f"{reads}-{probe_input}")
-
-        def probe_prompt(text: str) -> np.ndarray:
-            prompt = self.format_chat([{"role": "user", "content": text}]) if self.model.info.chat_template \
-                else text
-            return self.probe(self.tokenize(prompt), probe_input)
-
         protos = pool_prototypes([(i, a.path) for i, a in enumerate(pool.adapters)], cache_name, generic,
-                                 probe_prompt)
+                                 lambda text: self._probe_message(text, probe_input))
         self._protos = (key, protos)
         return protos
 
@@ -564,7 +568,8 @@ class Engine:
                     rec.settings.update(mixture="returned", keep_rule="base probe, saved K/V")
             if not kept and unsure:
                 why = f"best calibrated score {best:.3g} < min_score {cfg.min_score}"
-                idx = _ranked(routing.scores)[:MAX_UNIFORM] if cfg.fallback == "uniform" else []
+                idx = select(routing.scores, MAX_UNIFORM, np.isfinite(routing.scores)) if cfg.fallback == "uniform" \
+                    else []
                 weights = [1.0 / len(idx)] * len(idx) if idx else []
                 rec.settings["fallback"] = (f"uniform over {len(idx)} adapters: " if idx else "base model: ") + why
                 rank = {i: r + 1 for r, i in enumerate(idx)}
@@ -937,13 +942,6 @@ class Engine:
 def weight_distance(a: Mapping[int, float], b: Mapping[int, float]) -> float:
     """Total variation distance between two mixtures (adapter index -> weight): half the sum of |a_i - b_i|."""
     return 0.5 * sum(abs(a.get(i, 0.0) - b.get(i, 0.0)) for i in set(a) | set(b))
-
-
-def _ranked(scores) -> list[int]:
-    """Pool indices of the finite scores, best first."""
-    s = np.asarray(scores, np.float64)
-    ok = np.flatnonzero(np.isfinite(s))
-    return [int(i) for i in ok[np.argsort(-s[ok], kind="stable")]]
 
 
 def _uses_score_rule(cfg: RouteConfig) -> bool:

@@ -57,6 +57,11 @@ class EvalState:
     hits: dict[tuple[str, str, str], list[tuple[bool, bool]]] = field(default_factory=dict)
     route_s: dict[str, list[float]] = field(default_factory=dict)  # router -> seconds to route one request
 
+    def hit(self, key: tuple[str, str, str], routing, own: int) -> None:
+        """Record whether a routing (ranked over the whole pool) put adapter `own` first / in its top 3."""
+        rank = routing.selected.index(own) if own in routing.selected else None
+        self.hits.setdefault(key, []).append((rank == 0, rank is not None and rank < 3))
+
 
 def _progress(i: int, n: int, t0: float, what: str) -> None:
     el = time.time() - t0
@@ -253,15 +258,11 @@ def run_eval(eng, n_per_task: int, out_dir: Path, quick: bool = False, tasks: li
                     if cal == "raw":
                         st.signals.setdefault((f"{sig}, {s.label}", task.name), []).append(r.signals)
                     if in_pool:
-                        own = pool.names.index(task.name)
-                        rank = r.selected.index(own) if own in r.selected else len(pool.names)
-                        st.hits.setdefault((f"{sig} [{cal}]", s.label, task.name), []).append((rank == 0, rank < 3))
+                        st.hit((f"{sig} [{cal}]", s.label, task.name), r, pool.names.index(task.name))
         if ev.examples and in_pool:
             main = settings[0].label
             r = ev.route(states[main], main, "norm", len(ev.names), "zscore", examples=True)
-            own = ev.names.index(task.name)
-            rank = r.selected.index(own) if own in r.selected else len(ev.names)
-            st.hits.setdefault((EXAMPLES_HIT, main, task.name), []).append((rank == 0, rank < 3))
+            st.hit((EXAMPLES_HIT, main, task.name), r, ev.names.index(task.name))
         if hit_spectral:
             _spectral_hits(ev, st, states, task.name if in_pool else None)
         if j >= n_per_task:
@@ -358,9 +359,7 @@ def _spectral_hits(ev, st: EvalState, states: dict[str, np.ndarray], own: str | 
     n = len(ev.names)
     if own is not None:
         for name, (_, hit) in SPECTRAL.items():
-            r = ev.route_spectral(states, name, n)
-            rank = r.selected.index(ev.names.index(own)) if ev.names.index(own) in r.selected else n
-            st.hits.setdefault((hit, ev.normed, own), []).append((rank == 0, rank < 3))
+            st.hit((hit, ev.normed, own), ev.route_spectral(states, name, n), ev.names.index(own))
     for name, (_, _, route) in _routers(ev).items():
         t0 = time.perf_counter()
         route(states)

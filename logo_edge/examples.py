@@ -33,7 +33,7 @@ from typing import Callable
 import numpy as np
 
 from .errors import AdapterError
-from .router import NOT_SHORTLISTED, Routing, select
+from .router import NOT_SHORTLISTED, Routing, _softmax, select, weights_for
 
 SUFFIX = ".examples.jsonl"
 MAX_EXAMPLES = 64  # read at most this many per adapter (a prototype needs a few; probing each costs a prefill)
@@ -136,12 +136,9 @@ class Prototypes:
         scores[self.index] = cos if every else (cos - self.mean) / self.sd
         ok = np.isfinite(scores)
         selected = select(scores, k, ok)
-        w = np.zeros(n)
-        if selected:
-            s = scores[selected] / (TEMPERATURE if every else 1.0)
-            e = np.exp(s - s.max())
-            w[selected] = e / e.sum()
-        excluded = {name: why for name, why in routing.excluded.items() if not ok[names.index(name)]}
+        w = weights_for(scores / (TEMPERATURE if every else 1.0), selected, _softmax)
+        at = {name: i for i, name in enumerate(names)}
+        excluded = {name: why for name, why in routing.excluded.items() if not ok[at[name]]}
         return Routing(names, routing.signals, w, selected, excluded, scores)
 
 
@@ -149,7 +146,7 @@ def example_states(cache_name: str, prompts: list[str], probe: Callable[[str], n
     """(n_prompts, ...) probe states of an adapter's examples, from the disk cache or `probe(prompt)`.
     `cache_name` says what the states depend on besides the prompts (model key, window, reads, probe input);
     a cache file that does not hold finite float32 states for every prompt is recomputed and rewritten."""
-    from .calibration import _atomic_write
+    from .calibration import save_npy
     from .native.build import cache_root
 
     path = cache_root() / "examples" / f"{cache_name}-{prompts_digest(prompts)}.npy"
@@ -160,13 +157,7 @@ def example_states(cache_name: str, prompts: list[str], probe: Callable[[str], n
     except (OSError, ValueError, EOFError):
         pass
     states = np.stack([np.asarray(probe(p), np.float32) for p in prompts])
-    path.parent.mkdir(parents=True, exist_ok=True)
-
-    def save(tmp: Path) -> None:
-        with open(tmp, "wb") as f:
-            np.save(f, states)
-
-    _atomic_write(path, save)
+    save_npy(path, states)
     return states
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from .defaults import other_input_modules, same_input_modules
 from .errors import AdapterError
+from .examples import examples_path, read_examples, write_examples
 from .gguf_files import BaseInfo, _fsync_dir, read_lora
 
 MANIFEST = "manifest.json"
@@ -150,8 +151,6 @@ def add_file(pool_dir: str | Path, src: str | Path, *, name: str | None = None, 
         raise AdapterError(f"{src}: no such adapter file")
     info = _base_info(base)
     lora = read_lora(src, info, only=[])  # every tensor validated before anything is written
-    from .examples import examples_path, read_examples, write_examples
-
     # its example prompts (logo_edge.examples) go with it, checked before anything is written too
     examples = read_examples(examples_path(src)) if examples_path(src).is_file() else None
     name = check_name(name if name is not None else _safe_stem(lora.name) or src.stem)
@@ -227,8 +226,6 @@ def remove(pool_dir: str | Path, name: str) -> Path:
     path = _existing(pool_dir, name)
     manifest = read_manifest(pool_dir)
     path.unlink()
-    from .examples import examples_path
-
     examples_path(path).unlink(missing_ok=True)
     _fsync_dir(pool_dir)
     if manifest["adapters"].pop(name, None) is not None:
@@ -252,8 +249,6 @@ def rename(pool_dir: str | Path, old: str, new: str) -> Path:
         os.replace(path, dest)
     else:
         os.unlink(path)
-    from .examples import examples_path
-
     if examples_path(path).is_file():
         os.replace(examples_path(path), examples_path(dest))
     _fsync_dir(pool_dir)
